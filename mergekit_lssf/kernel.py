@@ -1,0 +1,246 @@
+"""The LSSF math, in pure torch (no mergekit import).
+
+Conventions (equation numbers follow the paper, see README):
+
+* A linear weight ``W`` has shape ``(d_out, d_in)``, as ``torch.nn.Linear`` stores it.
+* ``delta = W_aligned - W_unaligned`` (Eq. 1), same shape.
+* Singular values are returned as float64, descending, in the weight's units.
+* The fused weight is ``W_ft + alpha * P' delta`` with ``P' = U' U'^T`` and
+  ``U' = U_r diag(a_i)`` (Eq. 8-13).
+
+Everything here runs on the device of the input tensors (CPU or CUDA) and never in
+less than float32, whatever the dtype of the stored weights.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Tuple
+
+import torch
+
+Side = Literal["output", "input"]
+
+
+@dataclass(frozen=True)
+class SafetySubspace:
+    """Spectrum and orthonormal basis of one weight's safety subspace.
+
+    sigma: ``(n,)`` float64, every singular value, descending and >= 0. The entropy
+        rank (Eq. 5-7) is computed over all of them, so none may be left out.
+    basis: ``(d, k)`` orthonormal columns; column ``i`` belongs to ``sigma[i]``.
+        ``k`` bounds the usable rank.
+    side: ``"output"``: the columns are left singular vectors (``d = d_out``) and the
+        fused term is ``B diag(a^2) B^T delta``. ``"input"``: right singular vectors
+        (``d = d_in``) and the term is ``delta B diag(a^2) B^T``. For a data-free
+        subspace both give the same matrix, the rank-r truncated SVD of ``delta``
+        reweighted by ``a^2``; the fast path picks the side with the smaller Gram.
+    """
+
+    sigma: torch.Tensor
+    basis: torch.Tensor
+    side: Side = "output"
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """The rank used for one weight and how much of the spectrum it keeps.
+
+    rank: ``r`` (0 only when the spectrum is all zero).
+    entropy_rank: the entropy rule's rank before ``max_rank`` (None with a fixed rank).
+    capped: True when ``max_rank`` (or the basis size) lowered the rank.
+    entropy_share: ``H_r / H_n`` (1.0 when ``H_n == 0`` and ``r >= 1``).
+    energy_share: ``sum_{i<=r} sigma_i^2 / sum_i sigma_i^2``.
+    entropy_total: ``H_n`` in nats.
+    """
+
+    rank: int
+    entropy_rank: Optional[int]
+    capped: bool
+    entropy_share: float
+    energy_share: float
+    entropy_total: float
+
+
+@dataclass(frozen=True)
+class FusionInfo:
+    """What ``lssf_fuse`` did to one weight; ``spectral_seconds`` is wall time."""
+
+    choice: RankChoice
+    sigma_1: float
+    spectral_seconds: float
+
+    @property
+    def rank(self) -> int:
+        return self.choice.rank
+
+
+def data_free_subspace(
+    delta: torch.Tensor, *, compute_dtype: torch.dtype = torch.float64
+) -> SafetySubspace:
+    """SVD of ``delta`` via the Gram matrix of its smaller side (eigh).
+
+    ``delta``: ``(d_out, d_in)``. The Gram matrix is ``min(d_out, d_in)`` square and
+    computed in ``compute_dtype`` (float64 by default: the entropy needs the small
+    singular values too, and squaring them in float32 loses the tail). Eigenvalues
+    below ``size * eps * lambda_max`` are round-off of a rank-deficient ``delta`` and
+    are set to zero.
+    """
+    if delta.ndim != 2:
+        raise ValueError(f"delta must be 2-D, got shape {tuple(delta.shape)}")
+    d = delta.to(compute_dtype)
+    rows, cols = d.shape
+    side: Side = "output" if rows <= cols else "input"
+    gram = d @ d.T if side == "output" else d.T @ d
+    del d
+    evals, evecs = torch.linalg.eigh(gram)
+    del gram
+    evals = evals.flip(0).to(torch.float64)
+    evecs = evecs.flip(1)
+    top = evals[0].clamp(min=0)
+    tol = top * evals.numel() * torch.finfo(compute_dtype).eps
+    evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
+    return SafetySubspace(sigma=evals.sqrt(), basis=evecs, side=side)
+
+
+def spectral_entropy(sigma: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cumulative entropy ``H_rho`` (Eq. 5-6) and the probabilities ``p_i``.
+
+    ``sigma``: ``(n,)`` descending singular values. Returns ``(H, p)``, both ``(n,)``
+    float64, with ``H[rho - 1] = -sum_{i<=rho} p_i log p_i`` and ``0 log 0 = 0``.
+    """
+    s2 = sigma.to(torch.float64).square()
+    total = s2.sum()
+    if total <= 0:
+        zeros = torch.zeros_like(s2)
+        return zeros, zeros
+    p = s2 / total
+    terms = torch.where(p > 0, -p * torch.log(p.clamp(min=1e-300)), torch.zeros_like(p))
+    return torch.cumsum(terms, 0), p
+
+
+def select_rank(
+    sigma: torch.Tensor,
+    *,
+    eta: float,
+    max_rank: Optional[int] = None,
+    rank: Optional[int] = None,
+) -> RankChoice:
+    """The safety-critical rank ``r`` (Eq. 7).
+
+    Entropy rule: the smallest ``rho`` with ``H_rho / H_n >= eta``, capped by
+    ``max_rank``, at least 1 when any singular value is nonzero. A fixed ``rank``
+    replaces the rule (and ``max_rank``), limited to the number of nonzero values.
+    """
+    if not 0 < eta <= 1:
+        raise ValueError(f"eta must satisfy 0 < eta <= 1, got {eta}")
+    cum, p = spectral_entropy(sigma)
+    nonzero = int((p > 0).sum())
+    entropy_total = float(cum[-1]) if cum.numel() else 0.0
+    if nonzero == 0:
+        return RankChoice(0, None if rank else 0, False, 0.0, 0.0, 0.0)
+
+    if rank is not None:
+        entropy_rank = None
+        r = min(int(rank), nonzero)
+        capped = False
+    else:
+        if entropy_total <= 0:
+            entropy_rank = 1
+        else:
+            reached = torch.nonzero(cum >= eta * entropy_total)
+            entropy_rank = int(reached[0]) + 1
+        entropy_rank = max(entropy_rank, 1)
+        r = entropy_rank
+        capped = max_rank is not None and r > max_rank
+        if capped:
+            r = int(max_rank)
+
+    share = float(cum[r - 1] / entropy_total) if entropy_total > 0 else 1.0
+    energy = float(p[:r].sum())
+    return RankChoice(r, entropy_rank, capped, share, energy, entropy_total)
+
+
+def projection_weights(sigma_r: torch.Tensor, weight_max: float) -> torch.Tensor:
+    """Per-direction weights ``a_i`` of the weighted projection (Eq. 10-11).
+
+    ``a_i = 1 + (weight_max - 1)(sigma_i - sigma_r) / (sigma_1 - sigma_r)`` for the
+    ``r`` retained values ``sigma_r`` (descending); all ones when ``weight_max == 1``,
+    ``r == 1`` or ``sigma_1 == sigma_r``. Returns ``(r,)`` float64.
+    """
+    if weight_max < 1:
+        raise ValueError(f"weight_max must be >= 1, got {weight_max}")
+    s = sigma_r.to(torch.float64)
+    ones = torch.ones_like(s)
+    if weight_max == 1 or s.numel() <= 1 or s[0] == s[-1]:
+        return ones
+    return ones + (weight_max - 1) * (s - s[-1]) / (s[0] - s[-1])
+
+
+def project(
+    delta: torch.Tensor, subspace: SafetySubspace, weights: torch.Tensor
+) -> torch.Tensor:
+    """The weighted projection ``P' delta`` onto the first ``len(weights)`` directions.
+
+    ``delta``: ``(d_out, d_in)`` in the working dtype; ``weights``: ``(r,)``.
+    Returns a tensor shaped like ``delta`` in its dtype.
+    """
+    r = weights.numel()
+    basis = subspace.basis[:, :r].to(delta.dtype)
+    w2 = weights.to(delta.dtype).square()
+    if subspace.side == "output":
+        return basis @ (w2[:, None] * (basis.T @ delta))
+    return ((delta @ basis) * w2) @ basis.T
+
+
+def lssf_fuse(
+    w_ft: torch.Tensor,
+    w_aligned: torch.Tensor,
+    w_unaligned: torch.Tensor,
+    *,
+    alpha: float,
+    eta: float,
+    max_rank: Optional[int] = None,
+    weight_max: float = 1.0,
+    rank: Optional[int] = None,
+    subspace: Optional[SafetySubspace] = None,
+    compute_dtype: torch.dtype = torch.float64,
+) -> Tuple[torch.Tensor, FusionInfo]:
+    """Fuse one 2-D weight: ``W_ft + alpha * P' (W_aligned - W_unaligned)`` (Eq. 13).
+
+    All three weights are ``(d_out, d_in)`` on one device. ``subspace`` is the
+    calibrated basis of this weight; without it the data-free subspace (SVD of
+    ``delta``) is used. The result has ``w_ft``'s dtype; a zero ``delta`` returns
+    ``w_ft`` itself.
+    """
+    work = torch.promote_types(w_ft.dtype, torch.float32)
+    delta = w_aligned.to(work) - w_unaligned.to(work)
+    started = time.perf_counter()
+    if subspace is None:
+        subspace = data_free_subspace(delta, compute_dtype=compute_dtype)
+    choice = select_rank(subspace.sigma, eta=eta, max_rank=max_rank, rank=rank)
+    available = subspace.basis.shape[1]
+    if choice.rank > available:
+        choice = _cap(choice, subspace.sigma, available)
+    sigma_1 = float(subspace.sigma[0]) if subspace.sigma.numel() else 0.0
+    if choice.rank == 0:
+        info = FusionInfo(choice, sigma_1, time.perf_counter() - started)
+        return w_ft, info
+    weights = projection_weights(subspace.sigma[: choice.rank], weight_max)
+    term = project(delta, subspace, weights)
+    if w_ft.device.type == "cuda":
+        torch.cuda.synchronize(w_ft.device)
+    info = FusionInfo(choice, sigma_1, time.perf_counter() - started)
+    fused = w_ft.to(work) + alpha * term
+    return fused.to(w_ft.dtype), info
+
+
+def _cap(choice: RankChoice, sigma: torch.Tensor, rank: int) -> RankChoice:
+    """``choice`` lowered to ``rank`` (a basis with fewer columns than the rank)."""
+    cum, p = spectral_entropy(sigma)
+    total = choice.entropy_total
+    share = float(cum[rank - 1] / total) if total > 0 else 1.0
+    return RankChoice(
+        rank, choice.entropy_rank, True, share, float(p[:rank].sum()), total
+    )

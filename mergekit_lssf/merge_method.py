@@ -1,0 +1,167 @@
+"""The ``lssf`` merge method: mergekit 0.1.5 glue around ``kernel.lssf_fuse``.
+
+One call merges one output tensor. The fine-tuned model is mergekit's base input;
+the two other inputs carry ``role: aligned`` and ``role: unaligned``. 2-D linear
+weights are fused; every other tensor is the fine-tuned model's, unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Dict, Hashable, Optional, Sequence
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    FunctionalGroupMergeMethod,
+    InputContract,
+    PerNonBase,
+    TensorGroup,
+)
+from mergekit.merge_methods.easy_define import merge_method
+
+from mergekit_lssf.kernel import lssf_fuse
+from mergekit_lssf.parameters import (
+    DEFAULT_ALPHA,
+    DEFAULT_ETA,
+    DEFAULT_MAX_RANK,
+    DEFAULT_WEIGHT_MAX,
+    Alpha,
+    Eta,
+    LSSFConfigError,
+    MaxRank,
+    Rank,
+    Role,
+    Subspace,
+    WeightMax,
+)
+from mergekit_lssf.stats import STATS, TensorRecord
+
+LOG = logging.getLogger("mergekit_lssf")
+
+#: Vocabulary-indexed tensors by name, for callers (the in-memory API) that pass no
+#: ``vocabulary_axis`` metadata. mergekit's own planner marks them with metadata.
+VOCABULARY_NAME = re.compile(
+    r"(^|\.)(embed_tokens|embed_in|embed_out|lm_head|wte|wpe|word_embeddings|"
+    r"position_embeddings|token_type_embeddings|shared)(\.|$)"
+)
+
+
+def is_fused(group: TensorGroup) -> bool:
+    """True for the 2-D floating linear weights LSSF fuses; False for the rest."""
+    tensor = group.base.tensor
+    name = group.metadata.name or ""
+    return (
+        tensor.ndim == 2
+        and tensor.is_floating_point()
+        and group.metadata.vocabulary_axis is None
+        and not VOCABULARY_NAME.search(name)
+    )
+
+
+def _inputs_by_role(group: TensorGroup, role: Dict[Hashable, str], name: str):
+    by_role: Dict[str, list] = {"aligned": [], "unaligned": []}
+    for entry in group.non_base:
+        by_role[role[entry.id]].append(entry)
+    if len(by_role["aligned"]) != 1 or len(by_role["unaligned"]) != 1:
+        described = ", ".join(f"{e.id}: {role[e.id]}" for e in group.non_base)
+        raise LSSFConfigError(
+            "lssf needs exactly one model with `role: aligned` and one with "
+            f"`role: unaligned` (tensor {name}); got {described or 'no models'}"
+        )
+    return by_role["aligned"][0], by_role["unaligned"][0]
+
+
+def _check_finite(entries: Sequence[Any], labels: Sequence[str], name: str) -> None:
+    for entry, label in zip(entries, labels):
+        tensor = entry.tensor
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise LSSFConfigError(
+                    f"lssf: tensor {name} of the {label} model ({entry.id}) has {bad} "
+                    f"non-finite values (NaN or Inf) out of {tensor.numel()}; "
+                    "refusing to write a merged model from it"
+                )
+
+
+@merge_method(
+    name="lssf",
+    pretty_name="LSSF (Low-Rank Safety Subspace Fusion)",
+    reference_url="https://arxiv.org/abs/2602.00038",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=2),
+)
+def lssf_kernel(
+    group: TensorGroup,
+    role: PerNonBase[Role],
+    alpha: Alpha = DEFAULT_ALPHA,
+    eta: Eta = DEFAULT_ETA,
+    max_rank: MaxRank = DEFAULT_MAX_RANK,
+    weight_max: WeightMax = DEFAULT_WEIGHT_MAX,
+    rank: Rank = None,
+    subspace: Subspace = None,
+) -> torch.Tensor:
+    name = group.metadata.name or "<unnamed tensor>"
+    finetuned = group.base
+    aligned, unaligned = _inputs_by_role(group, role, name)
+    _check_finite(
+        (finetuned, aligned, unaligned), ("fine-tuned", "aligned", "unaligned"), name
+    )
+    if not is_fused(group):
+        STATS.add_passthrough()
+        return finetuned.tensor
+    fused, info = lssf_fuse(
+        finetuned.tensor,
+        aligned.tensor,
+        unaligned.tensor,
+        alpha=alpha,
+        eta=eta,
+        max_rank=max_rank,
+        weight_max=weight_max,
+        rank=rank,
+    )
+    choice = info.choice
+    STATS.add(
+        TensorRecord(
+            name, choice.rank, choice.capped, choice.entropy_share, info.spectral_seconds
+        )
+    )
+    LOG.info(
+        "lssf %s %s: rank %d%s, entropy share %.3f, energy share %.3f",
+        name,
+        tuple(finetuned.tensor.shape),
+        choice.rank,
+        f" (capped from {choice.entropy_rank})" if choice.capped else "",
+        choice.entropy_share,
+        choice.energy_share,
+    )
+    return fused
+
+
+class LSSFMergeMethod(FunctionalGroupMergeMethod):
+    """mergekit's functional method, with input-contract errors in recipe terms."""
+
+    def validate_inputs(
+        self,
+        input_ids: Sequence[Hashable],
+        base_id: Optional[Hashable] = None,
+        *,
+        group_name: Optional[str] = None,
+    ) -> None:
+        if base_id is None or base_id not in input_ids:
+            raise LSSFConfigError(
+                "lssf requires the recipe field `base_model`: the fine-tuned model "
+                f"to repair (while planning {group_name or 'the merge'})"
+            )
+        non_base = [i for i in input_ids if i != base_id]
+        if len(non_base) != 2:
+            raise LSSFConfigError(
+                "lssf merges exactly two models besides `base_model`, one with "
+                "`role: aligned` and one with `role: unaligned`; got "
+                f"{len(non_base)}: {[str(i) for i in non_base]}"
+            )
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+
+
+LSSF_METHOD = LSSFMergeMethod(lssf_kernel.spec, lssf_kernel.implementation)

@@ -1,0 +1,104 @@
+"""Recipe parameters of ``merge_method: lssf``: names, defaults, and validators.
+
+Each validator raises a message that names the recipe field, so a pydantic error
+raised deep inside mergekit's parameter resolution still says what is wrong.
+No torch or mergekit import: the recipe checker and the CLI share this module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from pydantic import BeforeValidator
+from typing_extensions import Annotated, Literal
+
+#: Defaults, documented in the README (parameter table).
+DEFAULT_ALPHA = 1.0
+DEFAULT_ETA = 0.9
+DEFAULT_MAX_RANK: Optional[int] = 256
+DEFAULT_WEIGHT_MAX = 1.0
+
+#: Recipe-level parameters (``parameters:``), in the kernel's order.
+SHARED_PARAMETERS = ("alpha", "eta", "max_rank", "weight_max", "rank", "subspace")
+#: Per-model parameters (``models: - parameters:``).
+PER_MODEL_PARAMETERS = ("role",)
+ROLES = ("aligned", "unaligned")
+
+
+class LSSFConfigError(ValueError):
+    """A recipe or input that LSSF cannot merge; the message names the field."""
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"lssf parameter `{name}` must be a number, got {value!r}"
+            ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"lssf parameter `{name}` must be finite, got {value!r}")
+    return float(value)
+
+
+def _alpha(value: Any) -> float:
+    return _number("alpha", value)
+
+
+def _eta(value: Any) -> float:
+    value = _number("eta", value)
+    if not 0 < value <= 1:
+        raise ValueError(f"lssf parameter `eta` must satisfy 0 < eta <= 1, got {value}")
+    return value
+
+
+def _weight_max(value: Any) -> float:
+    value = _number("weight_max", value)
+    if value < 1:
+        raise ValueError(f"lssf parameter `weight_max` must be >= 1, got {value}")
+    return value
+
+
+def _rank_validator(name: str):
+    def validate(value: Any) -> Optional[int]:
+        if value is None:
+            return None
+        number = _number(name, value)
+        # Gradients interpolate between integer endpoints; round to the nearest rank.
+        rounded = int(round(number))
+        if rounded < 1:
+            raise ValueError(
+                f"lssf parameter `{name}` must be an integer >= 1 (or null), got {value!r}"
+            )
+        return rounded
+
+    return validate
+
+
+def _subspace(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    raise ValueError(
+        f"lssf parameter `subspace` ({value!r}) is not supported yet: calibrated "
+        "subspaces are a planned feature. Remove `subspace` to use the data-free "
+        "subspace (SVD of aligned - unaligned)."
+    )
+
+
+def _role(value: Any) -> str:
+    if value not in ROLES:
+        raise ValueError(
+            f"lssf per-model parameter `role` must be 'aligned' or 'unaligned', got {value!r}"
+        )
+    return value
+
+
+Alpha = Annotated[float, BeforeValidator(_alpha)]
+Eta = Annotated[float, BeforeValidator(_eta)]
+WeightMax = Annotated[float, BeforeValidator(_weight_max)]
+MaxRank = Annotated[Optional[int], BeforeValidator(_rank_validator("max_rank"))]
+Rank = Annotated[Optional[int], BeforeValidator(_rank_validator("rank"))]
+Subspace = Annotated[Optional[str], BeforeValidator(_subspace)]
+Role = Annotated[Literal["aligned", "unaligned"], BeforeValidator(_role)]

@@ -1,0 +1,210 @@
+"""Pre-flight check of an ``merge_method: lssf`` recipe, run before mergekit plans.
+
+mergekit silently ignores unknown parameters and per-model values of recipe-level
+parameters, and only validates values tensor by tensor. This check reads the whole
+``MergeConfiguration`` once and stops with a message that names the recipe field,
+model or tensor at fault before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from mergekit.config import ConditionalParameter, MergeConfiguration
+
+from mergekit_lssf.parameters import (
+    PER_MODEL_PARAMETERS,
+    ROLES,
+    SHARED_PARAMETERS,
+    LSSFConfigError,
+)
+
+LOG = logging.getLogger("mergekit_lssf")
+
+Settings = Optional[Dict[str, Any]]
+
+
+def _shared_scopes(config: MergeConfiguration) -> Iterator[Tuple[str, Settings]]:
+    yield "parameters", config.parameters
+    for i, s in enumerate(config.slices or []):
+        yield f"slices[{i}].parameters", s.parameters
+    for name, module in (config.modules or {}).items():
+        yield f"modules.{name}.parameters", module.parameters
+        for i, s in enumerate(module.slices or []):
+            yield f"modules.{name}.slices[{i}].parameters", s.parameters
+
+
+def _model_inputs(config: MergeConfiguration) -> Iterator[Tuple[str, Any, Settings]]:
+    for i, m in enumerate(config.models or []):
+        yield f"models[{i}]", m.model, m.parameters
+    for i, s in enumerate(config.slices or []):
+        for j, src in enumerate(s.sources):
+            yield f"slices[{i}].sources[{j}]", src.model, src.parameters
+    for name, module in (config.modules or {}).items():
+        for i, m in enumerate(module.models or []):
+            yield f"modules.{name}.models[{i}]", m.model, m.parameters
+        for i, s in enumerate(module.slices or []):
+            for j, src in enumerate(s.sources):
+                yield f"modules.{name}.slices[{i}].sources[{j}]", src.model, src.parameters
+
+
+def _leaves(setting: Any) -> Iterator[Any]:
+    """Every literal value in a parameter setting (scalars, gradients, filters)."""
+    if isinstance(setting, ConditionalParameter):
+        yield from _leaves(setting.value)
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _leaves(item)
+    else:
+        yield setting
+
+
+def _validators() -> Dict[str, Any]:
+    from mergekit_lssf.merge_method import LSSF_METHOD
+
+    return {p.name: p.validate for p in LSSF_METHOD.spec.parameters}
+
+
+def _check_values(where: str, settings: Settings, validators: Dict[str, Any]) -> None:
+    for name, setting in (settings or {}).items():
+        for value in _leaves(setting):
+            try:
+                validators[name](value)
+            except Exception as error:  # pydantic wraps our ValueError
+                detail = getattr(error, "errors", None)
+                message = detail()[0]["msg"] if callable(detail) else str(error)
+                message = message.removeprefix("Value error, ")
+                raise LSSFConfigError(f"{where}.{name}: {message}") from None
+
+
+def check_recipe(
+    config: MergeConfiguration, *, trust_remote_code: bool = False
+) -> Dict[str, Any]:
+    """Validate an lssf recipe; returns ``{"aligned": ref, "unaligned": ref}``."""
+    validators = _validators()
+    if config.base_model is None:
+        raise LSSFConfigError(
+            "lssf requires the recipe field `base_model`: the fine-tuned model to repair"
+        )
+    for where, settings in _shared_scopes(config):
+        for name in settings or {}:
+            if name in PER_MODEL_PARAMETERS:
+                raise LSSFConfigError(
+                    f"{where}.{name}: `{name}` is a per-model parameter; set it under "
+                    "each model's `parameters:`"
+                )
+            if name not in SHARED_PARAMETERS:
+                raise LSSFConfigError(
+                    f"{where}.{name}: unknown lssf parameter `{name}` (known: "
+                    f"{', '.join(SHARED_PARAMETERS)}; per model: role)"
+                )
+        _check_values(where, settings, validators)
+
+    roles: Dict[Any, str] = {}
+    for where, model, settings in _model_inputs(config):
+        settings = settings or {}
+        for name in settings:
+            if name in SHARED_PARAMETERS:
+                raise LSSFConfigError(
+                    f"{where}.parameters.{name}: `{name}` is a recipe-level lssf "
+                    "parameter; mergekit ignores per-model values of it. Set it under "
+                    "the recipe's `parameters:` (filters and gradients work there)"
+                )
+            if name not in PER_MODEL_PARAMETERS:
+                raise LSSFConfigError(
+                    f"{where}.parameters.{name}: unknown lssf per-model parameter "
+                    f"`{name}` (known: role)"
+                )
+        _check_values(f"{where}.parameters", settings, validators)
+        if model == config.base_model:
+            if "role" in settings:
+                raise LSSFConfigError(
+                    f"{where}: {model} is the `base_model` (the fine-tune to repair) "
+                    "and must not carry a role"
+                )
+            continue
+        role = settings.get("role")
+        if not isinstance(role, str):
+            raise LSSFConfigError(
+                f"{where}: model {model} needs `parameters: {{role: aligned}}` or "
+                f"`{{role: unaligned}}` (a single value, no filter), got {role!r}"
+            )
+        if roles.setdefault(model, role) != role:
+            raise LSSFConfigError(
+                f"{where}: model {model} has role {role!r} here and "
+                f"{roles[model]!r} elsewhere in the recipe"
+            )
+
+    by_role = {r: [m for m, mr in roles.items() if mr == r] for r in ROLES}
+    for role, models in by_role.items():
+        if len(models) != 1:
+            raise LSSFConfigError(
+                f"lssf needs exactly one model with `role: {role}`; the recipe has "
+                f"{len(models)}: {[str(m) for m in models]}"
+            )
+    refs = {"aligned": by_role["aligned"][0], "unaligned": by_role["unaligned"][0]}
+    _check_shapes(config.base_model, refs)
+    return refs
+
+
+def _safetensors_shapes(model: Any) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """Tensor shapes of a local safetensors model from file headers alone."""
+    if getattr(model, "lora", None) is not None:
+        return None
+    path = model.model.path
+    if not os.path.isdir(path):
+        return None
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        return None
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for file in files:
+        with open(os.path.join(path, file), "rb") as fp:
+            (length,) = struct.unpack("<Q", fp.read(8))
+            header = json.loads(fp.read(length))
+        for name, info in header.items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+    return shapes
+
+
+def _check_shapes(base: Any, refs: Dict[str, Any]) -> None:
+    """Same shapes for every tensor of the three local models (vocabulary excepted)."""
+    from mergekit_lssf.merge_method import VOCABULARY_NAME
+
+    base_shapes = _safetensors_shapes(base)
+    if base_shapes is None:
+        return
+    for role, model in refs.items():
+        shapes = _safetensors_shapes(model)
+        if shapes is None:
+            continue
+        for name, shape in base_shapes.items():
+            other = shapes.get(name)
+            if other is None or other == shape:
+                continue
+            vocabulary = VOCABULARY_NAME.search(name)
+            if vocabulary and len(other) == len(shape) and other[1:] == shape[1:]:
+                continue
+            raise LSSFConfigError(
+                f"lssf: tensor {name} has shape {list(shape)} in the fine-tuned "
+                f"base_model ({base}) but {list(other)} in the {role} model "
+                f"({model}); the three models must share one architecture"
+            )
+
+
+def vocabulary_differs(base: Any, refs: Dict[str, Any]) -> List[str]:
+    """Names of vocabulary tensors whose row count differs from the base model's."""
+    from mergekit_lssf.merge_method import VOCABULARY_NAME
+
+    base_shapes = _safetensors_shapes(base) or {}
+    differing = []
+    for model in refs.values():
+        for name, shape in (_safetensors_shapes(model) or {}).items():
+            if VOCABULARY_NAME.search(name) and base_shapes.get(name, shape) != shape:
+                differing.append(name)
+    return sorted(set(differing))

@@ -1,0 +1,63 @@
+"""Register ``lssf`` with mergekit and wrap ``run_merge``; both idempotent."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from types import ModuleType
+
+METHOD_NAME = "lssf"
+
+
+def register():
+    """Register the lssf method unless a method of that name already is."""
+    from mergekit import merge_methods
+
+    from mergekit_lssf.merge_method import LSSF_METHOD
+
+    if not any(m.spec.name == METHOD_NAME for m in merge_methods.registered_methods()):
+        merge_methods.register(LSSF_METHOD)
+    return merge_methods.get(METHOD_NAME)
+
+
+def on_merge_methods_loaded(_module: ModuleType) -> None:
+    register()
+
+
+def on_merge_loaded(module: ModuleType) -> None:
+    """Wrap ``mergekit.merge.run_merge``: check lssf recipes first, summarize after."""
+    original = module.run_merge
+    if getattr(original, "lssf_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def run_merge(merge_config, out_path, options, config_source=None):
+        if merge_config.merge_method != METHOD_NAME:
+            return original(
+                merge_config, out_path, options=options, config_source=config_source
+            )
+        from mergekit_lssf.recipe import check_recipe
+        from mergekit_lssf.stats import STATS
+
+        check_recipe(merge_config, trust_remote_code=options.trust_remote_code)
+        STATS.reset()
+        result = original(
+            merge_config, out_path, options=options, config_source=config_source
+        )
+        if not options.quiet:
+            print(STATS.summary(), file=sys.stderr)
+        return result
+
+    run_merge.lssf_wrapped = True
+    module.run_merge = run_merge
+
+
+def install() -> None:
+    """What ``import mergekit_lssf`` does: hook, register, wrap what is loaded."""
+    from mergekit_lssf import startup_hook
+
+    startup_hook.install()
+    register()
+    merge_module = sys.modules.get("mergekit.merge")
+    if merge_module is not None and hasattr(merge_module, "run_merge"):
+        on_merge_loaded(merge_module)
