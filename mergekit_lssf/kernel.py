@@ -22,6 +22,9 @@ import torch
 
 Side = Literal["output", "input"]
 
+#: Singular values closer than this, relative to sigma_1, count as tied (Eq. 10).
+TIE_RTOL = 1e-6
+
 
 @dataclass(frozen=True)
 class SafetySubspace:
@@ -167,13 +170,15 @@ def projection_weights(sigma_r: torch.Tensor, weight_max: float) -> torch.Tensor
 
     ``a_i = 1 + (weight_max - 1)(sigma_i - sigma_r) / (sigma_1 - sigma_r)`` for the
     ``r`` retained values ``sigma_r`` (descending); all ones when ``weight_max == 1``,
-    ``r == 1`` or ``sigma_1 == sigma_r``. Returns ``(r,)`` float64.
+    ``r == 1`` or ``sigma_1 == sigma_r``. "Equal" means within ``TIE_RTOL * sigma_1``:
+    a gap of round-off size would make every ``a_i`` round-off noise.
+    Returns ``(r,)`` float64.
     """
     if weight_max < 1:
         raise ValueError(f"weight_max must be >= 1, got {weight_max}")
     s = sigma_r.to(torch.float64)
     ones = torch.ones_like(s)
-    if weight_max == 1 or s.numel() <= 1 or s[0] == s[-1]:
+    if weight_max == 1 or s.numel() <= 1 or s[0] - s[-1] <= TIE_RTOL * s[0]:
         return ones
     return ones + (weight_max - 1) * (s - s[-1]) / (s[0] - s[-1])
 

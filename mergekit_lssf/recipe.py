@@ -197,6 +197,28 @@ def _check_shapes(base: Any, refs: Dict[str, Any]) -> None:
             )
 
 
+def prepare_recipe(
+    config: MergeConfiguration, *, trust_remote_code: bool = False
+) -> MergeConfiguration:
+    """Check the recipe; align vocabularies to the fine-tune's when they differ.
+
+    LSSF keeps the fine-tune's embeddings and lm_head, so a fine-tune with added
+    tokens needs mergekit's ``tokenizer_source: base``; it is set here when the
+    recipe says nothing about tokenizers (the recipe file itself is not changed).
+    """
+    refs = check_recipe(config, trust_remote_code=trust_remote_code)
+    if config.tokenizer is None and config.tokenizer_source is None:
+        differing = vocabulary_differs(config.base_model, refs)
+        if differing:
+            LOG.warning(
+                "lssf: vocabulary tensors %s differ in size between the fine-tune and "
+                "the aligned/unaligned models; using tokenizer_source: base",
+                ", ".join(differing),
+            )
+            config = config.model_copy(update={"tokenizer_source": "base"})
+    return config
+
+
 def vocabulary_differs(base: Any, refs: Dict[str, Any]) -> List[str]:
     """Names of vocabulary tensors whose row count differs from the base model's."""
     from mergekit_lssf.merge_method import VOCABULARY_NAME

@@ -36,10 +36,12 @@ def on_merge_loaded(module: ModuleType) -> None:
             return original(
                 merge_config, out_path, options=options, config_source=config_source
             )
-        from mergekit_lssf.recipe import check_recipe
+        from mergekit_lssf.recipe import prepare_recipe
         from mergekit_lssf.stats import STATS
 
-        check_recipe(merge_config, trust_remote_code=options.trust_remote_code)
+        merge_config = prepare_recipe(
+            merge_config, trust_remote_code=options.trust_remote_code
+        )
         STATS.reset()
         result = original(
             merge_config, out_path, options=options, config_source=config_source

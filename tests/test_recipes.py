@@ -1,0 +1,103 @@
+"""Every shipped recipe validates; every recipe error names its field."""
+
+import glob
+import os
+
+import pytest
+import yaml
+from mergekit.config import MergeConfiguration
+
+from mergekit_lssf import LSSFConfigError
+from mergekit_lssf.recipe import check_recipe
+
+RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "*.yml")))
+
+
+def _lssf_stages(path):
+    with open(path, encoding="utf-8") as fp:
+        docs = [d for d in yaml.safe_load_all(fp) if d]
+    for doc in docs:
+        doc.pop("name", None)
+        config = MergeConfiguration.model_validate(doc)
+        if config.merge_method == "lssf":
+            yield config
+
+
+def test_recipes_exist():
+    names = {os.path.basename(p) for p in RECIPES}
+    assert {"demo.yml", "llama31-8b-lora.yml", "qwen25-7b-lora.yml", "ties-then-lssf.yml", "harmful-finetune-reference.yml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_shipped_recipe_validates(path):
+    stages = list(_lssf_stages(path))
+    assert stages, f"{path} has no lssf stage"
+    for config in stages:
+        refs = check_recipe(config)
+        assert set(refs) == {"aligned", "unaligned"}
+
+
+def test_lora_recipe_references_an_adapter():
+    (config,) = _lssf_stages(os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "llama31-8b-lora.yml"))
+    assert config.base_model.lora is not None
+
+
+GOOD = {
+    "merge_method": "lssf",
+    "base_model": "./ft",
+    "models": [
+        {"model": "./al", "parameters": {"role": "aligned"}},
+        {"model": "./un", "parameters": {"role": "unaligned"}},
+    ],
+    "parameters": {"alpha": 0.8, "eta": 0.9},
+}
+
+
+def _with(**changes):
+    doc = yaml.safe_load(yaml.safe_dump(GOOD))
+    for path, value in changes.items():
+        target = doc
+        keys = path.split("__")
+        for key in keys[:-1]:
+            target = target[int(key)] if key.isdigit() else target[key]
+        if value is None:
+            del target[keys[-1]]
+        else:
+            target[keys[-1]] = value
+    return MergeConfiguration.model_validate(doc)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"base_model": None}, "requires the recipe field `base_model`"),
+        ({"parameters__etaa": 0.9}, r"parameters.etaa: unknown lssf parameter `etaa`"),
+        ({"parameters__eta": 1.2}, r"parameters.eta: lssf parameter `eta` must satisfy 0 < eta <= 1, got 1.2"),
+        ({"parameters__weight_max": 0.9}, r"parameters.weight_max: .*must be >= 1"),
+        ({"parameters__max_rank": 0}, r"parameters.max_rank: .*integer >= 1"),
+        ({"parameters__rank": 0}, r"parameters.rank: .*integer >= 1"),
+        ({"parameters__subspace": "u.safetensors"}, r"parameters.subspace: .*not supported yet"),
+        ({"parameters__alpha": [{"filter": "mlp", "value": "x"}, {"value": 1.0}]}, r"parameters.alpha: .*must be a number"),
+        ({"parameters__eta": [0.5, 1.5]}, r"parameters.eta: .*got 1.5"),
+        ({"parameters__role": "aligned"}, r"parameters.role: `role` is a per-model parameter"),
+        ({"models__0__parameters__alpha": 0.5}, r"models\[0\].parameters.alpha: `alpha` is a recipe-level"),
+        ({"models__0__parameters__weight": 0.5}, r"models\[0\].parameters.weight: unknown lssf per-model"),
+        ({"models__0__parameters__role": "safe"}, r"models\[0\].parameters.role: .*'aligned' or 'unaligned', got 'safe'"),
+        ({"models__1__parameters__role": "aligned"}, r"exactly one model with `role: aligned`; the recipe has 2"),
+        ({"models__1__parameters": None}, r"models\[1\]: model ./un needs `parameters: \{role: aligned\}`"),
+    ],
+)
+def test_recipe_errors_name_the_field(changes, message):
+    with pytest.raises(LSSFConfigError, match=message):
+        check_recipe(_with(**changes))
+
+
+def test_base_model_with_a_role_is_refused():
+    doc = yaml.safe_load(yaml.safe_dump(GOOD))
+    doc["models"].append({"model": "./ft", "parameters": {"role": "aligned"}})
+    with pytest.raises(LSSFConfigError, match="is the `base_model`.*must not carry a role"):
+        check_recipe(MergeConfiguration.model_validate(doc))
+
+
+def test_gradient_ranks_round_to_integers():
+    check_recipe(_with(parameters__max_rank=[8, 64], parameters__eta=[0.8, 0.95]))
