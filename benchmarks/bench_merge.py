@@ -1,0 +1,150 @@
+"""Benchmarks: lssf against mergekit's task_arithmetic on the same inputs, same run.
+
+    python benchmarks/bench_merge.py --sizes 10m 50m 200m --repeats 2 [--cuda]
+    python benchmarks/bench_merge.py --kernel            # spectral kernel vs float64 SVD
+    python benchmarks/bench_merge.py --startup           # cost of the start-up hook
+
+task_arithmetic gets weights [+1, -1] on (aligned, unaligned) with the fine-tune as
+base: the same three inputs and the same output as lssf with eta = 1. Wall time
+and peak RSS are of the whole `mergekit-yaml` process; the best of --repeats runs.
+"""
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.dirname(sys.executable)
+
+RECIPES = {
+    "task_arithmetic": {
+        "merge_method": "task_arithmetic",
+        "base_model": "./finetuned",
+        "models": [
+            {"model": "./aligned", "parameters": {"weight": 1.0}},
+            {"model": "./unaligned", "parameters": {"weight": -1.0}},
+        ],
+        "dtype": "bfloat16",
+    },
+    "lssf": {
+        "merge_method": "lssf",
+        "base_model": "./finetuned",
+        "models": [
+            {"model": "./aligned", "parameters": {"role": "aligned"}},
+            {"model": "./unaligned", "parameters": {"role": "unaligned"}},
+        ],
+        "parameters": {"alpha": 1.0, "eta": 0.9},
+        "dtype": "bfloat16",
+    },
+}
+
+
+def timed(command, cwd):
+    """Wall seconds and peak RSS (MiB) of one child process."""
+    probe = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+        "w = time.perf_counter() - t; "
+        "sys.exit(r.stderr[-3000:]) if r.returncode else print(w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, *command], cwd=cwd, capture_output=True, text=True, check=True)
+    wall, rss_kib = out.stdout.split()
+    return float(wall), int(rss_kib) / 1024
+
+
+def bench_merges(sizes, repeats, cuda, workdir):
+    from mergekit_lssf.toy_models import ToySpec, build_toy_models, count_parameters
+
+    rows = []
+    for size in sizes:
+        directory = os.path.join(workdir, size)
+        if not os.path.exists(os.path.join(directory, "finetuned", "model.safetensors")):
+            print(f"building {size} toy models ...", flush=True)
+            build_toy_models(directory, ToySpec(size=size))
+        results = {}
+        for _ in range(repeats):
+            for method, recipe in RECIPES.items():  # alternate, so drift hits both
+                with open(os.path.join(directory, f"{method}.yml"), "w") as fp:
+                    yaml.safe_dump(recipe, fp)
+                command = [os.path.join(BIN, "mergekit-yaml"), f"{method}.yml", f"out-{method}"]
+                command += ["--cuda"] if cuda else []
+                wall, rss = timed(command, directory)
+                best = results.get(method, (float("inf"), float("inf")))
+                results[method] = (min(best[0], wall), min(best[1], rss))
+        ta, ls = results["task_arithmetic"], results["lssf"]
+        row = (size, count_parameters(size) / 1e6, ta[0], ls[0], ls[0] / ta[0], ta[1], ls[1], ls[1] / ta[1])
+        rows.append(row)
+        print("| %s | %.1fM | %.2f | %.2f | %.2fx | %.0f | %.0f | %.2fx |" % row, flush=True)
+    return rows
+
+
+def bench_kernel(shapes, svd):
+    import torch
+
+    from mergekit_lssf.kernel import lssf_fuse
+
+    torch.manual_seed(0)
+    for rows, cols in shapes:
+        k = min(rows, cols)
+        unaligned = torch.randn(rows, cols) * 0.02
+        u, _ = torch.linalg.qr(torch.randn(rows, k))
+        v, _ = torch.linalg.qr(torch.randn(cols, k))
+        sigma = torch.cat([torch.logspace(0, -1, 32), 0.02 * torch.rand(k - 32)]).sort(descending=True).values
+        aligned = unaligned + (u * sigma) @ v.T * 0.01
+        ft = aligned + torch.randn(rows, cols) * 0.001
+        t = time.perf_counter()
+        _, info = lssf_fuse(ft, aligned, unaligned, alpha=1.0, eta=0.9, max_rank=256)
+        fast = time.perf_counter() - t
+        line = f"| {rows}x{cols} | {fast:.2f} | rank {info.rank} |"
+        if svd:
+            t = time.perf_counter()
+            torch.linalg.svd((aligned - unaligned).double(), full_matrices=False)
+            full = time.perf_counter() - t
+            line += f" {full:.2f} | {full / fast:.1f}x |"
+        print(line, flush=True)
+
+
+def bench_startup():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True)
+    hook = [l for l in out.stderr.splitlines() if "mergekit_lssf_startup" in l]
+    print("importtime of the start-up hook (self us | cumulative us | module):")
+    print("\n".join(hook) or "hook not installed")
+    walls = []
+    for _ in range(20):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        walls.append(time.perf_counter() - t)
+    print(f"python -c pass: median {sorted(walls)[10] * 1000:.1f} ms over 20 runs")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="*", default=[])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--cuda", action="store_true")
+    parser.add_argument("--workdir", default=os.path.join(HERE, "_work"))
+    parser.add_argument("--kernel", action="store_true")
+    parser.add_argument("--kernel-shapes", nargs="*", default=["4096x4096", "1024x4096", "14336x4096"])
+    parser.add_argument("--no-svd", action="store_true", help="skip the float64 SVD comparison")
+    parser.add_argument("--startup", action="store_true")
+    args = parser.parse_args()
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    if args.sizes:
+        print("| size | params | task_arithmetic s | lssf s | time ratio | task_arithmetic MiB | lssf MiB | RSS ratio |")
+        bench_merges(args.sizes, args.repeats, args.cuda, args.workdir)
+    if args.kernel:
+        print("| shape | lssf kernel s (Gram+eigh, f64 spectrum) | rank | float64 full SVD s | speed-up |")
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.kernel_shapes]
+        bench_kernel(shapes, not args.no_svd)
+    if args.startup:
+        bench_startup()
+
+
+if __name__ == "__main__":
+    main()
