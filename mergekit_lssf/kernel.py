@@ -160,9 +160,14 @@ def select_rank(
         if capped:
             r = int(max_rank)
 
-    share = float(cum[r - 1] / entropy_total) if entropy_total > 0 else 1.0
-    energy = float(p[:r].sum())
-    return RankChoice(r, entropy_rank, capped, share, energy, entropy_total)
+    return _choice(r, entropy_rank, capped, cum, p)
+
+
+def _choice(r, entropy_rank, capped, cum, p) -> RankChoice:
+    """A RankChoice for rank ``r`` from the cumulative entropy and probabilities."""
+    total = float(cum[-1])
+    share = float(cum[r - 1] / total) if total > 0 else 1.0
+    return RankChoice(r, entropy_rank, capped, share, float(p[:r].sum()), total)
 
 
 def projection_weights(sigma_r: torch.Tensor, weight_max: float) -> torch.Tensor:
@@ -226,8 +231,8 @@ def lssf_fuse(
         subspace = data_free_subspace(delta, compute_dtype=compute_dtype)
     choice = select_rank(subspace.sigma, eta=eta, max_rank=max_rank, rank=rank)
     available = subspace.basis.shape[1]
-    if choice.rank > available:
-        choice = _cap(choice, subspace.sigma, available)
+    if choice.rank > available:  # a calibrated basis may hold fewer vectors
+        choice = _choice(available, choice.entropy_rank, True, *spectral_entropy(subspace.sigma))
     sigma_1 = float(subspace.sigma[0]) if subspace.sigma.numel() else 0.0
     if choice.rank == 0:
         info = FusionInfo(choice, sigma_1, time.perf_counter() - started)
@@ -240,12 +245,3 @@ def lssf_fuse(
     fused = w_ft.to(work) + alpha * term
     return fused.to(w_ft.dtype), info
 
-
-def _cap(choice: RankChoice, sigma: torch.Tensor, rank: int) -> RankChoice:
-    """``choice`` lowered to ``rank`` (a basis with fewer columns than the rank)."""
-    cum, p = spectral_entropy(sigma)
-    total = choice.entropy_total
-    share = float(cum[rank - 1] / total) if total > 0 else 1.0
-    return RankChoice(
-        rank, choice.entropy_rank, True, share, float(p[:rank].sum()), total
-    )
