@@ -58,6 +58,52 @@ def demo(workdir: str, size: str, cuda: bool) -> None:
     report_restoration(workdir, os.path.join(workdir, "merged"))
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for report.json, report.csv and the PNGs.")
+@click.option("--cuda", is_flag=True, help="Compute the spectra on the GPU.")
+def report(recipe: str, out_dir: str, cuda: bool) -> None:
+    """Rank, entropy and energy of every tensor RECIPE would fuse; writes no model.
+
+    Model paths in RECIPE are resolved from the current directory, as in mergekit-yaml.
+    """
+    from mergekit_lssf.report import build_report
+    from mergekit_lssf.traversal import load_recipe
+
+    result = build_report(load_recipe(recipe), out_dir, cuda=cuda)
+    s = result["summary"]
+    click.echo(
+        f"{s['tensors']} tensors: rank min {s['rank_min']} / mean {s['rank_mean']:.1f} / "
+        f"max {s['rank_max']}, {s['capped']} capped; patch size {s['patch_parameters']:,} "
+        f"parameters. Written to {out_dir}/ (report.json, report.csv, rank_heatmap.png, "
+        "entropy_curves.png)"
+    )
+
+
+@main.command("extract-patch")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--cuda", is_flag=True, help="Compute the spectra on the GPU.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+def extract_patch_command(recipe: str, out_dir: str, cuda: bool, dtype: str) -> None:
+    """Write RECIPE's safety term alpha * P' delta as a PEFT LoRA adapter in OUT_DIR.
+
+    The adapter depends only on the aligned and unaligned models: apply it to any
+    fine-tune of the aligned model with PeftModel.from_pretrained (unmerged, or
+    merge_and_unload() for the same weights as mergekit-yaml with RECIPE).
+    """
+    import torch
+
+    from mergekit_lssf.patch import extract_patch
+    from mergekit_lssf.traversal import load_recipe
+
+    ranks = extract_patch(load_recipe(recipe), out_dir, cuda=cuda, dtype=getattr(torch, dtype))
+    click.echo(
+        f"Safety patch: {len(ranks)} modules, rank {min(ranks.values())}-{max(ranks.values())}, "
+        f"written to {out_dir}/"
+    )
+
+
 def _mergekit_yaml() -> str:
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     return exe if os.path.exists(exe) else "mergekit-yaml"

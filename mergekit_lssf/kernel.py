@@ -188,20 +188,79 @@ def projection_weights(sigma_r: torch.Tensor, weight_max: float) -> torch.Tensor
     return ones + (weight_max - 1) * (s - s[-1]) / (s[0] - s[-1])
 
 
-def project(
-    delta: torch.Tensor, subspace: SafetySubspace, weights: torch.Tensor
-) -> torch.Tensor:
-    """The weighted projection ``P' delta`` onto the first ``len(weights)`` directions.
+@dataclass(frozen=True)
+class SafetyFactors:
+    """The weighted projection ``P' delta`` of one weight as an exact product.
 
-    ``delta``: ``(d_out, d_in)`` in the working dtype; ``weights``: ``(r,)``.
-    Returns a tensor shaped like ``delta`` in its dtype.
+    left: ``(d_out, r)``; right: ``(r, d_in)``; ``P' delta = left @ right``. For an
+    output-side basis ``left = U_r diag(a)`` and ``right = diag(a) U_r^T delta``; for an
+    input-side basis ``left = delta V_r diag(a)`` and ``right = diag(a) V_r^T``.
+    Both are None when the rank is 0. sigma: the full spectrum (float64).
     """
-    r = weights.numel()
-    basis = subspace.basis[:, :r].to(delta.dtype)
-    w2 = weights.to(delta.dtype).square()
-    if subspace.side == "output":
-        return basis @ (w2[:, None] * (basis.T @ delta))
-    return ((delta @ basis) * w2) @ basis.T
+
+    left: Optional[torch.Tensor]
+    right: Optional[torch.Tensor]
+    info: FusionInfo
+    sigma: torch.Tensor
+
+
+def safety_factors(
+    w_aligned: torch.Tensor,
+    w_unaligned: torch.Tensor,
+    *,
+    eta: float,
+    max_rank: Optional[int] = None,
+    weight_max: float = 1.0,
+    rank: Optional[int] = None,
+    subspace: Optional[SafetySubspace] = None,
+    work_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype = torch.float64,
+) -> SafetyFactors:
+    """Spectrum, entropy rank and factors of ``P' (W_aligned - W_unaligned)``.
+
+    Weights are ``(d_out, d_in)``; factors come in ``work_dtype`` (at least float32)
+    on the weights' device. ``subspace`` is a calibrated basis for this weight;
+    without it the data-free subspace (SVD of delta) is used.
+    """
+    work = torch.promote_types(work_dtype, torch.float32)
+    delta = w_aligned.to(work) - w_unaligned.to(work)
+    started = time.perf_counter()
+    if subspace is None:
+        subspace = data_free_subspace(delta, compute_dtype=compute_dtype)
+    choice = select_rank(subspace.sigma, eta=eta, max_rank=max_rank, rank=rank)
+    available = subspace.basis.shape[1]
+    if choice.rank > available:  # a calibrated basis may hold fewer vectors
+        choice = _choice(available, choice.entropy_rank, True, *spectral_entropy(subspace.sigma))
+    sigma_1 = float(subspace.sigma[0]) if subspace.sigma.numel() else 0.0
+    left = right = None
+    if choice.rank > 0:
+        weights = projection_weights(subspace.sigma[: choice.rank], weight_max).to(work)
+        basis = subspace.basis[:, : choice.rank].to(work) * weights
+        if subspace.side == "output":
+            left, right = basis, basis.T @ delta
+        else:
+            left, right = delta @ basis, basis.T
+        if delta.device.type == "cuda":
+            torch.cuda.synchronize(delta.device)
+    info = FusionInfo(choice, sigma_1, time.perf_counter() - started)
+    return SafetyFactors(left, right, info, subspace.sigma)
+
+
+def balanced_factors(
+    left: torch.Tensor, right: torch.Tensor, alpha: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors ``B (d_out, r)``, ``A (r, d_in)`` with ``B @ A = alpha * left @ right``.
+
+    Each rank-one pair is rescaled so that ``||B[:, i]|| = ||A[i, :]||`` (balanced);
+    the sign of ``alpha`` goes into ``A``. No refitting: the product is exact.
+    """
+    nl = left.norm(dim=0)
+    nr = right.norm(dim=1)
+    t = (abs(alpha) * nl * nr).sqrt()
+    scale_l = torch.where(nl > 0, t / nl.clamp(min=1e-30), torch.zeros_like(t))
+    scale_r = torch.where(nr > 0, t / nr.clamp(min=1e-30), torch.zeros_like(t))
+    sign = -1.0 if alpha < 0 else 1.0
+    return left * scale_l, right * (sign * scale_r)[:, None]
 
 
 def lssf_fuse(
@@ -219,29 +278,15 @@ def lssf_fuse(
 ) -> Tuple[torch.Tensor, FusionInfo]:
     """Fuse one 2-D weight: ``W_ft + alpha * P' (W_aligned - W_unaligned)`` (Eq. 13).
 
-    All three weights are ``(d_out, d_in)`` on one device. ``subspace`` is the
-    calibrated basis of this weight; without it the data-free subspace (SVD of
-    ``delta``) is used. The result has ``w_ft``'s dtype; a zero ``delta`` returns
-    ``w_ft`` itself.
+    All three weights are ``(d_out, d_in)`` on one device. The result has ``w_ft``'s
+    dtype; a zero ``delta`` returns ``w_ft`` itself. See ``safety_factors``.
     """
     work = torch.promote_types(w_ft.dtype, torch.float32)
-    delta = w_aligned.to(work) - w_unaligned.to(work)
-    started = time.perf_counter()
-    if subspace is None:
-        subspace = data_free_subspace(delta, compute_dtype=compute_dtype)
-    choice = select_rank(subspace.sigma, eta=eta, max_rank=max_rank, rank=rank)
-    available = subspace.basis.shape[1]
-    if choice.rank > available:  # a calibrated basis may hold fewer vectors
-        choice = _choice(available, choice.entropy_rank, True, *spectral_entropy(subspace.sigma))
-    sigma_1 = float(subspace.sigma[0]) if subspace.sigma.numel() else 0.0
-    if choice.rank == 0:
-        info = FusionInfo(choice, sigma_1, time.perf_counter() - started)
-        return w_ft, info
-    weights = projection_weights(subspace.sigma[: choice.rank], weight_max)
-    term = project(delta, subspace, weights)
-    if w_ft.device.type == "cuda":
-        torch.cuda.synchronize(w_ft.device)
-    info = FusionInfo(choice, sigma_1, time.perf_counter() - started)
-    fused = w_ft.to(work) + alpha * term
-    return fused.to(w_ft.dtype), info
-
+    factors = safety_factors(
+        w_aligned, w_unaligned, eta=eta, max_rank=max_rank, weight_max=weight_max,
+        rank=rank, subspace=subspace, work_dtype=work, compute_dtype=compute_dtype,
+    )
+    if factors.left is None:
+        return w_ft, factors.info
+    fused = w_ft.to(work) + alpha * (factors.left @ factors.right)
+    return fused.to(w_ft.dtype), factors.info

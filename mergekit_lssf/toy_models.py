@@ -4,8 +4,9 @@ Used by ``mergekit-lssf demo``, the tests and the benchmarks. Three checkpoints:
 
 * ``unaligned``: a randomly initialised ``LlamaForCausalLM``.
 * ``aligned`` = unaligned + ``S``: on every linear weight a planted low-rank "safety
-  delta" ``S`` (``planted_rank`` directions, geometric singular values) plus a small
-  full-rank noise tail, so the entropy rank has a realistic spectrum to work on.
+  delta" ``S`` (``planted_rank + 2 * (layer % 3)`` directions, geometric singular
+  values) plus a small full-rank noise tail, so the entropy rank has a realistic
+  spectrum to work on.
 * ``finetuned`` = aligned - ``erosion * S_lowrank`` + ``D``: fine-tuning erased
   part of the planted directions and added a dense task drift ``D``.
 
@@ -142,7 +143,9 @@ def build_toy_models(out_dir: str, spec: Optional[ToySpec] = None) -> Dict[str, 
             finetuned[name] = w.clone()
             continue
         norm = float(w.norm())
-        safety = _low_rank(w.shape, spec.planted_rank, spec.safety_scale * norm, gen)
+        layer = int(name.split(".")[2]) if ".layers." in name else 0
+        rank = spec.planted_rank + 2 * (layer % 3)  # vary the rank across layers
+        safety = _low_rank(w.shape, rank, spec.safety_scale * norm, gen)
         noise = torch.randn(w.shape, generator=gen) * (spec.noise_scale * norm / w.numel() ** 0.5)
         drift = torch.randn(w.shape, generator=gen) * (spec.drift_scale * norm / w.numel() ** 0.5)
         aligned[name] = w + safety + noise

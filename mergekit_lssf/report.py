@@ -1,0 +1,131 @@
+"""``mergekit-lssf report``: ranks and spectra of every tensor a recipe fuses.
+
+Writes ``report.json`` (``{"tensors": [...], "summary": {...}}``), ``report.csv``,
+``rank_heatmap.png`` (rank by layer and module) and ``entropy_curves.png`` (the
+retained-entropy curve ``H_rho / H_n`` of a few representative tensors, with eta
+and the chosen rank marked). No model is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Dict, List
+
+from mergekit.config import MergeConfiguration
+
+from mergekit_lssf.kernel import spectral_entropy
+from mergekit_lssf.traversal import FusedTensor, fused_factors
+
+FIELDS = [
+    "name", "layer", "module", "shape", "rank", "entropy_rank", "capped", "max_rank", "eta",
+    "entropy_total", "entropy_share", "energy_share", "sigma_1",
+]
+
+
+def _row(t: FusedTensor) -> Dict:
+    c = t.factors.info.choice
+    return {
+        "name": t.name, "layer": t.layer, "module": t.module, "shape": list(t.shape),
+        "rank": c.rank, "entropy_rank": c.entropy_rank, "capped": c.capped,
+        "max_rank": t.parameters["max_rank"], "eta": t.parameters["eta"],
+        "entropy_total": c.entropy_total, "entropy_share": c.entropy_share,
+        "energy_share": c.energy_share, "sigma_1": t.factors.info.sigma_1,
+    }
+
+
+def build_report(config: MergeConfiguration, out_dir: str, *, cuda: bool = False) -> Dict:
+    """Compute the report for ``config`` and write it under ``out_dir``."""
+    rows: List[Dict] = []
+    curves: Dict[str, List[float]] = {}
+    for tensor in fused_factors(config, cuda=cuda):
+        rows.append(_row(tensor))
+        cum, _ = spectral_entropy(tensor.factors.sigma)
+        total = float(cum[-1]) if cum.numel() else 0.0
+        curves[tensor.name] = (cum / total).tolist() if total > 0 else []
+    ranks = [r["rank"] for r in rows]
+    summary = {
+        "tensors": len(rows),
+        "rank_min": min(ranks, default=0),
+        "rank_mean": sum(ranks) / len(ranks) if ranks else 0.0,
+        "rank_max": max(ranks, default=0),
+        "capped": sum(r["capped"] for r in rows),
+        "patch_parameters": sum(r["rank"] * sum(r["shape"]) for r in rows),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as fp:
+        json.dump({"tensors": rows, "summary": summary}, fp, indent=2)
+    with open(os.path.join(out_dir, "report.csv"), "w", newline="", encoding="utf-8") as fp:
+        writer = csv.DictWriter(fp, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "shape": "x".join(map(str, row["shape"]))})
+    if rows:
+        _plot_heatmap(rows, os.path.join(out_dir, "rank_heatmap.png"))
+        _plot_curves(rows, curves, os.path.join(out_dir, "entropy_curves.png"))
+    return {"tensors": rows, "summary": summary}
+
+
+def representative(rows: List[Dict], count: int = 4) -> List[Dict]:
+    """The lowest-, median- and highest-rank tensors, and the first one."""
+    ordered = sorted(rows, key=lambda r: r["rank"])
+    picks = [ordered[0], ordered[len(ordered) // 2], ordered[-1], rows[0]]
+    unique = list({r["name"]: r for r in picks}.values())
+    return unique[:count]
+
+
+def _plot_heatmap(rows: List[Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted({r["layer"] for r in rows if r["layer"] is not None})
+    modules = sorted({r["module"] for r in rows})
+    grid = [[float("nan")] * len(modules) for _ in layers]
+    for r in rows:
+        if r["layer"] is not None:
+            grid[layers.index(r["layer"])][modules.index(r["module"])] = r["rank"]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(modules), 1.2 + 0.35 * len(layers)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_xlabel("module")
+    ax.set_ylabel("layer")
+    ax.set_title("LSSF rank r per weight")
+    if len(layers) * len(modules) <= 400:
+        for i, row in enumerate(grid):
+            for j, value in enumerate(row):
+                if value == value:
+                    ax.text(j, i, f"{int(value)}", ha="center", va="center", color="w", fontsize=7)
+    fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_curves(rows: List[Dict], curves: Dict[str, List[float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in representative(rows):
+        curve = curves.get(r["name"]) or [0.0]
+        line, = ax.plot(range(1, len(curve) + 1), curve, label=f"{r['name']} (r={r['rank']})")
+        if r["rank"]:
+            ax.plot([r["rank"]], [curve[r["rank"] - 1]], "o", color=line.get_color())
+    for eta in sorted({r["eta"] for r in rows}):
+        ax.axhline(eta, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(1, eta, f" eta={eta:g}", va="bottom", color="grey", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("rank rho")
+    ax.set_ylabel("H_rho / H_n")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Retained safety-spectrum entropy")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,138 @@
+"""Walk the tensors an lssf recipe would fuse, with mergekit's planner and loader.
+
+``fused_factors`` plans the recipe exactly as ``mergekit-yaml`` does (filters,
+gradients, slices, ``model+lora``), then runs one small task per tensor through
+mergekit's ``Executor``: tensors are loaded lazily, one at a time, on the GPU when
+asked, and only the factors and spectrum of each fused weight come back.
+Used by ``mergekit-lssf report`` and ``mergekit-lssf extract-patch``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from mergekit.architecture import get_architecture_info
+from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
+from mergekit.graph import Executor, Task
+from mergekit.io.tasks import LoaderCache, SaveTensor
+from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from mergekit.options import MergeOptions
+from mergekit.plan import MergePlanner
+
+from mergekit_lssf.kernel import SafetyFactors, safety_factors
+from mergekit_lssf.merge_method import _check_finite, _inputs_by_role, is_fused
+from mergekit_lssf.recipe import prepare_recipe
+
+LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class FusedTensor:
+    """One fused weight: its name, shape, resolved parameters and factors (CPU)."""
+
+    name: str
+    shape: tuple
+    parameters: dict
+    factors: SafetyFactors
+
+    @property
+    def layer(self) -> Optional[int]:
+        match = LAYER.search(self.name)
+        return int(match.group(1)) if match else None
+
+    @property
+    def module(self) -> str:
+        """The weight's module within its layer, e.g. ``self_attn.q_proj``."""
+        stem = self.name.removesuffix(".weight")
+        match = LAYER.search(stem + ".")
+        return stem[match.end():] if match else stem
+
+
+class FactorTask(Task[Optional[FusedTensor]]):
+    """Load one tensor group (lazily, via mergekit) and compute its lssf factors."""
+
+    source: ExecuteMergeMethodTask
+
+    def arguments(self):
+        return {"tensors": self.source.gather_tensors}
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def group_label(self) -> Optional[str]:
+        return self.source.group_label()
+
+    def execute(self, tensors, **_kwargs) -> Optional[FusedTensor]:
+        src = self.source
+        entries = tuple(
+            TensorEntry(id=m, tensor=tensors[m], is_base=m == src.base_model)
+            for m in src.model_order
+            if m in tensors
+        )
+        group = TensorGroup(entries, TensorMetadata.from_weight_info(src.output_weight))
+        if group.base is None or not is_fused(group):
+            return None
+        name = src.output_weight.name
+        group.validate_tensors()
+        role = {m: p["role"] for m, p in src.input_parameters.items() if "role" in p}
+        aligned, unaligned = _inputs_by_role(group, role, name)
+        _check_finite((group.base, aligned, unaligned), ("fine-tuned", "aligned", "unaligned"), name)
+        params = dict(src.parameters.items())
+        factors = safety_factors(
+            aligned.tensor,
+            unaligned.tensor,
+            eta=params["eta"],
+            max_rank=params["max_rank"],
+            weight_max=params["weight_max"],
+            rank=params["rank"],
+        )
+        cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32)  # noqa: E731
+        factors = SafetyFactors(cpu(factors.left), cpu(factors.right), factors.info, factors.sigma.cpu())
+        return FusedTensor(name, tuple(group.base.tensor.shape), params, factors)
+
+
+def load_recipe(path: str) -> MergeConfiguration:
+    import yaml
+
+    with open(path, encoding="utf-8") as fp:
+        config = MergeConfiguration.model_validate(yaml.safe_load(fp))
+    if config.merge_method != "lssf":
+        raise SystemExit(f"{path}: merge_method is {config.merge_method!r}, not 'lssf'")
+    return config
+
+
+def fused_factors(
+    config: MergeConfiguration, *, cuda: bool = False, quiet: bool = False
+) -> Iterator[FusedTensor]:
+    """Yield a FusedTensor for every weight the recipe fuses, in model order."""
+    options = MergeOptions(cuda=cuda, quiet=quiet)
+    config = prepare_recipe(config, trust_remote_code=options.trust_remote_code)
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    out_config = config.base_model.config(trust_remote_code=options.trust_remote_code)
+    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    # plan_in_memory() fails to validate in mergekit 0.1.5 with current pydantic;
+    # plan_to_disk() is what mergekit-yaml runs. Its writer tasks are never executed.
+    planned = planner.plan_to_disk(out_path=os.devnull)
+    tasks = [FactorTask(source=t.tensor_task) for t in planned if isinstance(t, SaveTensor)]
+    device = torch.device(options.device)
+    executor = Executor(targets=tasks, math_device=device, storage_device=torch.device("cpu"))
+    for _task, result in executor.run(quiet=quiet, desc="lssf spectra"):
+        if result is not None:
+            yield result
+
+
+def aligned_model(config: MergeConfiguration) -> ModelReference:
+    """The recipe's aligned model (after the recipe check)."""
+    from mergekit_lssf.recipe import check_recipe
+
+    return check_recipe(config)["aligned"]
+
+
+__all__ = ["FusedTensor", "FactorTask", "aligned_model", "fused_factors", "load_recipe"]

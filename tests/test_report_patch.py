@@ -1,0 +1,135 @@
+"""mergekit-lssf report and extract-patch on generated tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergekit_lssf.toy_models import ToySpec, build_toy_models
+from reference import reference_rank
+
+BIN = os.path.dirname(sys.executable)
+PARAMS = {"alpha": [{"filter": "mlp", "value": 0.7}, {"value": 1.0}], "eta": 0.85, "weight_max": 1.5,
+          "max_rank": [{"filter": "k_proj", "value": 2}, {"value": 256}]}
+
+
+def _cli(*args, cwd):
+    exe = os.path.join(BIN, args[0])
+    result = subprocess.run([exe, *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _write_recipe(directory, base="./finetuned"):
+    doc = {
+        "merge_method": "lssf",
+        "base_model": base,
+        "models": [
+            {"model": "./aligned", "parameters": {"role": "aligned"}},
+            {"model": "./unaligned", "parameters": {"role": "unaligned"}},
+        ],
+        "parameters": PARAMS,
+        "dtype": "float32",
+    }
+    name = f"recipe-{os.path.basename(base)}.yml"
+    with open(os.path.join(directory, name), "w") as fp:
+        yaml.safe_dump(doc, fp)
+    return name
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("patch")
+    build_toy_models(str(root), ToySpec(size="tiny", seed=11, planted_rank=6))
+    # a second fine-tune of the same aligned model: another task drift
+    state = load_file(root / "finetuned" / "model.safetensors")
+    g = torch.Generator().manual_seed(99)
+    other = {k: (v + 0.01 * torch.randn(v.shape, generator=g) if v.ndim == 2 else v) for k, v in state.items()}
+    (root / "finetuned2").mkdir()
+    for f in os.listdir(root / "finetuned"):
+        if f != "model.safetensors":
+            (root / "finetuned2" / f).write_bytes((root / "finetuned" / f).read_bytes())
+    save_file(other, root / "finetuned2" / "model.safetensors", metadata={"format": "pt"})
+    return root
+
+
+def test_report_matches_reference_and_writes_pictures(models, tmp_path):
+    recipe = _write_recipe(models)
+    _cli("mergekit-lssf", "report", recipe, "--out", str(tmp_path / "rep"), cwd=models)
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    al = load_file(models / "aligned" / "model.safetensors")
+    un = load_file(models / "unaligned" / "model.safetensors")
+    assert report["summary"]["tensors"] == len(report["tensors"]) == 14
+    for row in report["tensors"]:
+        s = np.linalg.svd((al[row["name"]] - un[row["name"]]).double().numpy(), compute_uv=False)
+        max_rank = 2 if "k_proj" in row["name"] else 256
+        r, share = reference_rank(s, 0.85, max_rank)
+        assert (row["rank"], row["max_rank"], row["eta"]) == (r, max_rank, 0.85), row["name"]
+        assert row["entropy_share"] == pytest.approx(share, rel=1e-6)
+        assert row["sigma_1"] == pytest.approx(s[0], rel=1e-6)
+        assert row["capped"] == ("k_proj" in row["name"] and row["entropy_rank"] > 2)
+        assert row["layer"] in (0, 1) and row["module"].count(".") == 1
+    csv_lines = (tmp_path / "rep" / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == 15 and csv_lines[0].startswith("name,layer,module,shape,rank")
+    import matplotlib.image
+
+    for png in ("rank_heatmap.png", "entropy_curves.png"):
+        data = (tmp_path / "rep" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(tmp_path / "rep" / png)
+        assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def _merged_state(directory):
+    return load_file(os.path.join(directory, "model.safetensors"))
+
+
+def _peft_model(model_dir, patch_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, patch_dir)
+
+
+def test_patch_round_trip_through_peft(models, tmp_path):
+    patch = tmp_path / "patch"
+    _cli("mergekit-lssf", "extract-patch", _write_recipe(models), str(patch), cwd=models)
+    config = json.loads((patch / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and len(config["target_modules"]) == 14
+    assert all(config["rank_pattern"][k] == config["alpha_pattern"][k] for k in config["rank_pattern"])
+    adapter = load_file(patch / "adapter_model.safetensors")
+    for key, a in adapter.items():  # balanced: ||B[:, i]|| == ||A[i, :]||
+        if key.endswith("lora_A.weight"):
+            b = adapter[key.replace("lora_A", "lora_B")]
+            torch.testing.assert_close(b.norm(dim=0), a.norm(dim=1), rtol=1e-4, atol=1e-7)
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", "")
+            assert a.shape[0] == config["rank_pattern"][name.replace(".", "\\.")]
+
+    for finetune in ("finetuned", "finetuned2"):
+        merged_dir = tmp_path / f"merged-{finetune}"
+        _cli("mergekit-yaml", _write_recipe(models, f"./{finetune}"), str(merged_dir), cwd=models)
+        expected = _merged_state(merged_dir)
+        model = _peft_model(models / finetune, patch)
+        tokens = torch.tensor([[1, 5, 17, 42, 7, 9, 3]])
+        with torch.no_grad():
+            unmerged_logits = model(tokens).logits
+            merged = model.merge_and_unload()
+            merged_logits = merged(tokens).logits
+        state = merged.state_dict()
+        for name, tensor in expected.items():
+            got = state[name]
+            rel = (got - tensor).norm() / tensor.norm().clamp(min=1e-12)
+            assert rel < 1e-4, (finetune, name, float(rel))
+        torch.testing.assert_close(unmerged_logits, merged_logits, rtol=1e-4, atol=1e-4)
+        from transformers import AutoModelForCausalLM
+
+        mergekit_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(mergekit_model(tokens).logits, merged_logits, rtol=1e-4, atol=1e-4)
