@@ -59,6 +59,31 @@ def demo(workdir: str, size: str, cuda: bool) -> None:
 
 
 @main.command()
+@click.argument("aligned_model", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The subspace file to write (.safetensors).")
+@click.option("--anchors", type=click.Path(exists=True, dir_okay=False), help='JSONL of {"prompt": ..., "response": ...}; default: 128 shipped HarmBench prompts.')
+@click.option("--max-rank", default=256, show_default=True, help="Columns of U kept per weight (all singular values are kept).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Anchors per forward pass.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Length of generated responses for anchors without one.")
+def calibrate(aligned_model, out_path, anchors, max_rank, device, batch_size, max_new_tokens) -> None:
+    """Calibrated safety subspace of ALIGNED_MODEL (a local HF folder), paper Eq. 4.
+
+    Anchors without a response are answered by the model itself, greedily (its own
+    refusals). The file serves every fine-tune of ALIGNED_MODEL: use it with
+    `subspace: FILE` in an lssf recipe.
+    """
+    from mergekit_lssf.calibrate import calibrate as run
+
+    meta = run(aligned_model, out_path, anchors_path=anchors, max_rank=max_rank, device=device,
+               batch_size=batch_size, max_new_tokens=max_new_tokens)
+    click.echo(
+        f"Wrote {out_path}: {meta['anchors']} anchors, {meta['tokens']} tokens, "
+        f"max_rank {meta['max_rank']}, {meta['seconds']} s"
+    )
+
+
+@main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for report.json, report.csv and the PNGs.")
 @click.option("--cuda", is_flag=True, help="Compute the spectra on the GPU.")

@@ -290,3 +290,40 @@ def lssf_fuse(
         return w_ft, factors.info
     fused = w_ft.to(work) + alpha * (factors.left @ factors.right)
     return fused.to(w_ft.dtype), factors.info
+
+
+def calibrated_subspace(
+    weight: torch.Tensor,
+    *,
+    input_gram: Optional[torch.Tensor] = None,
+    output_gram: Optional[torch.Tensor] = None,
+    max_rank: int = 256,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``U`` and singular values of ``Z = W X_hat`` from accumulated statistics (Eq. 4).
+
+    ``weight``: ``(d_out, d_in)`` = ``W_safe``. Exactly one statistic:
+    ``input_gram`` ``(d_in, d_in)`` = ``C = sum_t x_hat_t x_hat_t^T``, or
+    ``output_gram`` ``(d_out, d_out)`` = ``Z Z^T``. Returns ``U`` ``(d_out, k)``
+    float32 with orthonormal columns, ``k = min(max_rank, rank Z)``, and ``S``
+    ``(rank Z,)`` float64: every nonzero singular value of ``Z``, descending.
+    """
+    if (input_gram is None) == (output_gram is None):
+        raise ValueError("pass exactly one of input_gram and output_gram")
+    if output_gram is not None:
+        evals, evecs = torch.linalg.eigh(output_gram.to(torch.float64))
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        tol = evals[0].clamp(min=0) * evals.numel() * torch.finfo(torch.float64).eps
+        keep = int((evals > tol).sum())
+        sigma = evals[:keep].sqrt()
+        return evecs[:, : min(max_rank, keep)].to(torch.float32), sigma
+    # Z Z^T = W C W^T = (W L)(W L)^T with C = L L^T, L = Q diag(sqrt(lambda)).
+    evals, q = torch.linalg.eigh(input_gram.to(torch.float64))
+    m = weight.to(torch.float64) @ (q * evals.clamp(min=0).sqrt())
+    sub = data_free_subspace(m)
+    keep = int((sub.sigma > 0).sum())
+    k = min(max_rank, keep)
+    if sub.side == "output":
+        u = sub.basis[:, :k]
+    else:  # right singular vectors V of M: U = M V / sigma
+        u = (m @ sub.basis[:, :k]) / sub.sigma[:k]
+    return u.to(torch.float32), sub.sigma[:keep]

@@ -120,6 +120,7 @@ def lssf_kernel(
         max_rank=max_rank,
         weight_max=weight_max,
         rank=rank,
+        subspace=load_subspace(subspace, name, finetuned.tensor),
     )
     choice = info.choice
     STATS.add(
@@ -137,6 +138,15 @@ def lssf_kernel(
         choice.energy_share,
     )
     return fused
+
+
+def load_subspace(path: Optional[str], name: str, weight: torch.Tensor):
+    """The calibrated subspace of weight ``name`` from file ``path`` (None: data-free)."""
+    if path is None:
+        return None
+    from mergekit_lssf.subspace_file import open_subspace
+
+    return open_subspace(path).subspace(name, tuple(weight.shape), weight.device)
 
 
 class LSSFMergeMethod(FunctionalGroupMergeMethod):

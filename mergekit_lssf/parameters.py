@@ -80,11 +80,12 @@ def _rank_validator(name: str):
 def _subspace(value: Any) -> Optional[str]:
     if value is None:
         return None
-    raise ValueError(
-        f"lssf parameter `subspace` ({value!r}) is not supported yet: calibrated "
-        "subspaces are a planned feature. Remove `subspace` to use the data-free "
-        "subspace (SVD of aligned - unaligned)."
-    )
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            f"lssf parameter `subspace` must be the path of a file made by "
+            f"`mergekit-lssf calibrate`, got {value!r}"
+        )
+    return value
 
 
 def _role(value: Any) -> str:

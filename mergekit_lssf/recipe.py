@@ -148,7 +148,36 @@ def check_recipe(
             )
     refs = {"aligned": by_role["aligned"][0], "unaligned": by_role["unaligned"][0]}
     _check_shapes(config.base_model, refs)
+    for where, settings in _shared_scopes(config):
+        for value in _leaves((settings or {}).get("subspace")):
+            if value is not None:
+                _check_subspace(f"{where}.subspace", value, refs["aligned"])
     return refs
+
+
+def _check_subspace(where: str, path: str, aligned: Any) -> None:
+    """The file is an lssf subspace file, of this aligned model, covering its weights."""
+    from mergekit_lssf.merge_method import VOCABULARY_NAME
+    from mergekit_lssf.subspace_file import open_subspace
+
+    try:
+        subspace = open_subspace(path)
+    except LSSFConfigError as error:
+        raise LSSFConfigError(f"{where}: {error}") from None
+    if getattr(aligned, "lora", None) is not None:
+        raise LSSFConfigError(f"{where}: a calibrated subspace needs a plain aligned model, not {aligned}")
+    model_dir = aligned.model.path if os.path.isdir(aligned.model.path) else aligned.local_path()
+    try:
+        subspace.check_fingerprint(model_dir, "aligned")
+    except LSSFConfigError as error:
+        raise LSSFConfigError(f"{where}: {error}") from None
+    shapes = _safetensors_shapes(aligned) or {}
+    for name, shape in sorted(shapes.items()):
+        if len(shape) == 2 and not VOCABULARY_NAME.search(name) and not subspace.has(name):
+            raise LSSFConfigError(
+                f"{where}: weight {name} of the aligned model ({aligned}) is missing from "
+                f"subspace file {path}"
+            )
 
 
 def _safetensors_shapes(model: Any) -> Optional[Dict[str, Tuple[int, ...]]]:

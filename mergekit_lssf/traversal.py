@@ -26,7 +26,7 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 
 from mergekit_lssf.kernel import SafetyFactors, safety_factors
-from mergekit_lssf.merge_method import _check_finite, _inputs_by_role, is_fused
+from mergekit_lssf.merge_method import _check_finite, _inputs_by_role, is_fused, load_subspace
 from mergekit_lssf.recipe import prepare_recipe
 
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -91,6 +91,7 @@ class FactorTask(Task[Optional[FusedTensor]]):
             max_rank=params["max_rank"],
             weight_max=params["weight_max"],
             rank=params["rank"],
+            subspace=load_subspace(params["subspace"], name, aligned.tensor),
         )
         cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32)  # noqa: E731
         factors = SafetyFactors(cpu(factors.left), cpu(factors.right), factors.info, factors.sigma.cpu())

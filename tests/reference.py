@@ -76,3 +76,34 @@ def spectra(k, seed=0):
         "heavy_tailed": 1.0 / np.arange(1, k + 1) ** 0.7,
         "rank_deficient": np.concatenate([np.linspace(1.0, 0.3, min(5, k)), np.zeros(max(k - 5, 0))]),
     }
+
+
+def reference_calibrated(model_dir, anchors, weight_names):
+    """U and S of Z = W X_hat by a whole-model forward per anchor and numpy's SVD.
+
+    Independent of mergekit_lssf.calibrate: no block streaming, no batching or
+    padding, no Gram matrices. anchors: list of (prompt, response).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    modules = {n + ".weight": m for n, m in model.named_modules() if n + ".weight" in weight_names}
+    inputs = {n: [] for n in modules}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs[n].append(args[0][0].double().numpy())) for n, m in modules.items()]
+    for prompt, response in anchors:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        with torch.no_grad():
+            model(torch.tensor([list(ids)]))
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, module in modules.items():
+        x = np.concatenate(inputs[name])
+        x_hat = x / np.linalg.norm(x, axis=1, keepdims=True)
+        z = module.weight.detach().double().numpy() @ x_hat.T
+        u, s, _ = np.linalg.svd(z, full_matrices=False)
+        out[name] = (u, s)
+    return out

@@ -89,7 +89,8 @@ def test_missing_role_and_base():
         ("max_rank", 0, "`max_rank` must be an integer >= 1"),
         ("rank", -2, "`rank` must be an integer >= 1"),
         ("alpha", float("nan"), "`alpha` must be finite"),
-        ("subspace", "basis.safetensors", "`subspace`.*not supported yet"),
+        ("subspace", "basis.safetensors", "`subspace`: no such file 'basis.safetensors'"),
+        ("subspace", "", "`subspace` must be the path of a file"),
     ],
 )
 def test_parameter_errors_name_the_field(parameter, value, message):

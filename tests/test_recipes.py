@@ -76,7 +76,7 @@ def _with(**changes):
         ({"parameters__weight_max": 0.9}, r"parameters.weight_max: .*must be >= 1"),
         ({"parameters__max_rank": 0}, r"parameters.max_rank: .*integer >= 1"),
         ({"parameters__rank": 0}, r"parameters.rank: .*integer >= 1"),
-        ({"parameters__subspace": "u.safetensors"}, r"parameters.subspace: .*not supported yet"),
+        ({"parameters__subspace": "u.safetensors"}, r"parameters.subspace: lssf parameter `subspace`: no such file 'u.safetensors'"),
         ({"parameters__alpha": [{"filter": "mlp", "value": "x"}, {"value": 1.0}]}, r"parameters.alpha: .*must be a number"),
         ({"parameters__eta": [0.5, 1.5]}, r"parameters.eta: .*got 1.5"),
         ({"parameters__role": "aligned"}, r"parameters.role: `role` is a per-model parameter"),

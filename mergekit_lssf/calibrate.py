@@ -1,0 +1,285 @@
+"""``mergekit-lssf calibrate``: the paper's activation-based safety subspace (Eq. 4).
+
+The aligned model reads an anchor set of harmful prompts with refusals, each rendered
+with its chat template as one user turn and one assistant turn. For every linear layer
+we collect its input at every token, scale each token's vector to unit L2 norm
+(``x_hat``) and accumulate ``C = sum x_hat x_hat^T`` (layers sharing an input share
+``C``; a layer whose input is wider than its output accumulates ``Z Z^T`` instead).
+``U`` and the singular values of ``Z = W_safe X_hat`` follow from the kernel.
+
+Memory-bounded: decoder blocks are processed one at a time (load the block's
+weights, run all anchors' cached hidden states through it, accumulate, compute U and
+S, free the block), so peak memory is about one block, the anchors' hidden states
+and one block's statistics, whatever the depth. Supports decoder-only models with the
+Llama layout (``model.embed_tokens``, ``model.layers``, ``model.rotary_emb``): Llama,
+Mistral, Qwen2, SmolLM2 and the like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Dict, List, Optional
+
+import torch
+
+from mergekit_lssf.kernel import calibrated_subspace
+from mergekit_lssf.parameters import LSSFConfigError
+from mergekit_lssf.subspace_file import FORMAT, NORMALIZATION, SubspaceWriter, model_files, model_fingerprint
+
+
+@dataclass
+class Anchor:
+    prompt: str
+    response: Optional[str] = None
+
+
+def default_anchors() -> List[Anchor]:
+    """The 128 HarmBench prompts of the shipped `anchor` split (no responses)."""
+    text = resources.files("mergekit_lssf").joinpath("data/harmbench/prompts.jsonl").read_text("utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [Anchor(r["prompt"]) for r in rows if r["split"] == "anchor"]
+
+
+def load_anchors(path: Optional[str]) -> List[Anchor]:
+    if path is None:
+        return default_anchors()
+    anchors = []
+    with open(path, encoding="utf-8") as fp:
+        for number, line in enumerate(fp, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt = row["prompt"]
+            except (ValueError, KeyError, TypeError):
+                raise LSSFConfigError(f"{path}:{number}: expected a JSON object with a \"prompt\" string") from None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise LSSFConfigError(f"{path}:{number}: \"prompt\" must be a non-empty string")
+            response = row.get("response")
+            if response is not None and not isinstance(response, str):
+                raise LSSFConfigError(f"{path}:{number}: \"response\" must be a string")
+            anchors.append(Anchor(prompt, response))
+    if not anchors:
+        raise LSSFConfigError(f"{path}: no anchors")
+    return anchors
+
+
+def anchors_sha256(anchors: List[Anchor]) -> str:
+    blob = "\n".join(json.dumps([a.prompt, a.response]) for a in anchors)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def fill_responses(model_dir: str, anchors: List[Anchor], *, device: torch.device,
+                   batch_size: int, max_new_tokens: int, progress: bool) -> List[Anchor]:
+    """Answer anchors without a response greedily with the model itself (its refusals).
+
+    This step loads the whole model; pass responses in --anchors for models that do
+    not fit in memory.
+    """
+    missing = [a for a in anchors if a.response is None]
+    if not missing:
+        return anchors
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    for start in tqdm(range(0, len(missing), batch_size), desc="generating anchor responses", disable=not progress):
+        batch = missing[start:start + batch_size]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True) for a in batch]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for anchor, row in zip(batch, out[:, inputs["input_ids"].shape[1]:]):
+            anchor.response = tokenizer.decode(row, skip_special_tokens=True).strip()
+    del model
+    return anchors
+
+
+def render(tokenizer, anchors: List[Anchor]) -> List[List[int]]:
+    """Token ids of each anchor: chat template, one user turn and one assistant turn."""
+    ids = []
+    for a in anchors:
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": a.prompt}, {"role": "assistant", "content": a.response}], tokenize=True
+        )
+        ids.append(list(out["input_ids"] if hasattr(out, "keys") else out))
+    return ids
+
+
+class _WeightReader:
+    """Reads named tensors lazily from a model folder's safetensors files."""
+
+    def __init__(self, model_dir: str):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(p, framework="pt") for p in model_files(model_dir)]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def names(self):
+        return self._where.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def load_into(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
+        names = [n for n in self._where if n.startswith(prefix)]
+        state = {n[len(prefix):]: self.get(n).to(device, torch.float32) for n in names}
+        module.load_state_dict(state, strict=True, assign=True)
+
+
+class _Statistics:
+    """Forward pre-hooks that accumulate Gram matrices of unit-norm token inputs.
+
+    ``discover(run)`` runs one forward to find which linear layers read the same
+    input tensor (q/k/v, gate/up): they share one ``C``. A layer with its own input
+    that is wider than its output (down_proj) accumulates ``Z Z^T`` instead.
+    """
+
+    def __init__(self, block: torch.nn.Module, prefix: str):
+        self.linears = {f"{prefix}{n}.weight": m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        self.valid: Optional[torch.Tensor] = None  # (batch, seq) bool: real tokens
+        self.owner: Dict[str, str] = {}  # weight name -> weight name whose hook owns its input
+        self.output_side: Dict[str, bool] = {}
+        self.grams: Dict[str, torch.Tensor] = {}
+        self._discovering = False
+        self._seen: Dict[int, str] = {}
+        self._hooks = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
+
+    def discover(self, run) -> None:
+        # Inputs are kept alive during this pass: a freed tensor's address can be
+        # reused within one forward, and then two different inputs would look shared.
+        self._discovering, self._seen, self._alive = True, {}, []
+        run()
+        self._discovering, self._alive = False, []
+        for name, module in self.linears.items():
+            shared = sum(1 for o in self.owner.values() if o == self.owner[name]) > 1
+            self.output_side[name] = not shared and module.weight.shape[1] > module.weight.shape[0]
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0]
+            if self._discovering:
+                self._alive.append(x)
+                self.owner[name] = self._seen.setdefault(x.data_ptr(), name)
+                return
+            if self.owner[name] != name:
+                return  # shares the input (and C) of its owner
+            rows = x.reshape(-1, x.shape[-1])[self.valid.reshape(-1)].to(torch.float64)
+            rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-30)
+            if self.output_side[name]:
+                rows = rows @ module.weight.to(torch.float64).T  # rows of Z^T
+            gram = rows.T @ rows
+            if name in self.grams:
+                self.grams[name] += gram
+            else:
+                self.grams[name] = gram
+        return hook
+
+    def begin(self, valid: torch.Tensor) -> None:
+        self.valid = valid
+
+    def subspaces(self, max_rank: int) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, module in self.linears.items():
+            weight = module.weight.detach()
+            gram = self.grams[self.owner[name]]
+            if self.output_side[name]:
+                u, s = calibrated_subspace(weight, output_gram=gram, max_rank=max_rank)
+            else:
+                u, s = calibrated_subspace(weight, input_gram=gram, max_rank=max_rank)
+            out[f"{name}.U"], out[f"{name}.S"] = u.cpu(), s.cpu()
+        return out
+
+    def close(self):
+        for h in self._hooks:
+            h.remove()
+
+
+def calibrate(model_dir: str, out_path: str, *, anchors_path: Optional[str] = None, max_rank: int = 256,
+              device: str = "auto", batch_size: int = 8, max_new_tokens: int = 64, progress: bool = True) -> Dict:
+    """Compute and write the calibrated subspace of ``model_dir``; returns the metadata."""
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_lssf import __version__
+
+    if max_rank < 1 or batch_size < 1:
+        raise LSSFConfigError("--max-rank and --batch-size must be >= 1")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    started = time.perf_counter()
+    anchors = fill_responses(model_dir, load_anchors(anchors_path), device=dev, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, progress=progress)
+    token_ids = render(AutoTokenizer.from_pretrained(model_dir), anchors)
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config._attn_implementation = "sdpa"  # causal without a mask: right padding is exact
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    body = model.model
+    rotary = type(body.rotary_emb)(config=config).to(dev)
+    weights = _WeightReader(model_dir)
+
+    batches = []  # (hidden (b, t, d), valid (b, t), position ids (1, t))
+    embed = torch.nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
+    weights.load_into(embed, "model.embed_tokens.", dev)
+    for start in range(0, len(token_ids), batch_size):
+        chunk = token_ids[start:start + batch_size]
+        length = max(len(ids) for ids in chunk)
+        ids = torch.zeros(len(chunk), length, dtype=torch.long)
+        valid = torch.zeros(len(chunk), length, dtype=torch.bool)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            valid[row, : len(seq)] = True
+        with torch.no_grad():
+            hidden = embed(ids.to(dev))
+        batches.append((hidden, valid.to(dev), torch.arange(length, device=dev)[None]))
+    del embed
+    tokens = int(sum(len(ids) for ids in token_ids))
+
+    writer = SubspaceWriter(out_path)
+    try:
+        for index in tqdm(range(config.num_hidden_layers), desc="calibrating blocks", disable=not progress):
+            prefix = f"model.layers.{index}."
+            block = body.layers[index]
+            weights.load_into(block, prefix, dev)
+            stats = _Statistics(block, prefix)
+
+            def forward(hidden, positions):
+                out = block(hidden, attention_mask=None, position_ids=positions,
+                            position_embeddings=rotary(hidden, positions))
+                return out[0] if isinstance(out, tuple) else out
+
+            with torch.no_grad():
+                stats.discover(lambda: forward(batches[0][0], batches[0][2]))
+                for b, (hidden, valid, positions) in enumerate(batches):
+                    stats.begin(valid)
+                    batches[b] = (forward(hidden, positions), valid, positions)
+            stats.close()
+            writer.add(stats.subspaces(max_rank))
+            block.to("meta")
+            del stats
+        metadata = {
+            "format": FORMAT,
+            "fingerprint": model_fingerprint(model_dir),
+            "architecture": ",".join(config.architectures or []),
+            "anchors_sha256": anchors_sha256(anchors),
+            "anchors": len(anchors),
+            "tokens": tokens,
+            "normalization": NORMALIZATION,
+            "max_rank": max_rank,
+            "version": __version__,
+        }
+        writer.finish(metadata)
+    except BaseException:
+        writer.close()
+        raise
+    return {**metadata, "seconds": round(time.perf_counter() - started, 2)}

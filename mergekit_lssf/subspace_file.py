@@ -1,0 +1,176 @@
+"""The calibrated-subspace file: format, model fingerprint, writer and lazy reader.
+
+A safetensors file with, for every linear weight the merge fuses,
+``{weight_name}.U`` (``d_out x k``, float32, orthonormal columns) and
+``{weight_name}.S`` (every nonzero singular value of ``Z = W_safe X_hat``, float64,
+descending), and string metadata: ``format``, ``fingerprint`` (of the aligned
+model), ``architecture``, ``anchors_sha256``, ``tokens``, ``normalization``,
+``max_rank``, ``version``.
+
+The writer takes one decoder block at a time (each block goes to a part file) and
+assembles the final file by streaming, so memory does not grow with depth; the
+final rename makes the write atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import threading
+from typing import Dict, List, Optional
+
+import torch
+
+from mergekit_lssf.kernel import SafetySubspace
+from mergekit_lssf.parameters import LSSFConfigError
+
+FORMAT = "mergekit-lssf-subspace/1"
+NORMALIZATION = "unit-l2-per-token"
+_HASH_BYTES = 1 << 20
+
+
+def _header(path: str):
+    with open(path, "rb") as fp:
+        (length,) = struct.unpack("<Q", fp.read(8))
+        return json.loads(fp.read(length)), 8 + length
+
+
+def model_files(model_dir: str) -> List[str]:
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise LSSFConfigError(f"no .safetensors weights in {model_dir}")
+    return [os.path.join(model_dir, f) for f in files]
+
+
+def model_fingerprint(model_dir: str) -> str:
+    """SHA-256 over the architecture, every tensor's name, dtype and shape, and the
+    first MiB of each weight file's data: cheap, and it tells the aligned model from
+    the unaligned one of the same architecture."""
+    digest = hashlib.sha256()
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fp:
+        digest.update(json.dumps(json.load(fp).get("architectures"), sort_keys=True).encode())
+    for path in model_files(model_dir):
+        header, start = _header(path)
+        index = sorted((k, v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__")
+        digest.update(json.dumps(index).encode())
+        with open(path, "rb") as fp:
+            fp.seek(start)
+            digest.update(fp.read(_HASH_BYTES))
+    return digest.hexdigest()
+
+
+class SubspaceWriter:
+    """Collects per-block tensors in part files, then writes one safetensors file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        self._tmp = tempfile.mkdtemp(prefix=".lssf-parts-", dir=directory)
+        self._parts: List[str] = []
+
+    def add(self, tensors: Dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        part = os.path.join(self._tmp, f"part-{len(self._parts):05d}.safetensors")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, part)
+        self._parts.append(part)
+
+    def finish(self, metadata: Dict[str, str]) -> None:
+        entries, offset, sources = {}, 0, []
+        for part in self._parts:
+            header, start = _header(part)
+            header.pop("__metadata__", None)
+            base = offset
+            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                begin, end = info["data_offsets"]
+                entries[name] = {**info, "data_offsets": [base + begin, base + end]}
+                offset = max(offset, base + end)
+            sources.append((part, start))
+        entries["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+        blob = json.dumps(entries, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        partial = self.path + ".partial"
+        with open(partial, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            for part, start in sources:
+                with open(part, "rb") as src:
+                    src.seek(start)
+                    shutil.copyfileobj(src, out, 1 << 24)
+        os.replace(partial, self.path)
+        self.close()
+
+    def close(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class SubspaceFile:
+    """A subspace file opened once; U and S are read lazily, per weight."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise LSSFConfigError(f"lssf parameter `subspace`: no such file {path!r}")
+        self.path = path
+        try:
+            self._handle = safe_open(path, framework="pt")
+        except Exception as error:
+            raise LSSFConfigError(f"lssf parameter `subspace`: {path!r} is not a safetensors file ({error})") from None
+        self.metadata = self._handle.metadata() or {}
+        if self.metadata.get("format") != FORMAT:
+            raise LSSFConfigError(
+                f"lssf parameter `subspace`: {path!r} is not an lssf subspace file "
+                f"(format {self.metadata.get('format')!r}, expected {FORMAT!r}); "
+                "make one with `mergekit-lssf calibrate`"
+            )
+        self._keys = set(self._handle.keys())
+        self._lock = threading.Lock()
+
+    def has(self, weight_name: str) -> bool:
+        return f"{weight_name}.U" in self._keys and f"{weight_name}.S" in self._keys
+
+    def subspace(self, weight_name: str, shape, device: Optional[torch.device] = None) -> SafetySubspace:
+        """The calibrated subspace of one weight of shape ``(d_out, d_in)``."""
+        if not self.has(weight_name):
+            raise LSSFConfigError(
+                f"lssf: weight {weight_name} is missing from subspace file {self.path} "
+                "(was it calibrated on another architecture or with other layers?)"
+            )
+        with self._lock:
+            basis = self._handle.get_tensor(f"{weight_name}.U")
+            sigma = self._handle.get_tensor(f"{weight_name}.S")
+        if basis.shape[0] != shape[0]:
+            raise LSSFConfigError(
+                f"lssf: subspace file {self.path} has U of shape {list(basis.shape)} for "
+                f"weight {weight_name}, whose output dimension is {shape[0]} (shape {list(shape)})"
+            )
+        return SafetySubspace(sigma.to(device, torch.float64), basis.to(device), "output")
+
+    def check_fingerprint(self, model_dir: str, label: str) -> None:
+        expected = self.metadata.get("fingerprint")
+        actual = model_fingerprint(model_dir)
+        if expected != actual:
+            raise LSSFConfigError(
+                f"lssf parameter `subspace`: {self.path} was calibrated on a model with "
+                f"fingerprint {expected}, but the recipe's {label} model {model_dir} has "
+                f"fingerprint {actual}; calibrate on the aligned model of this recipe"
+            )
+
+
+_OPEN: Dict[str, SubspaceFile] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_subspace(path: str) -> SubspaceFile:
+    """The process-wide SubspaceFile for ``path`` (opened on first use)."""
+    key = os.path.realpath(path)
+    with _OPEN_LOCK:
+        if key not in _OPEN:
+            _OPEN[key] = SubspaceFile(path)
+        return _OPEN[key]
