@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -116,19 +117,36 @@ def render(tokenizer, anchors: List[Anchor]) -> List[List[int]]:
 
 
 class _WeightReader:
-    """Reads named tensors lazily from a model folder's safetensors files."""
+    """Reads named tensors from a model folder's safetensors files with plain reads.
+
+    No memory map: mapped pages that were touched stay in the process's resident set,
+    so reading every block through one would make memory grow with depth.
+    """
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
     def __init__(self, model_dir: str):
-        from safetensors import safe_open
-
-        self._handles = [safe_open(p, framework="pt") for p in model_files(model_dir)]
-        self._where = {k: h for h in self._handles for k in h.keys()}
+        self._where = {}
+        for path in model_files(model_dir):
+            with open(path, "rb") as fp:
+                (length,) = struct.unpack("<Q", fp.read(8))
+                header = json.loads(fp.read(length))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self._where[name] = (path, 8 + length, info)
 
     def names(self):
         return self._where.keys()
 
     def get(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
+        path, start, info = self._where[name]
+        begin, end = info["data_offsets"]
+        with open(path, "rb") as fp:
+            fp.seek(start + begin)
+            data = bytearray(fp.read(end - begin))
+        flat = torch.frombuffer(data, dtype=self.DTYPES[info["dtype"]]) if data else torch.empty(0, dtype=self.DTYPES[info["dtype"]])
+        return flat.reshape(info["shape"])
 
     def load_into(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
         names = [n for n in self._where if n.startswith(prefix)]

@@ -21,20 +21,21 @@ def main() -> None:
     """
 
 
-def demo_recipe_text() -> str:
-    """recipes/demo.yml: from the source tree, or the copy packaged in the wheel."""
-    source = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "demo.yml")
+def demo_recipe_text(name: str = "demo.yml") -> str:
+    """recipes/NAME: from the source tree, or the copy packaged in the wheel."""
+    source = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", name)
     if os.path.exists(source):
         with open(source, encoding="utf-8") as fp:
             return fp.read()
-    return resources.files("mergekit_lssf").joinpath("demo.yml").read_text("utf-8")
+    return resources.files("mergekit_lssf").joinpath(name).read_text("utf-8")
 
 
 @main.command()
 @click.option("--workdir", default="lssf-demo", show_default=True, help="Where the toy models and the merged output go.")
 @click.option("--size", default="small", show_default=True, help="Toy model size: tiny, small, 10m, 50m, 200m.")
 @click.option("--cuda", is_flag=True, help="Pass --cuda to mergekit-yaml.")
-def demo(workdir: str, size: str, cuda: bool) -> None:
+@click.option("--calibrated", is_flag=True, help="Calibrate the subspace on anchors first (recipes/demo-calibrated.yml).")
+def demo(workdir: str, size: str, cuda: bool, calibrated: bool) -> None:
     """Build three small Llama-shaped models and repair the fine-tune with LSSF.
 
     No downloads: the models are generated locally, with a planted low-rank
@@ -47,15 +48,38 @@ def demo(workdir: str, size: str, cuda: bool) -> None:
     os.makedirs(workdir, exist_ok=True)
     click.echo(f"Building toy models ({size}) in {workdir}/ ...")
     build_toy_models(workdir, ToySpec(size=size))
-    recipe = os.path.join(workdir, "demo.yml")
-    with open(recipe, "w", encoding="utf-8") as fp:
-        fp.write(demo_recipe_text())
-    command = [_mergekit_yaml(), "demo.yml", "merged"] + (["--cuda"] if cuda else [])
+    name = "demo-calibrated.yml" if calibrated else "demo.yml"
+    with open(os.path.join(workdir, name), "w", encoding="utf-8") as fp:
+        fp.write(demo_recipe_text(name))
+    if calibrated:
+        _demo_calibration(workdir, cuda)
+    command = [_mergekit_yaml(), name, "merged"] + (["--cuda"] if cuda else [])
     click.echo(f"Running in {workdir}/: " + " ".join(command))
     result = subprocess.run(command, cwd=workdir)
     if result.returncode != 0:
         raise click.ClickException(f"mergekit-yaml failed with exit code {result.returncode}")
     report_restoration(workdir, os.path.join(workdir, "merged"))
+    if calibrated:
+        click.echo(
+            "Note: the toy models' planted delta is random, not tied to activations, so a "
+            "calibrated subspace restores only the part of it that the anchors' activations "
+            "reach; on real models that part is the point (paper Eq. 4)."
+        )
+
+
+def _demo_calibration(workdir: str, cuda: bool) -> None:
+    import json
+
+    from mergekit_lssf.calibrate import calibrate as run, default_anchors
+
+    anchors = os.path.join(workdir, "anchors.jsonl")
+    with open(anchors, "w", encoding="utf-8") as fp:
+        for a in default_anchors()[:16]:
+            fp.write(json.dumps({"prompt": a.prompt, "response": "I can't help with that."}) + "\n")
+    click.echo("Calibrating the safety subspace of ./aligned on 16 HarmBench anchors ...")
+    meta = run(os.path.join(workdir, "aligned"), os.path.join(workdir, "subspace.safetensors"),
+               anchors_path=anchors, device="cuda" if cuda else "cpu", progress=False)
+    click.echo(f"  {meta['tokens']} tokens, {meta['seconds']} s -> subspace.safetensors")
 
 
 @main.command()

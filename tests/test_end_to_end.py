@@ -166,6 +166,12 @@ def test_demo_command(tmp_path):
     assert "Tensors that are not fused and differ from the fine-tune: 0" in result.stdout
 
 
+def test_demo_calibrated_command(tmp_path):
+    result = _run(["mergekit-lssf", "demo", "--size", "tiny", "--calibrated", "--workdir", str(tmp_path / "demo")], cwd=tmp_path)
+    assert "-> subspace.safetensors" in result.stdout and "Planted safety delta present" in result.stdout
+    assert (tmp_path / "demo" / "merged" / "model.safetensors").exists()
+
+
 def test_mergekit_multi_stage_then_lssf(toy_dir, tmp_path):
     """Stage 1 (task_arithmetic, weight 1 on the fine-tune) reproduces the fine-tune;
     stage 2 (lssf) on it must equal lssf on the fine-tune directly."""

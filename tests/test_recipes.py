@@ -10,7 +10,9 @@ from mergekit.config import MergeConfiguration
 from mergekit_lssf import LSSFConfigError
 from mergekit_lssf.recipe import check_recipe
 
-RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "*.yml")))
+ALL_RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "*.yml")))
+# demo-calibrated.yml needs the subspace file the demo makes: test_end_to_end runs it
+RECIPES = [p for p in ALL_RECIPES if not p.endswith("demo-calibrated.yml")]
 
 
 def _lssf_stages(path):
@@ -24,8 +26,8 @@ def _lssf_stages(path):
 
 
 def test_recipes_exist():
-    names = {os.path.basename(p) for p in RECIPES}
-    assert {"demo.yml", "llama31-8b-lora.yml", "qwen25-7b-lora.yml", "ties-then-lssf.yml", "harmful-finetune-reference.yml"} <= names
+    names = {os.path.basename(p) for p in ALL_RECIPES}
+    assert {"demo.yml", "demo-calibrated.yml", "llama31-8b-lora.yml", "qwen25-7b-lora.yml", "ties-then-lssf.yml", "harmful-finetune-reference.yml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
