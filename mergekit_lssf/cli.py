@@ -107,6 +107,40 @@ def calibrate(aligned_model, out_path, anchors, max_rank, device, batch_size, ma
     )
 
 
+@main.command("eval")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompts", default="harmbench", show_default=True, help="harmbench (the 72 held-out HarmBench test prompts) or a file: JSONL with \"prompt\", or one prompt per line.")
+@click.option("--benign", type=click.Path(exists=True, dir_okay=False), help="Benign prompts for over-refusal (default: 30 shipped everyday instructions).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Plain text for perplexity (default: shipped benign prose).")
+@click.option("--max-new-tokens", default=48, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the JSON result (with every response) here.")
+def eval_command(model_dir, prompts, benign, text_file, max_new_tokens, batch_size, device, out_path) -> None:
+    """Refusal rate on harmful prompts, over-refusal on benign ones, and perplexity.
+
+    Greedy generation with MODEL_DIR's chat template; a response is a refusal when
+    one of mergekit_lssf.evaluate.REFUSAL_MARKERS opens it (see the README).
+    """
+    import json
+
+    from mergekit_lssf import evaluate as ev
+
+    harmful = ev.harmbench_prompts("test") if prompts == "harmbench" else ev.read_prompts(prompts)
+    benign_list = ev.read_prompts(benign) if benign else ev.benign_prompts("test")
+    text = open(text_file, encoding="utf-8").read() if text_file else ev.benign_text()
+    result = ev.evaluate(model_dir, harmful=harmful, benign=benign_list, text=text,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    if out_path:
+        with open(out_path, "w", encoding="utf-8") as fp:
+            json.dump(result, fp, indent=2)
+    click.echo(
+        f"refusal rate {result['refusal_rate']:.3f} on {result['harmful_prompts']} harmful prompts; "
+        f"over-refusal {result['over_refusal_rate']:.3f} on {result['benign_prompts']} benign; "
+        f"perplexity {result['perplexity']:.2f}"
+    )
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for report.json, report.csv and the PNGs.")
