@@ -12,7 +12,6 @@ and peak RSS are of the whole `mergekit-yaml` process; the best of --repeats run
 import argparse
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time

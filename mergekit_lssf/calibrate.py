@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import struct
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +28,7 @@ import torch
 
 from mergekit_lssf.kernel import calibrated_subspace
 from mergekit_lssf.parameters import LSSFConfigError
+from mergekit_lssf.safetensors_io import read_header
 from mergekit_lssf.subspace_file import FORMAT, NORMALIZATION, SubspaceWriter, model_files, model_fingerprint
 
 
@@ -129,12 +128,10 @@ class _WeightReader:
     def __init__(self, model_dir: str):
         self._where = {}
         for path in model_files(model_dir):
-            with open(path, "rb") as fp:
-                (length,) = struct.unpack("<Q", fp.read(8))
-                header = json.loads(fp.read(length))
+            header, start = read_header(path)
             for name, info in header.items():
                 if name != "__metadata__":
-                    self._where[name] = (path, 8 + length, info)
+                    self._where[name] = (path, start, info)
 
     def names(self):
         return self._where.keys()

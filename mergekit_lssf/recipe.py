@@ -8,14 +8,13 @@ model or tensor at fault before anything is written.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mergekit.config import ConditionalParameter, MergeConfiguration
 
+from mergekit_lssf.safetensors_io import read_header
 from mergekit_lssf.parameters import (
     PER_MODEL_PARAMETERS,
     ROLES,
@@ -192,9 +191,7 @@ def _safetensors_shapes(model: Any) -> Optional[Dict[str, Tuple[int, ...]]]:
         return None
     shapes: Dict[str, Tuple[int, ...]] = {}
     for file in files:
-        with open(os.path.join(path, file), "rb") as fp:
-            (length,) = struct.unpack("<Q", fp.read(8))
-            header = json.loads(fp.read(length))
+        header, _start = read_header(os.path.join(path, file))
         for name, info in header.items():
             if name != "__metadata__":
                 shapes[name] = tuple(info["shape"])

@@ -27,16 +27,11 @@ import torch
 
 from mergekit_lssf.kernel import SafetySubspace
 from mergekit_lssf.parameters import LSSFConfigError
+from mergekit_lssf.safetensors_io import read_header
 
 FORMAT = "mergekit-lssf-subspace/1"
 NORMALIZATION = "unit-l2-per-token"
 _HASH_BYTES = 1 << 20
-
-
-def _header(path: str):
-    with open(path, "rb") as fp:
-        (length,) = struct.unpack("<Q", fp.read(8))
-        return json.loads(fp.read(length)), 8 + length
 
 
 def model_files(model_dir: str) -> List[str]:
@@ -54,7 +49,7 @@ def model_fingerprint(model_dir: str) -> str:
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fp:
         digest.update(json.dumps(json.load(fp).get("architectures"), sort_keys=True).encode())
     for path in model_files(model_dir):
-        header, start = _header(path)
+        header, start = read_header(path)
         index = sorted((k, v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__")
         digest.update(json.dumps(index).encode())
         with open(path, "rb") as fp:
@@ -83,7 +78,7 @@ class SubspaceWriter:
     def finish(self, metadata: Dict[str, str]) -> None:
         entries, offset, sources = {}, 0, []
         for part in self._parts:
-            header, start = _header(part)
+            header, start = read_header(part)
             header.pop("__metadata__", None)
             base = offset
             for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):

@@ -1,7 +1,6 @@
 """mergekit-yaml, mergekit-multi and mergekit-lssf in subprocesses, as a user runs them."""
 
 import os
-import shutil
 import subprocess
 import sys
 
