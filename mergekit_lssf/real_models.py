@@ -45,6 +45,7 @@ def smollm2_135m_instruct() -> str:
     """Path of the converted SmolLM2-135M-Instruct folder, building it on first use."""
     target = os.path.join(cache_dir(), "smollm2-135m-instruct")
     if os.path.exists(os.path.join(target, "model.safetensors")):
+        _drop_quantization_config(target)  # caches written before this fix
         return target
     import torch
     from safetensors.torch import save_file
@@ -66,7 +67,24 @@ def smollm2_135m_instruct() -> str:
         save_file(state, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(partial)
+        _drop_quantization_config(partial)
         model.generation_config.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         os.replace(partial, target)
     return target
+
+
+def _drop_quantization_config(model_dir: str) -> None:
+    """The weights are saved dequantized (float32): a leftover GGUF
+    ``quantization_config`` would make transformers treat the folder as quantized
+    (and refuse ``save_pretrained`` of anything trained from it)."""
+    import json
+
+    path = os.path.join(model_dir, "config.json")
+    with open(path, encoding="utf-8") as fp:
+        config = json.load(fp)
+    if "quantization_config" in config:
+        del config["quantization_config"]
+        with open(path + ".tmp", "w", encoding="utf-8") as fp:
+            json.dump(config, fp, indent=2)
+        os.replace(path + ".tmp", path)

