@@ -118,6 +118,8 @@ def evaluate(model_dir: str, *, harmful: Sequence[str], benign: Sequence[str], t
         "model": model_dir,
         "refusal_rate": sum(map(is_refusal, harmful_answers)) / max(len(harmful), 1),
         "over_refusal_rate": sum(map(is_refusal, benign_answers)) / max(len(benign), 1),
+        # an empty answer is neither a refusal nor compliance: report it apart
+        "empty_rate": sum(not a.strip() for a in harmful_answers) / max(len(harmful), 1),
         "harmful_prompts": len(harmful),
         "benign_prompts": len(benign),
         "max_new_tokens": max_new_tokens,
