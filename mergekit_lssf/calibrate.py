@@ -84,22 +84,13 @@ def fill_responses(model_dir: str, anchors: List[Anchor], *, device: torch.devic
     missing = [a for a in anchors if a.response is None]
     if not missing:
         return anchors
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from mergekit_lssf.evaluate import generate, load_model
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    for start in tqdm(range(0, len(missing), batch_size), desc="generating anchor responses", disable=not progress):
-        batch = missing[start:start + batch_size]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True) for a in batch]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for anchor, row in zip(batch, out[:, inputs["input_ids"].shape[1]:]):
-            anchor.response = tokenizer.decode(row, skip_special_tokens=True).strip()
+    model, tokenizer = load_model(model_dir, str(device))
+    answers = generate(model, tokenizer, [a.prompt for a in missing], max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, progress=progress, desc="generating anchor responses")
+    for anchor, answer in zip(missing, answers):
+        anchor.response = answer
     del model
     return anchors
 

@@ -86,6 +86,15 @@ def _check_finite(entries: Sequence[Any], labels: Sequence[str], name: str) -> N
                 )
 
 
+def checked_inputs(group: TensorGroup, role: Dict[Hashable, str], name: str):
+    """The (fine-tuned, aligned, unaligned) entries, after the role and NaN/Inf checks."""
+    aligned, unaligned = _inputs_by_role(group, role, name)
+    _check_finite(
+        (group.base, aligned, unaligned), ("fine-tuned", "aligned", "unaligned"), name
+    )
+    return group.base, aligned, unaligned
+
+
 @merge_method(
     name="lssf",
     pretty_name="LSSF (Low-Rank Safety Subspace Fusion)",
@@ -103,11 +112,7 @@ def lssf_kernel(
     subspace: Subspace = None,
 ) -> torch.Tensor:
     name = group.metadata.name or "<unnamed tensor>"
-    finetuned = group.base
-    aligned, unaligned = _inputs_by_role(group, role, name)
-    _check_finite(
-        (finetuned, aligned, unaligned), ("fine-tuned", "aligned", "unaligned"), name
-    )
+    finetuned, aligned, unaligned = checked_inputs(group, role, name)
     if not is_fused(group):
         STATS.add_passthrough()
         return finetuned.tensor

@@ -26,7 +26,7 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 
 from mergekit_lssf.kernel import SafetyFactors, safety_factors
-from mergekit_lssf.merge_method import _check_finite, _inputs_by_role, is_fused, load_subspace
+from mergekit_lssf.merge_method import checked_inputs, is_fused, load_subspace
 from mergekit_lssf.recipe import prepare_recipe
 
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -81,8 +81,7 @@ class FactorTask(Task[Optional[FusedTensor]]):
         name = src.output_weight.name
         group.validate_tensors()
         role = {m: p["role"] for m, p in src.input_parameters.items() if "role" in p}
-        aligned, unaligned = _inputs_by_role(group, role, name)
-        _check_finite((group.base, aligned, unaligned), ("fine-tuned", "aligned", "unaligned"), name)
+        _finetuned, aligned, unaligned = checked_inputs(group, role, name)
         params = dict(src.parameters.items())
         factors = safety_factors(
             aligned.tensor,
