@@ -58,7 +58,7 @@ def demo(workdir: str, size: str, cuda: bool, calibrated: bool) -> None:
     result = subprocess.run(command, cwd=workdir)
     if result.returncode != 0:
         raise click.ClickException(f"mergekit-yaml failed with exit code {result.returncode}")
-    report_restoration(workdir, os.path.join(workdir, "merged"))
+    report_restoration(workdir, os.path.join(workdir, "merged"), name)
     if calibrated:
         click.echo(
             "Note: the toy models' planted delta is random, not tied to activations, so a "
@@ -192,7 +192,21 @@ def _mergekit_yaml() -> str:
     return exe if os.path.exists(exe) else "mergekit-yaml"
 
 
-def report_restoration(workdir: str, merged: str) -> Dict[str, Dict[str, float]]:
+def _recipe_ranks(workdir: str, recipe: str) -> Dict[str, int]:
+    """Rank per fused tensor as the recipe's merge chooses it (its eta, max_rank and
+    subspace), via the same traversal as `mergekit-lssf report`."""
+    from mergekit_lssf.traversal import fused_factors, load_recipe
+
+    previous = os.getcwd()
+    os.chdir(workdir)  # recipe paths are relative to the demo folder
+    try:
+        config = load_recipe(recipe)
+        return {t.name: t.factors.info.rank for t in fused_factors(config, quiet=True)}
+    finally:
+        os.chdir(previous)
+
+
+def report_restoration(workdir: str, merged: str, recipe: str) -> Dict[str, Dict[str, float]]:
     """Print, per fused tensor, its rank and the share of the planted delta restored.
 
     ``safety`` is the coefficient of ``W - W_unaligned`` along the planted safety
@@ -202,23 +216,20 @@ def report_restoration(workdir: str, merged: str) -> Dict[str, Dict[str, float]]
     import torch
     from safetensors.torch import load_file
 
-    from mergekit_lssf.kernel import data_free_subspace, select_rank
-    from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
-
     load = lambda role: load_file(os.path.join(workdir, role, "model.safetensors"))  # noqa: E731
-    unaligned, aligned, finetuned = load("unaligned"), load("aligned"), load("finetuned")
+    unaligned, finetuned = load("unaligned"), load("finetuned")
     merged_state = {}
     for file in sorted(os.listdir(merged)):
         if file.endswith(".safetensors"):
             merged_state.update(load_file(os.path.join(merged, file)))
     planted = load_file(os.path.join(workdir, "planted.safetensors"))
+    ranks = _recipe_ranks(workdir, recipe)
     rows = {}
     click.echo(f"\n{'tensor':44s} {'rank':>5s} {'safety ft':>9s} {'safety out':>10s} {'drift out':>9s}")
     for key in sorted(k[: -len(".safety")] for k in planted if k.endswith(".safety")):
         s, d = planted[key + ".safety"].double(), planted[key + ".drift"].double()
         coef = lambda w, v: float(((w.double() - unaligned[key].double()) * v).sum() / (v * v).sum())  # noqa: E731
-        delta = (aligned[key] - unaligned[key]).double()
-        rank = select_rank(data_free_subspace(delta).sigma, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK).rank
+        rank = ranks[key]
         rows[key] = {
             "rank": rank,
             "safety_finetuned": coef(finetuned[key], s),

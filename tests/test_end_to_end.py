@@ -1,5 +1,6 @@
 """mergekit-yaml, mergekit-multi and mergekit-lssf in subprocesses, as a user runs them."""
 
+import json
 import os
 import subprocess
 import sys
@@ -169,6 +170,11 @@ def test_demo_calibrated_command(tmp_path):
     result = _run(["mergekit-lssf", "demo", "--size", "tiny", "--calibrated", "--workdir", str(tmp_path / "demo")], cwd=tmp_path)
     assert "-> subspace.safetensors" in result.stdout and "Planted safety delta present" in result.stdout
     assert (tmp_path / "demo" / "merged" / "model.safetensors").exists()
+    # the printed ranks are the calibrated merge's, as `report` computes them
+    printed = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("model.layers.")}
+    _run(["mergekit-lssf", "report", "demo-calibrated.yml", "--out", "rep"], cwd=tmp_path / "demo")
+    report = json.loads((tmp_path / "demo" / "rep" / "report.json").read_text())
+    assert printed == {row["name"]: row["rank"] for row in report["tensors"]} and len(printed) == 14
 
 
 def test_mergekit_multi_stage_then_lssf(toy_dir, tmp_path):
