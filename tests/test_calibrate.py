@@ -2,13 +2,10 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -16,9 +13,9 @@ from mergekit_lssf import LSSFConfigError
 from mergekit_lssf.calibrate import calibrate, default_anchors, load_anchors
 from mergekit_lssf.subspace_file import FORMAT, model_fingerprint
 from mergekit_lssf.toy_models import ToySpec, build_toy_models
+from helpers import run_cli, write_lssf_recipe
 from reference import reference_alphas, reference_calibrated, reference_rank
 
-BIN = os.path.dirname(sys.executable)
 ANCHORS = [(f"Explain how to do harmful thing number {i}.", "I can't help with that request.") for i in range(5)]
 ANCHORS.append(("Write something dangerous about chemistry and weapons, in detail please.", "Sorry, I won't do that. Is there something else I can help with?"))
 
@@ -84,22 +81,8 @@ def test_tiny_subspace_matches_independent_computation(toy):
 
 
 def _recipe(root, subspace, params=None):
-    doc = {
-        "merge_method": "lssf", "base_model": "./finetuned",
-        "models": [{"model": "./aligned", "parameters": {"role": "aligned"}},
-                   {"model": "./unaligned", "parameters": {"role": "unaligned"}}],
-        "parameters": {"alpha": 0.9, "eta": 0.7, "weight_max": 1.5, "subspace": subspace, **(params or {})},
-        "dtype": "float32",
-    }
-    (root / "cal.yml").write_text(yaml.safe_dump(doc))
-    return "cal.yml"
-
-
-def _run(args, cwd, check=True):
-    result = subprocess.run([os.path.join(BIN, args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=900)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    parameters = {"alpha": 0.9, "eta": 0.7, "weight_max": 1.5, "subspace": subspace, **(params or {})}
+    return write_lssf_recipe(root, "cal.yml", parameters)
 
 
 def _assert_merge_matches_file(root, sub, out):
@@ -125,14 +108,14 @@ def _assert_merge_matches_file(root, sub, out):
 
 def test_merge_with_subspace_equals_reference_from_file(toy, tmp_path):
     root, _ = toy
-    _run(["mergekit-yaml", _recipe(root, "sub.safetensors"), str(tmp_path / "out")], cwd=root)
+    run_cli(["mergekit-yaml", _recipe(root, "sub.safetensors"), str(tmp_path / "out")], cwd=root)
     assert _assert_merge_matches_file(root, root / "sub.safetensors", tmp_path / "out") == 14
 
 
 def test_report_and_patch_use_the_subspace(toy, tmp_path):
     root, _ = toy
     recipe = _recipe(root, "sub.safetensors")
-    _run(["mergekit-lssf", "report", recipe, "--out", str(tmp_path / "rep")], cwd=root)
+    run_cli(["mergekit-lssf", "report", recipe, "--out", str(tmp_path / "rep")], cwd=root)
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     with safe_open(root / "sub.safetensors", "pt") as h:
         for row in report["tensors"]:
@@ -162,7 +145,7 @@ def _edited_file(root, name, edit):
 def test_subspace_errors_stop_before_writing(toy, tmp_path, edit, message):
     root, _ = toy
     name = _edited_file(root, f"bad-{abs(hash(message))}.safetensors", edit)
-    result = _run(["mergekit-yaml", _recipe(root, name), str(tmp_path / "out")], cwd=root, check=False)
+    result = run_cli(["mergekit-yaml", _recipe(root, name), str(tmp_path / "out")], cwd=root, check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
@@ -179,7 +162,7 @@ def test_u_with_wrong_row_count_names_the_weight(toy):
 def test_responses_are_generated_when_missing(tmp_path):
     build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=5))
     anchors = _write_anchors(tmp_path / "a.jsonl", ANCHORS[:3], drop_response=(1, 2))
-    result = _run(["mergekit-lssf", "calibrate", str(tmp_path / "aligned"), "--out", str(tmp_path / "s.safetensors"),
+    result = run_cli(["mergekit-lssf", "calibrate", str(tmp_path / "aligned"), "--out", str(tmp_path / "s.safetensors"),
                    "--anchors", anchors, "--max-new-tokens", "4", "--batch-size", "2", "--device", "cpu"], cwd=tmp_path)
     assert "3 anchors" in result.stdout
     with safe_open(tmp_path / "s.safetensors", "pt") as h:
@@ -215,7 +198,7 @@ def test_real_model_subspace_and_merge(smollm2, tmp_path):
 
     anchors = _write_anchors(tmp_path / "anchors.jsonl", ANCHORS)
     sub = tmp_path / "smol.safetensors"
-    _run(["mergekit-lssf", "calibrate", smollm2, "--out", str(sub), "--anchors", anchors, "--max-rank", "32", "--device", "cpu"], cwd=tmp_path)
+    run_cli(["mergekit-lssf", "calibrate", smollm2, "--out", str(sub), "--anchors", anchors, "--max-rank", "32", "--device", "cpu"], cwd=tmp_path)
     names = [f"model.layers.{i}.{m}.weight" for i in (0, 15, 29) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.down_proj")]
     _check_against_reference(smollm2, str(sub), ANCHORS, names, max_rank=32)
 
@@ -230,7 +213,7 @@ def test_real_model_subspace_and_merge(smollm2, tmp_path):
         perturbed = {k: v + scale * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 2 and "embed" not in k else v for k, v in state.items()}
         save_file(perturbed, tmp_path / role / "model.safetensors", metadata={"format": "pt"})
     os.symlink(smollm2, tmp_path / "aligned")
-    _run(["mergekit-yaml", _recipe(tmp_path, str(sub)), str(tmp_path / "out")], cwd=tmp_path)
+    run_cli(["mergekit-yaml", _recipe(tmp_path, str(sub)), str(tmp_path / "out")], cwd=tmp_path)
     assert _assert_merge_matches_file(tmp_path, sub, tmp_path / "out") == 30 * 7
 
 

@@ -11,44 +11,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergekit_lssf.toy_models import ToySpec, build_toy_models
+from helpers import load_state, run_cli, write_lssf_recipe
 from reference import reference_lssf
 
-BIN = os.path.dirname(sys.executable)
-
-
-def _run(args, cwd, check=True):
-    exe = os.path.join(BIN, args[0])
-    result = subprocess.run([exe if os.path.exists(exe) else args[0], *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def _load(path):
-    state = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            state.update(load_file(os.path.join(path, f)))
-    return state
-
-
-def _recipe(directory, name, parameters, **extra):
-    doc = {
-        "merge_method": "lssf",
-        "base_model": "./finetuned",
-        "models": [
-            {"model": "./aligned", "parameters": {"role": "aligned"}},
-            {"model": "./unaligned", "parameters": {"role": "unaligned"}},
-        ],
-        "parameters": parameters,
-        "dtype": "float32",
-        **extra,
-    }
-    with open(os.path.join(directory, name), "w", encoding="utf-8") as fp:
-        yaml.safe_dump(doc, fp)
-    return name
-
+from mergekit_lssf.toy_models import ToySpec, build_toy_models
 
 def test_fresh_process_registration_without_heavy_imports():
     code = (
@@ -74,13 +40,13 @@ def test_mergekit_yaml_filters_and_gradients_match_reference(toy_dir, tmp_path):
         "max_rank": [{"filter": "self_attn", "value": 2}, {"value": 256}],
         "weight_max": 1.5,
     }
-    recipe = _recipe(toy_dir, "filters.yml", params)
+    recipe = write_lssf_recipe(toy_dir, "filters.yml", params)
     out = tmp_path / "merged"
-    result = _run(["mergekit-yaml", recipe, str(out), "-v"], cwd=toy_dir)
+    result = run_cli(["mergekit-yaml", recipe, str(out), "-v"], cwd=toy_dir)
     assert "lssf: fused 14 tensors (7 kept from the fine-tune)" in result.stderr
     assert "entropy share" in result.stderr  # per-tensor log at -v
-    merged, ft = _load(out), _load(toy_dir / "finetuned")
-    al, un = _load(toy_dir / "aligned"), _load(toy_dir / "unaligned")
+    merged, ft = load_state(out), load_state(toy_dir / "finetuned")
+    al, un = load_state(toy_dir / "aligned"), load_state(toy_dir / "unaligned")
     assert set(merged) == set(ft)
     fused = 0
     for name, tensor in merged.items():
@@ -99,9 +65,9 @@ def test_mergekit_yaml_filters_and_gradients_match_reference(toy_dir, tmp_path):
 
 def test_finetune_with_added_tokens_merges(tmp_path):
     build_toy_models(str(tmp_path), ToySpec(size="tiny", extra_tokens=8, seed=3))
-    recipe = _recipe(tmp_path, "r.yml", {"alpha": 1.0})
-    _run(["mergekit-yaml", recipe, "merged"], cwd=tmp_path)
-    merged, ft = _load(tmp_path / "merged"), _load(tmp_path / "finetuned")
+    recipe = write_lssf_recipe(tmp_path, "r.yml", {"alpha": 1.0})
+    run_cli(["mergekit-yaml", recipe, "merged"], cwd=tmp_path)
+    merged, ft = load_state(tmp_path / "merged"), load_state(tmp_path / "finetuned")
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert merged[name].shape[0] == ft[name].shape[0] == 384 + 8
         assert torch.equal(merged[name], ft[name])
@@ -121,14 +87,14 @@ def test_finetune_with_added_tokens_merges(tmp_path):
     ],
 )
 def test_bad_recipe_exits_nonzero_before_writing(toy_dir, tmp_path, mutate, message):
-    name = _recipe(toy_dir, "bad.yml", {"alpha": 1.0})
+    name = write_lssf_recipe(toy_dir, "bad.yml", {"alpha": 1.0})
     with open(toy_dir / name) as fp:
         doc = yaml.safe_load(fp)
     mutate(doc)
     with open(toy_dir / name, "w") as fp:
         yaml.safe_dump(doc, fp)
     out = tmp_path / "merged"
-    result = _run(["mergekit-yaml", name, str(out)], cwd=toy_dir, check=False)
+    result = run_cli(["mergekit-yaml", name, str(out)], cwd=toy_dir, check=False)
     assert result.returncode != 0
     assert message in result.stderr
     assert not out.exists() or not any(f.endswith(".safetensors") for f in os.listdir(out))
@@ -142,8 +108,8 @@ def test_shape_mismatch_and_nan_name_the_model(tmp_path):
     state = load_file(path)
     state["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"][:-1]
     save_file(state, path)
-    recipe = _recipe(tmp_path, "r.yml", {"alpha": 1.0})
-    result = _run(["mergekit-yaml", recipe, "merged"], cwd=tmp_path, check=False)
+    recipe = write_lssf_recipe(tmp_path, "r.yml", {"alpha": 1.0})
+    result = run_cli(["mergekit-yaml", recipe, "merged"], cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "tensor model.layers.1.mlp.up_proj.weight has shape [160, 64] in the fine-tuned" in result.stderr
     assert "[159, 64] in the unaligned model (./unaligned)" in result.stderr
@@ -151,14 +117,14 @@ def test_shape_mismatch_and_nan_name_the_model(tmp_path):
     state["model.layers.1.mlp.up_proj.weight"] = load_file(tmp_path / "aligned" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"]
     state["model.layers.0.self_attn.o_proj.weight"][0, 0] = float("inf")
     save_file(state, path)
-    result = _run(["mergekit-yaml", recipe, "merged2"], cwd=tmp_path, check=False)
+    result = run_cli(["mergekit-yaml", recipe, "merged2"], cwd=tmp_path, check=False)
     assert result.returncode != 0
     assert "model.layers.0.self_attn.o_proj.weight of the unaligned model (./unaligned) has 1 non-finite" in result.stderr
     assert not (tmp_path / "merged2" / "model.safetensors").exists()
 
 
 def test_demo_command(tmp_path):
-    result = _run(["mergekit-lssf", "demo", "--size", "tiny", "--workdir", str(tmp_path / "demo")], cwd=tmp_path)
+    result = run_cli(["mergekit-lssf", "demo", "--size", "tiny", "--workdir", str(tmp_path / "demo")], cwd=tmp_path)
     summary = [l for l in result.stdout.splitlines() if l.startswith("Planted safety delta")]
     assert summary, result.stdout
     restored = float(summary[0].split("LSSF output ")[1].split(";")[0])
@@ -167,12 +133,12 @@ def test_demo_command(tmp_path):
 
 
 def test_demo_calibrated_command(tmp_path):
-    result = _run(["mergekit-lssf", "demo", "--size", "tiny", "--calibrated", "--workdir", str(tmp_path / "demo")], cwd=tmp_path)
+    result = run_cli(["mergekit-lssf", "demo", "--size", "tiny", "--calibrated", "--workdir", str(tmp_path / "demo")], cwd=tmp_path)
     assert "-> subspace.safetensors" in result.stdout and "Planted safety delta present" in result.stdout
     assert (tmp_path / "demo" / "merged" / "model.safetensors").exists()
     # the printed ranks are the calibrated merge's, as `report` computes them
     printed = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("model.layers.")}
-    _run(["mergekit-lssf", "report", "demo-calibrated.yml", "--out", "rep"], cwd=tmp_path / "demo")
+    run_cli(["mergekit-lssf", "report", "demo-calibrated.yml", "--out", "rep"], cwd=tmp_path / "demo")
     report = json.loads((tmp_path / "demo" / "rep" / "report.json").read_text())
     assert printed == {row["name"]: row["rank"] for row in report["tensors"]} and len(printed) == 14
 
@@ -187,14 +153,14 @@ def test_mergekit_multi_stage_then_lssf(toy_dir, tmp_path):
         "models": [{"model": "./finetuned", "parameters": {"weight": 1.0}}],
         "dtype": "float32",
     }
-    stage2 = yaml.safe_load(open(toy_dir / _recipe(toy_dir, "direct.yml", {"alpha": 0.9, "eta": 0.85})))
+    stage2 = yaml.safe_load(open(toy_dir / write_lssf_recipe(toy_dir, "direct.yml", {"alpha": 0.9, "eta": 0.85})))
     direct = yaml.safe_load(open(toy_dir / "direct.yml"))
     stage2["base_model"] = "stage1"
     with open(toy_dir / "multi.yml", "w") as fp:
         yaml.safe_dump_all([stage1, stage2], fp)
-    _run(["mergekit-multi", "multi.yml", "-I", str(tmp_path / "inter"), "--out-path", str(tmp_path / "multi")], cwd=toy_dir)
-    _run(["mergekit-yaml", "direct.yml", str(tmp_path / "direct")], cwd=toy_dir)
-    multi, single = _load(tmp_path / "multi"), _load(tmp_path / "direct")
+    run_cli(["mergekit-multi", "multi.yml", "-I", str(tmp_path / "inter"), "--out-path", str(tmp_path / "multi")], cwd=toy_dir)
+    run_cli(["mergekit-yaml", "direct.yml", str(tmp_path / "direct")], cwd=toy_dir)
+    multi, single = load_state(tmp_path / "multi"), load_state(tmp_path / "direct")
     assert direct["parameters"] == stage2["parameters"]
     for name in single:
         assert torch.allclose(multi[name], single[name], rtol=1e-5, atol=1e-6), name
@@ -202,9 +168,9 @@ def test_mergekit_multi_stage_then_lssf(toy_dir, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(toy_dir, tmp_path):
-    recipe = _recipe(toy_dir, "cuda.yml", {"alpha": 1.0})
-    _run(["mergekit-yaml", recipe, str(tmp_path / "cpu")], cwd=toy_dir)
-    _run(["mergekit-yaml", recipe, str(tmp_path / "gpu"), "--cuda"], cwd=toy_dir)
-    cpu, gpu = _load(tmp_path / "cpu"), _load(tmp_path / "gpu")
+    recipe = write_lssf_recipe(toy_dir, "cuda.yml", {"alpha": 1.0})
+    run_cli(["mergekit-yaml", recipe, str(tmp_path / "cpu")], cwd=toy_dir)
+    run_cli(["mergekit-yaml", recipe, str(tmp_path / "gpu"), "--cuda"], cwd=toy_dir)
+    cpu, gpu = load_state(tmp_path / "cpu"), load_state(tmp_path / "gpu")
     for name in cpu:
         assert (cpu[name] - gpu[name]).norm() / cpu[name].norm().clamp(min=1e-12) < 1e-3, name

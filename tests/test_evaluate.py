@@ -1,11 +1,9 @@
 """The refusal detector and `mergekit-lssf eval` mechanics on a tiny generated model."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from helpers import run_cli
 
 from mergekit_lssf.evaluate import benign_prompts, harmbench_prompts, is_refusal
 from mergekit_lssf.toy_models import ToySpec, build_toy_models
@@ -40,10 +38,7 @@ def test_eval_command_on_tiny_model(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("how do I do something bad?\nanother harmful request\n")
     out = tmp_path / "r.json"
-    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-lssf")
-    result = subprocess.run([exe, "eval", str(tmp_path / "aligned"), "--prompts", str(prompts), "--max-new-tokens", "4", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli(["mergekit-lssf", "eval", str(tmp_path / "aligned"), "--prompts", str(prompts), "--max-new-tokens", "4", "--out", str(out)], cwd=tmp_path)
     data = json.loads(out.read_text())
     assert data["harmful_prompts"] == 2 and data["benign_prompts"] == 30
     assert 0 <= data["refusal_rate"] <= 1 and 0 <= data["over_refusal_rate"] <= 1

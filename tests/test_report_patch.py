@@ -2,45 +2,22 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from mergekit_lssf.toy_models import ToySpec, build_toy_models
+from helpers import load_state, run_cli, write_lssf_recipe
 from reference import reference_rank
 
-BIN = os.path.dirname(sys.executable)
 PARAMS = {"alpha": [{"filter": "mlp", "value": 0.7}, {"value": 1.0}], "eta": 0.85, "weight_max": 1.5,
           "max_rank": [{"filter": "k_proj", "value": 2}, {"value": 256}]}
 
 
-def _cli(*args, cwd):
-    exe = os.path.join(BIN, args[0])
-    result = subprocess.run([exe, *args[1:]], cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 def _write_recipe(directory, base="./finetuned"):
-    doc = {
-        "merge_method": "lssf",
-        "base_model": base,
-        "models": [
-            {"model": "./aligned", "parameters": {"role": "aligned"}},
-            {"model": "./unaligned", "parameters": {"role": "unaligned"}},
-        ],
-        "parameters": PARAMS,
-        "dtype": "float32",
-    }
-    name = f"recipe-{os.path.basename(base)}.yml"
-    with open(os.path.join(directory, name), "w") as fp:
-        yaml.safe_dump(doc, fp)
-    return name
+    return write_lssf_recipe(directory, f"recipe-{os.path.basename(base)}.yml", PARAMS, base=base)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +38,7 @@ def models(tmp_path_factory):
 
 def test_report_matches_reference_and_writes_pictures(models, tmp_path):
     recipe = _write_recipe(models)
-    _cli("mergekit-lssf", "report", recipe, "--out", str(tmp_path / "rep"), cwd=models)
+    run_cli(["mergekit-lssf", "report", recipe, "--out", str(tmp_path / "rep")], cwd=models)
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     al = load_file(models / "aligned" / "model.safetensors")
     un = load_file(models / "unaligned" / "model.safetensors")
@@ -86,10 +63,6 @@ def test_report_matches_reference_and_writes_pictures(models, tmp_path):
         assert image.shape[0] > 100 and image.shape[1] > 100
 
 
-def _merged_state(directory):
-    return load_file(os.path.join(directory, "model.safetensors"))
-
-
 def _peft_model(model_dir, patch_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -100,7 +73,7 @@ def _peft_model(model_dir, patch_dir):
 
 def test_patch_round_trip_through_peft(models, tmp_path):
     patch = tmp_path / "patch"
-    _cli("mergekit-lssf", "extract-patch", _write_recipe(models), str(patch), cwd=models)
+    run_cli(["mergekit-lssf", "extract-patch", _write_recipe(models), str(patch)], cwd=models)
     config = json.loads((patch / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and len(config["target_modules"]) == 14
     assert all(config["rank_pattern"][k] == config["alpha_pattern"][k] for k in config["rank_pattern"])
@@ -114,8 +87,8 @@ def test_patch_round_trip_through_peft(models, tmp_path):
 
     for finetune in ("finetuned", "finetuned2"):
         merged_dir = tmp_path / f"merged-{finetune}"
-        _cli("mergekit-yaml", _write_recipe(models, f"./{finetune}"), str(merged_dir), cwd=models)
-        expected = _merged_state(merged_dir)
+        run_cli(["mergekit-yaml", _write_recipe(models, f"./{finetune}"), str(merged_dir)], cwd=models)
+        expected = load_state(merged_dir)
         model = _peft_model(models / finetune, patch)
         tokens = torch.tensor([[1, 5, 17, 42, 7, 9, 3]])
         with torch.no_grad():
