@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional, Tuple
+from typing import Callable, Literal, Optional, Tuple
 
 import torch
 
@@ -24,6 +24,10 @@ Side = Literal["output", "input"]
 
 #: Singular values closer than this, relative to sigma_1, count as tied (Eq. 10).
 TIE_RTOL = 1e-6
+
+#: Smallest Gram matrix that goes to ``leading_eigh`` on the CPU; smaller ones go to
+#: ``torch.linalg.eigh``, whose time is negligible there.
+LEADING_EIGH_MIN_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -80,31 +84,48 @@ class FusionInfo:
 
 
 def data_free_subspace(
-    delta: torch.Tensor, *, compute_dtype: torch.dtype = torch.float64
+    delta: torch.Tensor,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    vectors: Optional[Callable[[torch.Tensor], int]] = None,
 ) -> SafetySubspace:
-    """SVD of ``delta`` via the Gram matrix of its smaller side (eigh).
+    """SVD of ``delta`` via the Gram matrix of its smaller side.
 
-    ``delta``: ``(d_out, d_in)``. The Gram matrix is ``min(d_out, d_in)`` square and
+    ``delta``: ``(d_out, d_in)``. The Gram matrix is ``n = min(d_out, d_in)`` square and
     computed in ``compute_dtype`` (float64 by default: the entropy needs the small
     singular values too, and squaring them in float32 loses the tail). Eigenvalues
-    below ``size * eps * lambda_max`` are round-off of a rank-deficient ``delta`` and
-    are set to zero.
+    below ``n * eps * lambda_max`` are round-off of a rank-deficient ``delta`` and are
+    set to zero. ``vectors(sigma)``, given all ``n`` singular values, says how many
+    basis vectors are needed (default: all); on the CPU in float64 only those are
+    computed (``leading_eigh``), elsewhere ``torch.linalg.eigh`` computes all of them.
     """
     if delta.ndim != 2:
         raise ValueError(f"delta must be 2-D, got shape {tuple(delta.shape)}")
-    d = delta.to(compute_dtype)
+    d = delta.to(compute_dtype).contiguous()
     rows, cols = d.shape
     side: Side = "output" if rows <= cols else "input"
+    size = min(rows, cols)
+    if d.device.type == "cpu" and compute_dtype == torch.float64 and size >= LEADING_EIGH_MIN_SIZE:
+        from mergekit_lssf.leading_eigh import LeadingEigh, gram_lower
+
+        eig = LeadingEigh(gram_lower(d, side))
+        del d
+        sigma = _singular_values(eig.values, compute_dtype)
+        basis = eig.vectors(size if vectors is None else vectors(sigma))
+        return SafetySubspace(sigma=sigma, basis=basis, side=side)
     gram = d @ d.T if side == "output" else d.T @ d
     del d
     evals, evecs = torch.linalg.eigh(gram)
     del gram
-    evals = evals.flip(0).to(torch.float64)
-    evecs = evecs.flip(1)
-    top = evals[0].clamp(min=0)
-    tol = top * evals.numel() * torch.finfo(compute_dtype).eps
-    evals = torch.where(evals > tol, evals, torch.zeros_like(evals))
-    return SafetySubspace(sigma=evals.sqrt(), basis=evecs, side=side)
+    sigma = _singular_values(evals.flip(0), compute_dtype)
+    return SafetySubspace(sigma=sigma, basis=evecs.flip(1), side=side)
+
+
+def _singular_values(evals: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``sqrt`` of descending Gram eigenvalues, round-off ones set to zero (float64)."""
+    evals = evals.to(torch.float64)
+    tol = evals[0].clamp(min=0) * evals.numel() * torch.finfo(compute_dtype).eps
+    return torch.where(evals > tol, evals, torch.zeros_like(evals)).sqrt()
 
 
 def spectral_entropy(sigma: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +246,11 @@ def safety_factors(
     work = torch.promote_types(work_dtype, torch.float32)
     delta = w_aligned.to(work) - w_unaligned.to(work)
     started = time.perf_counter()
+    def rank_of(sigma: torch.Tensor) -> int:
+        return select_rank(sigma, eta=eta, max_rank=max_rank, rank=rank).rank
+
     if subspace is None:
-        subspace = data_free_subspace(delta, compute_dtype=compute_dtype)
+        subspace = data_free_subspace(delta, compute_dtype=compute_dtype, vectors=rank_of)
     choice = select_rank(subspace.sigma, eta=eta, max_rank=max_rank, rank=rank)
     available = subspace.basis.shape[1]
     if choice.rank > available:  # a calibrated basis may hold fewer vectors
@@ -288,7 +312,7 @@ def lssf_fuse(
     )
     if factors.left is None:
         return w_ft, factors.info
-    fused = w_ft.to(work) + alpha * (factors.left @ factors.right)
+    fused = torch.addmm(w_ft.to(work), factors.left, factors.right, alpha=alpha)
     return fused.to(w_ft.dtype), factors.info
 
 
@@ -319,7 +343,7 @@ def calibrated_subspace(
     # Z Z^T = W C W^T = (W L)(W L)^T with C = L L^T, L = Q diag(sqrt(lambda)).
     evals, q = torch.linalg.eigh(input_gram.to(torch.float64))
     m = weight.to(torch.float64) @ (q * evals.clamp(min=0).sqrt())
-    sub = data_free_subspace(m)
+    sub = data_free_subspace(m, vectors=lambda s: min(max_rank, int((s > 0).sum())))
     keep = int((sub.sigma > 0).sum())
     k = min(max_rank, keep)
     if sub.side == "output":

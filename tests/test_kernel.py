@@ -14,7 +14,7 @@ from mergekit_lssf.kernel import (
 )
 from reference import make_delta, reference_alphas, reference_lssf, reference_rank, spectra
 
-SHAPES = [(48, 48), (32, 96), (96, 32), (300, 12), (12, 300), (1, 40), (40, 1)]
+SHAPES = [(48, 48), (32, 96), (96, 32), (160, 96), (96, 160), (300, 12), (12, 300), (1, 40), (40, 1)]
 ETAS = [0.3, 0.5, 0.8, 0.9, 0.99]
 
 

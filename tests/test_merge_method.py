@@ -107,6 +107,27 @@ def test_non_finite_input_is_refused(who):
         _merge(sds)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_count_non_finite_matches_isfinite(dtype):
+    from mergekit_lssf.merge_method import count_non_finite
+
+    rng = np.random.default_rng(0)
+    for shape in [(1,), (7, 3), (300, 257)]:
+        x = torch.randn(shape).to(dtype)
+        assert count_non_finite(x) == 0
+        flat = x.view(-1)
+        for value in (float("nan"), float("inf"), float("-inf")):
+            y = flat.clone()
+            where = rng.choice(y.numel(), size=min(3, y.numel()), replace=False)
+            y[torch.tensor(where)] = value
+            assert count_non_finite(y.view(shape)) == len(where)
+    # huge but finite values must not be flagged (no overflowing sum is involved)
+    big = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)
+    assert count_non_finite(big) == 0
+    assert count_non_finite(torch.empty(0, dtype=dtype)) == 0
+    assert count_non_finite(torch.arange(5)) == 0
+
+
 def test_shape_mismatch_is_refused():
     sds = _state_dicts()
     sds["un"]["model.layers.0.mlp.up_proj.weight"] = torch.randn(41, 16)
