@@ -1,4 +1,4 @@
-"""The LSSF math, in pure torch (no mergekit import).
+"""The LSSF math, in torch (no mergekit import).
 
 Conventions (equation numbers follow the paper, see README):
 
@@ -9,7 +9,9 @@ Conventions (equation numbers follow the paper, see README):
   ``U' = U_r diag(a_i)`` (Eq. 8-13).
 
 Everything here runs on the device of the input tensors (CPU or CUDA) and never in
-less than float32, whatever the dtype of the stored weights.
+less than float32, whatever the dtype of the stored weights. On the CPU the spectrum
+goes through ``leading_eigh`` (LAPACK via SciPy), which computes only the eigenvectors
+the rank needs; torch has no partial eigensolver.
 """
 
 from __future__ import annotations
