@@ -130,17 +130,22 @@ def lssf_kernel(
     if not is_fused(group):
         STATS.add_passthrough()
         return finetuned.tensor
-    fused, info = lssf_fuse(
-        finetuned.tensor,
-        aligned.tensor,
-        unaligned.tensor,
-        alpha=alpha,
-        eta=eta,
-        max_rank=max_rank,
-        weight_max=weight_max,
-        rank=rank,
-        subspace=load_subspace(subspace, name, finetuned.tensor),
-    )
+    try:
+        fused, info = lssf_fuse(
+            finetuned.tensor,
+            aligned.tensor,
+            unaligned.tensor,
+            alpha=alpha,
+            eta=eta,
+            max_rank=max_rank,
+            weight_max=weight_max,
+            rank=rank,
+            subspace=load_subspace(subspace, name, finetuned.tensor),
+        )
+    except RuntimeError as error:  # e.g. an eigensolver that did not converge
+        raise RuntimeError(
+            f"lssf: computing tensor {name} {tuple(finetuned.tensor.shape)} failed: {error}"
+        ) from error
     choice = info.choice
     STATS.add(
         TensorRecord(

@@ -128,6 +128,19 @@ def test_count_non_finite_matches_isfinite(dtype):
     assert count_non_finite(torch.arange(5)) == 0
 
 
+def test_solver_failure_names_the_tensor(monkeypatch):
+    import mergekit_lssf.leading_eigh as leading_eigh
+
+    def failing(info, routine):
+        raise RuntimeError(f"LAPACK {routine} failed with info=7")
+
+    monkeypatch.setattr(leading_eigh, "_check", failing)
+    sds = _state_dicts()
+    sds = {k: {n: t.repeat(3, 3) if t.ndim == 2 else t.repeat(3) for n, t in sd.items()} for k, sd in sds.items()}
+    with pytest.raises(RuntimeError, match=r"lssf: computing tensor model\.layers\.0\..* failed: LAPACK dsytrd failed"):
+        _merge(sds)
+
+
 def test_shape_mismatch_is_refused():
     sds = _state_dicts()
     sds["un"]["model.layers.0.mlp.up_proj.weight"] = torch.randn(41, 16)
