@@ -98,8 +98,9 @@ def data_free_subspace(
     singular values too, and squaring them in float32 loses the tail). Eigenvalues
     below ``n * eps * lambda_max`` are round-off of a rank-deficient ``delta`` and are
     set to zero. ``vectors(sigma)``, given all ``n`` singular values, says how many
-    basis vectors are needed (default: all); on the CPU in float64 only those are
-    computed (``leading_eigh``), elsewhere ``torch.linalg.eigh`` computes all of them.
+    basis vectors to return (default: all); on the CPU in float64 only those are
+    computed (``leading_eigh``), elsewhere ``torch.linalg.eigh`` computes all ``n`` and
+    the rest are dropped.
     """
     if delta.ndim != 2:
         raise ValueError(f"delta must be 2-D, got shape {tuple(delta.shape)}")
@@ -120,7 +121,10 @@ def data_free_subspace(
     evals, evecs = torch.linalg.eigh(gram)
     del gram
     sigma = _singular_values(evals.flip(0), compute_dtype)
-    return SafetySubspace(sigma=sigma, basis=evecs.flip(1), side=side)
+    basis = evecs.flip(1)
+    if vectors is not None:
+        basis = basis[:, : vectors(sigma)]
+    return SafetySubspace(sigma=sigma, basis=basis, side=side)
 
 
 def _singular_values(evals: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
@@ -248,6 +252,7 @@ def safety_factors(
     work = torch.promote_types(work_dtype, torch.float32)
     delta = w_aligned.to(work) - w_unaligned.to(work)
     started = time.perf_counter()
+
     def rank_of(sigma: torch.Tensor) -> int:
         return select_rank(sigma, eta=eta, max_rank=max_rank, rank=rank).rank
 
@@ -337,19 +342,16 @@ def calibrated_subspace(
         raise ValueError("pass exactly one of input_gram and output_gram")
     if output_gram is not None:
         evals, evecs = torch.linalg.eigh(output_gram.to(torch.float64))
-        evals, evecs = evals.flip(0), evecs.flip(1)
-        tol = evals[0].clamp(min=0) * evals.numel() * torch.finfo(torch.float64).eps
-        keep = int((evals > tol).sum())
-        sigma = evals[:keep].sqrt()
-        return evecs[:, : min(max_rank, keep)].to(torch.float32), sigma
+        sigma = _singular_values(evals.flip(0), torch.float64)
+        keep = int((sigma > 0).sum())
+        return evecs.flip(1)[:, : min(max_rank, keep)].to(torch.float32), sigma[:keep]
     # Z Z^T = W C W^T = (W L)(W L)^T with C = L L^T, L = Q diag(sqrt(lambda)).
     evals, q = torch.linalg.eigh(input_gram.to(torch.float64))
     m = weight.to(torch.float64) @ (q * evals.clamp(min=0).sqrt())
     sub = data_free_subspace(m, vectors=lambda s: min(max_rank, int((s > 0).sum())))
-    keep = int((sub.sigma > 0).sum())
-    k = min(max_rank, keep)
+    k = sub.basis.shape[1]
     if sub.side == "output":
-        u = sub.basis[:, :k]
+        u = sub.basis
     else:  # right singular vectors V of M: U = M V / sigma
-        u = (m @ sub.basis[:, :k]) / sub.sigma[:k]
-    return u.to(torch.float32), sub.sigma[:keep]
+        u = (m @ sub.basis) / sub.sigma[:k]
+    return u.to(torch.float32), sub.sigma[sub.sigma > 0]

@@ -18,6 +18,7 @@ between the steps:
    ``G[1:, :-1]`` would store them, which is how LAPACK's ``dormtr`` applies them.
 
 Everything is float64; accuracy is that of ``dsyevr`` (tested against numpy's float64
+``eigh`` in ``tests/test_leading_eigh.py`` and, through the kernel, against its float64
 SVD in ``tests/test_kernel.py``). CUDA tensors never come here (``torch.linalg.eigh``
 on the GPU is fast).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy.linalg import blas, lapack
+
 
 def _check(info: int, routine: str) -> None:
     if info != 0:
@@ -73,7 +75,8 @@ class LeadingEigh:
         k = min(k, n)
         e = np.zeros(n)
         e[: n - 1] = self._e
-        # range 3 = by index; il..iu are 1-based positions in ascending order
+        # SciPy's range: 0 all, 1 by value, 2 or more by index; il..iu are 1-based
+        # positions in ascending order
         found, _, z, info = lapack.dstemr(self._d.copy(), e, 3, 0.0, 0.0, n - k + 1, n)
         _check(info, "dstemr")
         if found != k:
@@ -85,4 +88,3 @@ class LeadingEigh:
         _check(info, "dormqr")
         z[1:] = rotated
         return torch.from_numpy(z[:, ::-1].copy(order="C"))
-
