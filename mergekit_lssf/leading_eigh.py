@@ -19,31 +19,28 @@ between the steps:
 
 Everything is float64; accuracy is that of ``dsyevr`` (tested against numpy's float64
 ``eigh`` in ``tests/test_leading_eigh.py`` and, through the kernel, against its float64
-SVD in ``tests/test_kernel.py``). CUDA tensors never come here (``torch.linalg.eigh``
-on the GPU is fast).
+SVD in ``tests/test_kernel.py``). The routines are called through ``lapack``, which
+releases the GIL, so spectra of different tensors can be computed on parallel threads
+(``read_ahead``). CUDA tensors never come here (``torch.linalg.eigh`` on the GPU is fast).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.linalg import blas, lapack
 
-
-def _check(info: int, routine: str) -> None:
-    if info != 0:
-        raise RuntimeError(f"LAPACK {routine} failed with info={info}")
+from mergekit_lssf import lapack
 
 
 def gram_lower(d: torch.Tensor, side: str) -> np.ndarray:
     """Lower triangle of ``d @ d.T`` (side ``"output"``) or ``d.T @ d`` (``"input"``).
 
     ``d``: ``(rows, cols)`` float64, CPU, C-contiguous. Returns a Fortran-ordered
-    ``(n, n)`` float64 array whose upper triangle is not referenced.
+    ``(n, n)`` float64 array, zero above the diagonal.
     """
     x = d.numpy().T  # Fortran view of shape (cols, rows): x = d^T, no copy
-    trans = 1 if side == "output" else 0  # output: x^T x = d d^T; input: x x^T = d^T d
-    return blas.dsyrk(1.0, x, trans=trans, lower=1)
+    # output: x^T x = d d^T; input: x x^T = d^T d
+    return lapack.syrk_lower(x, trans=side == "output")
 
 
 class LeadingEigh:
@@ -56,16 +53,10 @@ class LeadingEigh:
     """
 
     def __init__(self, lower: np.ndarray):
-        n = lower.shape[0]
-        self.n = n
-        lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
-        self._reflectors, d, e, self._tau, info = lapack.dsytrd(
-            lower, lower=1, lwork=lwork, overwrite_a=1
-        )
-        _check(info, "dsytrd")
-        self._d, self._e = d, e
-        ascending, info = lapack.dsterf(d.copy(), e.copy())
-        _check(info, "dsterf")
+        self.n = lower.shape[0]
+        self._reflectors = lower
+        self._d, self._e, self._tau = lapack.sytrd_lower(lower)
+        ascending = lapack.sterf(self._d, self._e)
         self.values = torch.from_numpy(ascending[::-1].copy())
 
     def vectors(self, k: int) -> torch.Tensor:
@@ -73,18 +64,6 @@ class LeadingEigh:
         if k <= 0:
             return torch.zeros((n, 0), dtype=torch.float64)
         k = min(k, n)
-        e = np.zeros(n)
-        e[: n - 1] = self._e
-        # SciPy's range: 0 all, 1 by value, 2 or more by index; il..iu are 1-based
-        # positions in ascending order
-        found, _, z, info = lapack.dstemr(self._d.copy(), e, 3, 0.0, 0.0, n - k + 1, n)
-        _check(info, "dstemr")
-        if found != k:
-            raise RuntimeError(f"LAPACK dstemr returned {found} of {k} eigenvectors")
-        z = np.asfortranarray(z[:, :k])
-        a = self._reflectors[1:, : n - 1]
-        lwork = int(lapack.dormqr("L", "N", a, self._tau, z[1:], -1)[1][0])
-        rotated, _, info = lapack.dormqr("L", "N", a, self._tau, z[1:], lwork)
-        _check(info, "dormqr")
-        z[1:] = rotated
+        z = lapack.stemr_top(self._d, self._e, k)
+        lapack.ormqr_left(self._reflectors, self._tau, z)
         return torch.from_numpy(z[:, ::-1].copy(order="C"))

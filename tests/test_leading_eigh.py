@@ -72,3 +72,31 @@ def test_gram_lower_triangle(shape):
     lower = gram_lower(d, side)
     assert lower.flags.f_contiguous and lower.shape == expected.shape
     np.testing.assert_allclose(np.tril(lower), np.tril(expected), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_smallest_sizes(n):
+    spectrum = np.arange(n, 0, -1, dtype=np.float64)
+    g = _spd(n, spectrum, seed=n)
+    eig = LeadingEigh(g.copy(order="F"))
+    np.testing.assert_allclose(eig.values.numpy(), spectrum, atol=1e-13 * n)
+    for k in range(n + 1):
+        _check_vectors(g, eig.values.numpy(), eig.vectors(k), k)
+
+
+def test_threads_get_the_same_answers_as_one_thread():
+    """The ctypes calls release the GIL; concurrent calls must not disturb each other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    mats = [torch.tensor(rng.standard_normal((70 + 9 * i, 60))) for i in range(6)]
+
+    def spectrum(d):
+        eig = LeadingEigh(gram_lower(d, "input"))
+        return eig.values, eig.vectors(5)
+
+    alone = [spectrum(d) for d in mats]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(spectrum, mats * 3))
+    for i, (values, vectors) in enumerate(together):
+        assert torch.equal(values, alone[i % 6][0]) and torch.equal(vectors, alone[i % 6][1])
