@@ -190,6 +190,17 @@ def select_rank(
     return _choice(r, entropy_rank, capped, cum, p)
 
 
+def rank_rule(
+    *, eta: float, max_rank: Optional[int] = None, rank: Optional[int] = None
+) -> Callable[[torch.Tensor], int]:
+    """``sigma -> r`` by ``select_rank``: how many basis vectors a weight needs."""
+
+    def rank_of(sigma: torch.Tensor) -> int:
+        return select_rank(sigma, eta=eta, max_rank=max_rank, rank=rank).rank
+
+    return rank_of
+
+
 def _choice(r, entropy_rank, capped, cum, p) -> RankChoice:
     """A RankChoice for rank ``r`` from the cumulative entropy and probabilities."""
     total = float(cum[-1])
@@ -252,12 +263,10 @@ def safety_factors(
     work = torch.promote_types(work_dtype, torch.float32)
     delta = w_aligned.to(work) - w_unaligned.to(work)
     started = time.perf_counter()
-
-    def rank_of(sigma: torch.Tensor) -> int:
-        return select_rank(sigma, eta=eta, max_rank=max_rank, rank=rank).rank
-
     if subspace is None:
-        subspace = data_free_subspace(delta, compute_dtype=compute_dtype, vectors=rank_of)
+        subspace = data_free_subspace(
+            delta, compute_dtype=compute_dtype, vectors=rank_rule(eta=eta, max_rank=max_rank, rank=rank)
+        )
     choice = select_rank(subspace.sigma, eta=eta, max_rank=max_rank, rank=rank)
     available = subspace.basis.shape[1]
     if choice.rank > available:  # a calibrated basis may hold fewer vectors
@@ -312,15 +321,24 @@ def lssf_fuse(
     All three weights are ``(d_out, d_in)`` on one device. The result has ``w_ft``'s
     dtype; a zero ``delta`` returns ``w_ft`` itself. See ``safety_factors``.
     """
-    work = torch.promote_types(w_ft.dtype, torch.float32)
     factors = safety_factors(
         w_aligned, w_unaligned, eta=eta, max_rank=max_rank, weight_max=weight_max,
-        rank=rank, subspace=subspace, work_dtype=work, compute_dtype=compute_dtype,
+        rank=rank, subspace=subspace, work_dtype=w_ft.dtype, compute_dtype=compute_dtype,
     )
+    return apply_factors(w_ft, factors, alpha), factors.info
+
+
+def apply_factors(w_ft: torch.Tensor, factors: SafetyFactors, alpha: float) -> torch.Tensor:
+    """``W_ft + alpha * left @ right`` in ``w_ft``'s dtype (Eq. 13); ``w_ft`` at rank 0.
+
+    ``w_ft``: ``(d_out, d_in)``; the sum is formed in ``promote(w_ft.dtype, float32)``,
+    the dtype of factors made by ``safety_factors(..., work_dtype=w_ft.dtype)``.
+    """
     if factors.left is None:
-        return w_ft, factors.info
-    fused = torch.addmm(w_ft.to(work), factors.left, factors.right, alpha=alpha)
-    return fused.to(w_ft.dtype), factors.info
+        return w_ft
+    work = torch.promote_types(w_ft.dtype, torch.float32)
+    fused = torch.addmm(w_ft.to(work), factors.left.to(work), factors.right.to(work), alpha=alpha)
+    return fused.to(w_ft.dtype)
 
 
 def calibrated_subspace(

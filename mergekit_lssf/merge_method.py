@@ -1,4 +1,4 @@
-"""The ``lssf`` merge method: mergekit 0.1.5 glue around ``kernel.lssf_fuse``.
+"""The ``lssf`` merge method: mergekit 0.1.5 glue around the kernel (``kernel.py``).
 
 One call merges one output tensor. The fine-tuned model is mergekit's base input;
 the two other inputs carry ``role: aligned`` and ``role: unaligned``. 2-D linear
@@ -18,10 +18,11 @@ from mergekit.merge_methods.base import (
     InputContract,
     PerNonBase,
     TensorGroup,
+    TensorMetadata,
 )
 from mergekit.merge_methods.easy_define import merge_method
 
-from mergekit_lssf.kernel import lssf_fuse
+from mergekit_lssf.kernel import apply_factors, safety_factors
 from mergekit_lssf.parameters import (
     DEFAULT_ALPHA,
     DEFAULT_ETA,
@@ -36,6 +37,7 @@ from mergekit_lssf.parameters import (
     Subspace,
     WeightMax,
 )
+from mergekit_lssf.read_ahead import precomputed
 from mergekit_lssf.stats import STATS, TensorRecord
 
 LOG = logging.getLogger("mergekit_lssf")
@@ -48,16 +50,15 @@ VOCABULARY_NAME = re.compile(
 )
 
 
+def might_be_fused(metadata: TensorMetadata) -> bool:
+    """False for tensors with a vocabulary axis, known from metadata or by name."""
+    return metadata.vocabulary_axis is None and not VOCABULARY_NAME.search(metadata.name or "")
+
+
 def is_fused(group: TensorGroup) -> bool:
     """True for the 2-D floating linear weights LSSF fuses; False for the rest."""
     tensor = group.base.tensor
-    name = group.metadata.name or ""
-    return (
-        tensor.ndim == 2
-        and tensor.is_floating_point()
-        and group.metadata.vocabulary_axis is None
-        and not VOCABULARY_NAME.search(name)
-    )
+    return tensor.ndim == 2 and tensor.is_floating_point() and might_be_fused(group.metadata)
 
 
 def _inputs_by_role(group: TensorGroup, role: Dict[Hashable, str], name: str):
@@ -130,26 +131,41 @@ def lssf_kernel(
     if not is_fused(group):
         STATS.add_passthrough()
         return finetuned.tensor
-    try:
-        fused, info = lssf_fuse(
-            finetuned.tensor,
-            aligned.tensor,
-            unaligned.tensor,
-            alpha=alpha,
-            eta=eta,
-            max_rank=max_rank,
-            weight_max=weight_max,
-            rank=rank,
-            subspace=load_subspace(subspace, name, finetuned.tensor),
+    ahead = None
+    if subspace is None:  # data-free: a read-ahead worker may have done this already
+        ahead = precomputed(
+            name, aligned.tensor, unaligned.tensor,
+            eta=eta, max_rank=max_rank, rank=rank, weight_max=weight_max,
         )
+    try:
+        if ahead is None:
+            factors = safety_factors(
+                aligned.tensor,
+                unaligned.tensor,
+                eta=eta,
+                max_rank=max_rank,
+                weight_max=weight_max,
+                rank=rank,
+                subspace=load_subspace(subspace, name, finetuned.tensor),
+                work_dtype=finetuned.tensor.dtype,
+            )
+        else:
+            factors = ahead.factors
+        fused = apply_factors(finetuned.tensor, factors, alpha)
     except RuntimeError as error:  # e.g. an eigensolver that did not converge
         raise RuntimeError(
             f"lssf: computing tensor {name} {tuple(finetuned.tensor.shape)} failed: {error}"
         ) from error
+    info = factors.info
     choice = info.choice
     STATS.add(
         TensorRecord(
-            name, choice.rank, choice.capped, choice.entropy_share, info.spectral_seconds
+            name,
+            choice.rank,
+            choice.capped,
+            choice.entropy_share,
+            info.spectral_seconds,
+            read_ahead=ahead is not None,
         )
     )
     LOG.info(

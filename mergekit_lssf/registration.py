@@ -42,10 +42,16 @@ def on_merge_loaded(module: ModuleType) -> None:
         merge_config = prepare_recipe(
             merge_config, trust_remote_code=options.trust_remote_code
         )
+        from mergekit_lssf.read_ahead import SCOPE
+
         STATS.reset()
-        result = original(
-            merge_config, out_path, options=options, config_source=config_source
-        )
+        SCOPE.open()  # checks MERGEKIT_LSSF_READ_AHEAD before anything is written
+        try:
+            result = original(
+                merge_config, out_path, options=options, config_source=config_source
+            )
+        finally:
+            SCOPE.close()
         if not options.quiet:
             print(STATS.summary(), file=sys.stderr)
         return result

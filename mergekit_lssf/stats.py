@@ -9,13 +9,16 @@ from typing import List
 
 @dataclass(frozen=True)
 class TensorRecord:
-    """One fused tensor: its name, rank, entropy share kept and spectral seconds."""
+    """One fused tensor: its name, rank, entropy share kept and spectral seconds
+    (wall time of the thread that computed them); ``read_ahead``: the spectrum came
+    from a read-ahead worker (``read_ahead.py``)."""
 
     name: str
     rank: int
     capped: bool
     entropy_share: float
     spectral_seconds: float
+    read_ahead: bool = False
 
 
 class MergeStats:
@@ -52,11 +55,13 @@ class MergeStats:
         ranks = [r.rank for r in records]
         capped = sum(r.capped for r in records)
         seconds = sum(r.spectral_seconds for r in records)
+        ahead = sum(r.read_ahead for r in records)
         return (
             f"lssf: fused {len(records)} tensors ({self.passed_through} kept from the "
             f"fine-tune); rank min {min(ranks)} / mean {sum(ranks) / len(ranks):.1f} / "
             f"max {max(ranks)}; {capped} capped by max_rank; "
             f"{seconds:.2f} s in spectral work"
+            + (f" ({ahead} spectra computed ahead on worker threads)" if ahead else "")
         )
 
 

@@ -10,11 +10,13 @@ from safetensors.torch import load_file
 BIN = os.path.dirname(sys.executable)
 
 
-def run_cli(args, cwd, check=True, timeout=900):
-    """Run an installed command (mergekit-yaml, mergekit-lssf, ...) of this venv."""
+def run_cli(args, cwd, check=True, timeout=900, env=None):
+    """Run an installed command (mergekit-yaml, mergekit-lssf, ...) of this venv;
+    ``env``: variables to set on top of this process's environment."""
     exe = os.path.join(BIN, args[0])
     result = subprocess.run([exe if os.path.exists(exe) else args[0], *args[1:]], cwd=cwd,
-                            capture_output=True, text=True, timeout=timeout)
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
