@@ -32,12 +32,13 @@ was seen: the 200M benchmark's output is bit-identical with and without read-ahe
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -47,6 +48,13 @@ LOG = logging.getLogger("mergekit_lssf")
 
 ENV_VAR = "MERGEKIT_LSSF_READ_AHEAD"
 MAX_DEFAULT_WORKERS = 4
+
+#: Largest Gram matrix (the weight's smaller side) for which a merge reads ahead. One
+#: BLAS thread per worker pays off while the float64 Gram (32 MiB at 2048) stays in
+#: cache; beyond it one spectrum on all cores is faster. Two weights on a 2-core VM,
+#: in sequence / on two threads: 1024^2 0.34 / 0.23 s, 2048^2 1.78 / 1.50 s,
+#: 3072^2 5.87 / 6.62 s, 4096^2 12.05 / 13.76 s (benchmarks/RESULTS.md).
+MAX_GRAM = 2048
 
 
 def configured_workers() -> int:
@@ -117,9 +125,37 @@ def _running_executor():
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _header_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor's shape in a .safetensors file, from its header (no data read)."""
+    import safetensors
+
+    with safetensors.safe_open(path, framework="pt") as fp:
+        return {name: tuple(fp.get_slice(name).get_shape()) for name in fp.keys()}
+
+
+def _gram_size(load) -> Optional[int]:
+    """``min(shape)`` of the matrix a mergekit ``LoadTensor`` reads (0 for other ranks);
+    None if unknown (not safetensors, or a name mergekit converts on load)."""
+    from mergekit.io.tasks import LoaderCache
+
+    index = LoaderCache.loaders[load.model].index
+    for name in [load.tensor, *(load.aliases or ()), *(load.tied_names or ())]:
+        shard = index.tensor_paths.get(name)
+        if shard is not None:
+            if not shard.endswith(".safetensors"):
+                return None
+            shape = _header_shapes(os.path.join(index.base_path, shard)).get(name)
+            if shape is None:
+                return None
+            return min(shape) if len(shape) == 2 else 0
+    return None
+
+
 def _jobs_after(executor, position: int) -> List[_Job]:
     """The lssf tensors the executor will run after ``position`` that a worker can
-    load on its own: mergekit's plain loads from models already in its cache, data-free."""
+    load on its own (mergekit's plain loads from models already in its cache,
+    data-free); none when a weight's Gram matrix would exceed ``MAX_GRAM``."""
     from mergekit.io.tasks import GatherTensors, LoaderCache, LoadTensor
     from mergekit.merge_methods.base import TensorMetadata
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
@@ -128,6 +164,7 @@ def _jobs_after(executor, position: int) -> List[_Job]:
     from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK, DEFAULT_WEIGHT_MAX
     from mergekit_lssf.registration import METHOD_NAME
 
+    _header_shapes.cache_clear()  # files may have changed since the last merge
     jobs: List[_Job] = []
     for handle in executor.schedule.tasks[position + 1 :]:
         task = handle.task()
@@ -151,6 +188,9 @@ def _jobs_after(executor, position: int) -> List[_Job]:
             continue  # mergekit's thread reports the recipe error
         if not all(l.model in LoaderCache.loaders for l in (loads["aligned"][0], loads["unaligned"][0])):
             continue
+        size = _gram_size(loads["aligned"][0])
+        if size is None or size > MAX_GRAM:
+            return []  # big weights: one spectrum at a time on every core is faster
         jobs.append(
             _Job(
                 index=len(jobs),

@@ -186,10 +186,11 @@ def test_the_running_executor_is_found_from_inside_a_task():
     assert sorted(results.values()) == [0, 1, 2]
 
 
-@pytest.mark.parametrize("broken", [False, True])
-def test_run_merge_stops_the_workers_and_restores_blas_threads(toy_dir, tmp_path, monkeypatch, broken):
+@pytest.mark.parametrize("broken, max_gram", [(False, 2048), (True, 2048), (False, 63)])
+def test_run_merge_stops_the_workers_and_restores_blas_threads(toy_dir, tmp_path, monkeypatch, broken, max_gram):
     """In one process, as a library user runs merges: after run_merge returns or
-    raises, no session is left and SciPy's BLAS has its threads back."""
+    raises, no session is left and SciPy's BLAS has its threads back. A model with
+    a Gram matrix above MAX_GRAM (the toy's mlp weights are 160 x 64) is not read ahead."""
     import shutil
 
     import yaml
@@ -208,6 +209,7 @@ def test_run_merge_stops_the_workers_and_restores_blas_threads(toy_dir, tmp_path
         state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
         save_file(state, path)
     monkeypatch.setenv(ENV_VAR, "2")
+    monkeypatch.setattr(read_ahead, "MAX_GRAM", max_gram)
     with open(models / write_lssf_recipe(models, "r.yml", {"alpha": 1.0}, base=str(models / "finetuned"))) as fp:
         doc = yaml.safe_load(fp)
     for entry in doc["models"]:  # absolute: mergekit caches loaders by model path per process
@@ -221,6 +223,8 @@ def test_run_merge_stops_the_workers_and_restores_blas_threads(toy_dir, tmp_path
         run_merge(config, str(tmp_path / "out"), options=MergeOptions(quiet=True))
         from mergekit_lssf.stats import STATS
 
-        assert sum(r.read_ahead for r in STATS.records) == 13  # all fused tensors but the first
+        ahead = sum(r.read_ahead for r in STATS.records)
+        assert ahead == (13 if max_gram >= 64 else 0)  # all fused tensors but the first, or none
+        assert len(STATS.records) == 14
     assert read_ahead.SCOPE.session is None and read_ahead.SCOPE.workers == 0
     assert _limits() == before
