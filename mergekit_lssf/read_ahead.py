@@ -310,7 +310,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _compute(job: _Job) -> Optional[Precomputed]:
-    """Load the job's inputs as mergekit would and compute their data-free subspace."""
+    """Load the job's inputs as mergekit would and compute their ``safety_factors``."""
     from mergekit.common import dtype_from_name
 
     from mergekit_lssf.merge_method import count_non_finite
