@@ -178,10 +178,10 @@ def _jobs_after(executor, position: int) -> List[_Job]:
             continue
         if not might_be_fused(TensorMetadata.from_weight_info(task.output_weight)):
             continue
-        loads = {}
+        loads, arguments = {}, gather.arguments()
         for model, info in gather.weight_info.items():
             role = dict(task.input_parameters.get(model, {}).items()).get("role")
-            load = gather.arguments().get(f"{model}:{info.name}")
+            load = arguments.get(f"{model}:{info.name}")
             if role in ("aligned", "unaligned") and isinstance(load, LoadTensor):
                 loads.setdefault(role, []).append(load)
         if any(len(loads.get(r, [])) != 1 for r in ("aligned", "unaligned")):
@@ -191,6 +191,8 @@ def _jobs_after(executor, position: int) -> List[_Job]:
         size = _gram_size(loads["aligned"][0])
         if size is None or size > MAX_GRAM:
             return []  # big weights: one spectrum at a time on every core is faster
+        if size == 0:
+            continue  # not a matrix (a norm, a bias): nothing for a worker to load
         jobs.append(
             _Job(
                 index=len(jobs),
