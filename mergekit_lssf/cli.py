@@ -22,19 +22,15 @@ def main() -> None:
 
 
 def demo_recipe_text(name: str = "demo.yml") -> str:
-    """recipes/NAME: from the source tree, or the copy packaged in the wheel."""
-    source = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", name)
-    if os.path.exists(source):
-        with open(source, encoding="utf-8") as fp:
-            return fp.read()
-    return resources.files("mergekit_lssf").joinpath(name).read_text("utf-8")
+    """The packaged demo recipe ``mergekit_lssf/recipes/NAME`` (in every install kind)."""
+    return resources.files("mergekit_lssf").joinpath("recipes", name).read_text("utf-8")
 
 
 @main.command()
 @click.option("--workdir", default="lssf-demo", show_default=True, help="Where the toy models and the merged output go.")
 @click.option("--size", default="small", show_default=True, help="Toy model size: tiny, small, 10m, 50m, 200m.")
 @click.option("--cuda", is_flag=True, help="Pass --cuda to mergekit-yaml.")
-@click.option("--calibrated", is_flag=True, help="Calibrate the subspace on anchors first (recipes/demo-calibrated.yml).")
+@click.option("--calibrated", is_flag=True, help="Calibrate the subspace on anchors first (mergekit_lssf/recipes/demo-calibrated.yml).")
 def demo(workdir: str, size: str, cuda: bool, calibrated: bool) -> None:
     """Build three small Llama-shaped models and repair the fine-tune with LSSF.
 

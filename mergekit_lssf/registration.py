@@ -62,9 +62,9 @@ def on_merge_loaded(module: ModuleType) -> None:
 
 def install() -> None:
     """What ``import mergekit_lssf`` does: hook, register, wrap what is loaded."""
-    from mergekit_lssf import startup_hook
+    import mergekit_lssf_startup
 
-    startup_hook.install()
+    mergekit_lssf_startup.install()
     register()
     merge_module = sys.modules.get("mergekit.merge")
     if merge_module is not None and hasattr(merge_module, "run_merge"):

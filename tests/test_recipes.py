@@ -10,7 +10,11 @@ from mergekit.config import MergeConfiguration
 from mergekit_lssf import LSSFConfigError
 from mergekit_lssf.recipe import check_recipe
 
-ALL_RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "*.yml")))
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+# examples in recipes/, the demo recipes inside the package (the demo reads them from there)
+ALL_RECIPES = sorted(
+    glob.glob(os.path.join(ROOT, "recipes", "*.yml")) + glob.glob(os.path.join(ROOT, "mergekit_lssf", "recipes", "*.yml"))
+)
 # demo-calibrated.yml needs the subspace file the demo makes: test_end_to_end runs it
 RECIPES = [p for p in ALL_RECIPES if not p.endswith("demo-calibrated.yml")]
 

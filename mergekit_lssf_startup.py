@@ -1,8 +1,10 @@
 """Make ``merge_method: lssf`` known to every Python process that imports mergekit.
 
 mergekit 0.1.5 has no plugin discovery. The wheel installs this file as the top-level
-module ``mergekit_lssf_startup`` plus ``mergekit_lssf.pth``, whose one line calls
-``install()`` when the interpreter starts. ``install()`` only puts a finder on
+module ``mergekit_lssf_startup`` (this file is its only source: a regular install copies
+it, an editable one imports it from the source tree) plus ``mergekit_lssf.pth``, whose
+one line calls ``install()`` when the interpreter starts; ``import mergekit_lssf`` calls
+it too. ``install()`` only puts a finder on
 ``sys.meta_path``: it imports nothing (no torch, no mergekit), so start-up stays
 fast. When mergekit itself is imported later, the finder lets the real module load
 and then calls ``mergekit_lssf.registration``:
@@ -10,7 +12,7 @@ and then calls ``mergekit_lssf.registration``:
 * after ``mergekit.merge_methods``: register the ``lssf`` method;
 * after ``mergekit.merge``: wrap ``run_merge`` with the lssf recipe check and summary.
 
-Keep this file dependency-free: the installed copy is a snapshot of it.
+Keep this file dependency-free: it is imported at every interpreter start.
 """
 
 import sys

@@ -1,0 +1,106 @@
+"""The package as users get it: a wheel built from this tree, installed into a fresh
+virtualenv (no editable install, no source tree on the path), then used from there.
+
+An editable install once hid a wheel that could not even be imported (the start-up
+hook was missing from it); this test builds the real wheel every run. It takes about
+two minutes (torch comes from pip's cache or local disk, the rest from the registry).
+"""
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import load_state, write_lssf_recipe
+from reference import reference_lssf
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
+TORCH_VERSION = torch.__version__.split("+")[0]
+
+
+def _run(args, cwd, timeout=900):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory):
+    """(wheel path, bin folder of a fresh virtualenv with that wheel installed)."""
+    root = tmp_path_factory.mktemp("wheel")
+    dist = root / "dist"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", ROOT, "-w", str(dist)], cwd=root)
+    (wheel,) = dist.glob("mergekit_lssf-*.whl")
+    base_python = getattr(sys, "_base_executable", sys.executable)
+    _run([base_python, "-m", "venv", str(root / "venv")], cwd=root)
+    bin_dir = root / "venv" / "bin"
+    pip = [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    _run(pip + [f"torch=={TORCH_VERSION}"], cwd=root)  # first: never the CUDA build
+    _run(pip + [str(wheel)], cwd=root)
+    return wheel, bin_dir
+
+
+@pytest.mark.slow
+def test_wheel_contents(wheel_venv):
+    wheel, _ = wheel_venv
+    names = set(zipfile.ZipFile(wheel).namelist())
+    required = {
+        "mergekit_lssf.pth", "mergekit_lssf_startup.py", "mergekit_lssf/__init__.py",
+        "mergekit_lssf/registration.py", "mergekit_lssf/recipes/demo.yml",
+        "mergekit_lssf/recipes/demo-calibrated.yml", "mergekit_lssf/data/harmbench/prompts.jsonl",
+        "mergekit_lssf/data/harmbench/LICENSE", "mergekit_lssf/data/benign/prompts.jsonl",
+        "mergekit_lssf/data/benign/text.txt",
+    }
+    assert required <= names, sorted(required - names)
+    assert any(n.endswith("dist-info/licenses/LICENSE") for n in names)
+    # one source of truth for the hook: the package holds no second copy
+    assert not any(n.startswith("mergekit_lssf/") and "startup" in n for n in names)
+    # every file the package reads through importlib.resources is in the wheel
+    import re
+
+    for module in ("cli.py", "calibrate.py", "evaluate.py"):
+        with open(os.path.join(ROOT, "mergekit_lssf", module), encoding="utf-8") as fp:
+            source = fp.read()
+        assert "os.pardir" not in source, f"{module} reads a path relative to the source tree"
+        for path in re.findall(r'"((?:data|recipes)/[\w./-]+)"', source):
+            assert f"mergekit_lssf/{path}" in names, (module, path)
+
+
+@pytest.mark.slow
+def test_wheel_registers_lssf_in_a_fresh_process(wheel_venv, tmp_path):
+    _, bin_dir = wheel_venv
+    python = str(bin_dir / "python")
+    out = _run([python, "-c", "import mergekit.merge_methods as m; print(m.get('lssf').spec.name)"], cwd=tmp_path)
+    assert out.stdout.strip() == "lssf" and "could not hook" not in out.stderr
+    out = _run([python, "-c", "import mergekit_lssf, mergekit_lssf_startup; print(mergekit_lssf.__file__, mergekit_lssf_startup.__file__)"], cwd=tmp_path)
+    assert all(os.path.join("venv", "lib") in path for path in out.stdout.split()), out.stdout
+    assert "Usage: mergekit-lssf" in _run([str(bin_dir / "mergekit-lssf"), "--help"], cwd=tmp_path).stdout
+
+
+@pytest.mark.slow
+def test_wheel_mergekit_yaml_matches_reference(wheel_venv, toy_dir, tmp_path):
+    _, bin_dir = wheel_venv
+    recipe = write_lssf_recipe(toy_dir, "wheel.yml", {"alpha": 0.7, "eta": 0.85})
+    out = tmp_path / "merged"
+    result = _run([str(bin_dir / "mergekit-yaml"), recipe, str(out)], cwd=toy_dir)
+    assert "lssf: fused 14 tensors" in result.stderr
+    merged, ft = load_state(out), load_state(toy_dir / "finetuned")
+    al, un = load_state(toy_dir / "aligned"), load_state(toy_dir / "unaligned")
+    for name, tensor in merged.items():
+        if tensor.ndim == 2 and "embed" not in name and "lm_head" not in name:
+            ref, _ = reference_lssf(ft[name].numpy(), al[name].numpy(), un[name].numpy(), alpha=0.7, eta=0.85, max_rank=256)
+            assert np.linalg.norm(tensor.double().numpy() - ref) / np.linalg.norm(ref) < 1e-5, name
+        else:
+            assert torch.equal(tensor, ft[name]), name
+
+
+@pytest.mark.slow
+def test_wheel_demo_reads_its_packaged_recipe(wheel_venv, tmp_path):
+    _, bin_dir = wheel_venv
+    out = _run([str(bin_dir / "mergekit-lssf"), "demo", "--size", "tiny", "--workdir", str(tmp_path / "demo")], cwd=tmp_path)
+    assert "Planted safety delta present" in out.stdout and "differ from the fine-tune: 0" in out.stdout, out.stdout[-2000:]
