@@ -161,21 +161,31 @@ def report(recipe: str, out_dir: str, cuda: bool) -> None:
 
 @main.command("extract-patch")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("legacy_out", required=False, metavar="[OUT_DIR]", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the adapter (adapter_config.json, adapter_model.safetensors, README.md).")
 @click.option("--cuda", is_flag=True, help="Compute the spectra on the GPU.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-def extract_patch_command(recipe: str, out_dir: str, cuda: bool, dtype: str) -> None:
-    """Write RECIPE's safety term alpha * P' delta as a PEFT LoRA adapter in OUT_DIR.
+def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, cuda: bool, dtype: str) -> None:
+    """Write RECIPE's safety term as a PEFT LoRA adapter in --out.
 
-    The adapter depends only on the aligned and unaligned models: apply it to any
-    fine-tune of the aligned model with PeftModel.from_pretrained (unmerged, or
-    merge_and_unload() for the same weights as mergekit-yaml with RECIPE).
+    With `fusion: add` (the default) the adapter depends only on the aligned and
+    unaligned models: apply it to any fine-tune of the aligned model with
+    PeftModel.from_pretrained (unmerged, or merge_and_unload() for the same weights as
+    mergekit-yaml with RECIPE). With `fusion: restore` it is for RECIPE's base_model
+    only. The positional OUT_DIR still works but is deprecated: use --out.
     """
     import torch
 
     from mergekit_lssf.patch import extract_patch
     from mergekit_lssf.traversal import load_recipe
 
+    if legacy_out and out_dir:
+        raise click.UsageError("give the output folder once: --out DIR (the positional OUT_DIR is deprecated)")
+    if legacy_out:
+        click.echo("mergekit-lssf: the positional OUT_DIR of extract-patch is deprecated; use --out DIR", err=True)
+        out_dir = legacy_out
+    if not out_dir:
+        raise click.UsageError("missing option '--out': the folder for the adapter")
     ranks = extract_patch(load_recipe(recipe), out_dir, cuda=cuda, dtype=getattr(torch, dtype))
     click.echo(
         f"Safety patch: {len(ranks)} modules, rank {min(ranks.values())}-{max(ranks.values())}, "

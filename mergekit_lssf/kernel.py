@@ -6,7 +6,12 @@ Conventions (equation numbers follow the paper, see README):
 * ``delta = W_aligned - W_unaligned`` (Eq. 1), same shape.
 * Singular values are returned as float64, descending, in the weight's units.
 * The fused weight is ``W_ft + alpha * P' delta`` with ``P' = U' U'^T`` and
-  ``U' = U_r diag(a_i)`` (Eq. 8-13).
+  ``U' = U_r diag(a_i)`` (Eq. 8-13): ``fusion="add"``, the paper's. Beyond the paper,
+  ``fusion="restore"`` gives ``W_ft + alpha * P' (W_aligned - W_ft)`` with the
+  output-side ``U'``: the fine-tune pulled back to the aligned weights inside the
+  safety subspace only.
+* The rank ``r``: the paper's entropy rule (Eq. 5-7, ``rank_rule="entropy"``) or,
+  beyond the paper, the Gavish-Donoho hard threshold (``rank_rule="noise_floor"``).
 
 Everything here runs on the device of the input tensors (CPU or CUDA) and never in
 less than float32, whatever the dtype of the stored weights. On the CPU the spectrum
@@ -23,6 +28,10 @@ from typing import Callable, Literal, Optional, Tuple
 import torch
 
 Side = Literal["output", "input"]
+RankRule = Literal["entropy", "noise_floor"]
+Fusion = Literal["add", "restore"]
+RANK_RULES = ("entropy", "noise_floor")
+FUSIONS = ("add", "restore")
 
 #: Singular values closer than this, relative to sigma_1, count as tied (Eq. 10).
 TIE_RTOL = 1e-6
@@ -50,15 +59,23 @@ class SafetySubspace:
     sigma: torch.Tensor
     basis: torch.Tensor
     side: Side = "output"
+    #: ``(rows, cols)`` of the matrix whose singular values ``sigma`` are (``delta``,
+    #: or ``Z = W X_hat`` of a calibration), for the noise-floor rule's aspect ratio;
+    #: None: square, ``len(sigma)`` on each side.
+    shape: Optional[Tuple[int, int]] = None
 
 
 @dataclass(frozen=True)
 class RankChoice:
     """The rank used for one weight and how much of the spectrum it keeps.
 
-    rank: ``r`` (0 only when the spectrum is all zero).
+    rank: ``r`` (0 when the spectrum is all zero, or under the noise-floor rule when
+        no singular value rises above the threshold).
     entropy_rank: the entropy rule's rank before ``max_rank`` (None with a fixed rank).
     capped: True when ``max_rank`` (or the basis size) lowered the rank.
+    rule: ``"entropy"``, ``"noise_floor"`` or ``"fixed"`` (a ``rank`` was given).
+    noise_floor_rank: the noise-floor rule's rank before ``max_rank``, computed
+        whatever the rule (for reports); ``tau`` its threshold in sigma's units.
     entropy_share: ``H_r / H_n`` (1.0 when ``H_n == 0`` and ``r >= 1``).
     energy_share: ``sum_{i<=r} sigma_i^2 / sum_i sigma_i^2``.
     entropy_total: ``H_n`` in nats.
@@ -70,6 +87,9 @@ class RankChoice:
     entropy_share: float
     energy_share: float
     entropy_total: float
+    rule: str = "entropy"
+    noise_floor_rank: Optional[int] = None
+    tau: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +135,7 @@ def data_free_subspace(
         del d
         sigma = _singular_values(eig.values, compute_dtype)
         basis = eig.vectors(size if vectors is None else vectors(sigma))
-        return SafetySubspace(sigma=sigma, basis=basis, side=side)
+        return SafetySubspace(sigma=sigma, basis=basis, side=side, shape=(rows, cols))
     gram = d @ d.T if side == "output" else d.T @ d
     del d
     evals, evecs = torch.linalg.eigh(gram)
@@ -124,7 +144,7 @@ def data_free_subspace(
     basis = evecs.flip(1)
     if vectors is not None:
         basis = basis[:, : vectors(sigma)]
-    return SafetySubspace(sigma=sigma, basis=basis, side=side)
+    return SafetySubspace(sigma=sigma, basis=basis, side=side, shape=(rows, cols))
 
 
 def _singular_values(evals: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
@@ -150,62 +170,103 @@ def spectral_entropy(sigma: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.cumsum(terms, 0), p
 
 
+def gavish_donoho_omega(beta: float) -> float:
+    """``omega(beta) = 0.56 beta^3 - 0.95 beta^2 + 1.82 beta + 1.43`` (Gavish and
+    Donoho 2014, the optimal hard threshold for a matrix of unknown noise level,
+    as a multiple of the median singular value); ``0 < beta <= 1`` is the aspect ratio."""
+    return 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+
+
+def noise_floor(sigma: torch.Tensor, shape: Optional[Tuple[int, int]] = None) -> Tuple[int, float]:
+    """The noise-floor rank and threshold ``(count of sigma_i > tau, tau)``.
+
+    ``sigma``: descending singular values of a ``rows x cols`` matrix (``shape``; None:
+    square). ``n = min(rows, cols)``; values missing from ``sigma`` (a calibration file
+    keeps only the nonzero ones) count as zeros. ``beta = n / max(rows, cols)`` and
+    ``tau = omega(beta) * median(sigma_1..sigma_n)`` (the mean of the two middle values
+    when ``n`` is even, as numpy's median).
+    """
+    s = sigma.to(torch.float64).flatten()
+    rows, cols = shape if shape is not None else (s.numel(), s.numel())
+    n = min(rows, cols)
+    if n == 0 or s.numel() == 0:
+        return 0, 0.0
+    if s.numel() < n:
+        s = torch.cat([s, s.new_zeros(n - s.numel())])
+    s = s[:n]
+    ordered = torch.sort(s).values
+    mid = n // 2
+    median = ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    tau = gavish_donoho_omega(n / max(rows, cols)) * float(median)
+    return int((s > tau).sum()), tau
+
+
 def select_rank(
     sigma: torch.Tensor,
     *,
     eta: float,
     max_rank: Optional[int] = None,
     rank: Optional[int] = None,
+    rule: RankRule = "entropy",
+    shape: Optional[Tuple[int, int]] = None,
 ) -> RankChoice:
-    """The safety-critical rank ``r`` (Eq. 7).
+    """The safety-critical rank ``r``.
 
-    Entropy rule: the smallest ``rho`` with ``H_rho / H_n >= eta``, capped by
-    ``max_rank``, at least 1 when any singular value is nonzero. A fixed ``rank``
-    replaces the rule (and ``max_rank``), limited to the number of nonzero values.
+    ``rule="entropy"`` (the paper's Eq. 7): the smallest ``rho`` with
+    ``H_rho / H_n >= eta``, capped by ``max_rank``, at least 1 when any singular value
+    is nonzero. ``rule="noise_floor"`` (beyond the paper): the number of singular
+    values above the Gavish-Donoho threshold (``noise_floor``; ``shape`` is the
+    matrix's), capped by ``max_rank``; 0 is allowed, and ``eta`` is not used. A fixed
+    ``rank`` replaces either rule (and ``max_rank``), limited to the number of nonzero
+    values. Both rules' ranks are reported in the result whatever the rule.
     """
     if not 0 < eta <= 1:
         raise ValueError(f"eta must satisfy 0 < eta <= 1, got {eta}")
+    if rule not in RANK_RULES:
+        raise ValueError(f"rank_rule must be one of {', '.join(RANK_RULES)}, got {rule!r}")
     cum, p = spectral_entropy(sigma)
     nonzero = int((p > 0).sum())
     entropy_total = float(cum[-1]) if cum.numel() else 0.0
+    used = "fixed" if rank is not None else rule
     if nonzero == 0:
-        return RankChoice(0, None if rank else 0, False, 0.0, 0.0, 0.0)
+        return RankChoice(0, None if rank else 0, False, 0.0, 0.0, 0.0, used, 0, 0.0)
+    floor_rank, tau = noise_floor(sigma, shape)
+    if entropy_total <= 0:
+        entropy_rank = 1
+    else:
+        reached = torch.nonzero(cum >= eta * entropy_total)
+        entropy_rank = max(int(reached[0]) + 1, 1)
 
     if rank is not None:
-        entropy_rank = None
-        r = min(int(rank), nonzero)
-        capped = False
+        r, capped, entropy_rank = min(int(rank), nonzero), False, None
     else:
-        if entropy_total <= 0:
-            entropy_rank = 1
-        else:
-            reached = torch.nonzero(cum >= eta * entropy_total)
-            entropy_rank = int(reached[0]) + 1
-        entropy_rank = max(entropy_rank, 1)
-        r = entropy_rank
+        r = entropy_rank if rule == "entropy" else floor_rank
         capped = max_rank is not None and r > max_rank
         if capped:
             r = int(max_rank)
-
-    return _choice(r, entropy_rank, capped, cum, p)
+    return _choice(r, entropy_rank, capped, cum, p, used, floor_rank, tau)
 
 
 def rank_rule(
-    *, eta: float, max_rank: Optional[int] = None, rank: Optional[int] = None
+    *, eta: float, max_rank: Optional[int] = None, rank: Optional[int] = None,
+    rule: RankRule = "entropy", shape: Optional[Tuple[int, int]] = None,
 ) -> Callable[[torch.Tensor], int]:
     """``sigma -> r`` by ``select_rank``: how many basis vectors a weight needs."""
 
     def rank_of(sigma: torch.Tensor) -> int:
-        return select_rank(sigma, eta=eta, max_rank=max_rank, rank=rank).rank
+        return select_rank(sigma, eta=eta, max_rank=max_rank, rank=rank, rule=rule, shape=shape).rank
 
     return rank_of
 
 
-def _choice(r, entropy_rank, capped, cum, p) -> RankChoice:
+def _choice(r, entropy_rank, capped, cum, p, rule="entropy", floor_rank=None, tau=None) -> RankChoice:
     """A RankChoice for rank ``r`` from the cumulative entropy and probabilities."""
     total = float(cum[-1])
-    share = float(cum[r - 1] / total) if total > 0 else 1.0
-    return RankChoice(r, entropy_rank, capped, share, float(p[:r].sum()), total)
+    if r == 0:
+        share = 0.0
+    else:
+        share = float(cum[r - 1] / total) if total > 0 else 1.0
+    return RankChoice(r, entropy_rank, capped, share, float(p[:r].sum()), total, rule, floor_rank, tau)
 
 
 def projection_weights(sigma_r: torch.Tensor, weight_max: float) -> torch.Tensor:
@@ -228,18 +289,46 @@ def projection_weights(sigma_r: torch.Tensor, weight_max: float) -> torch.Tensor
 
 @dataclass(frozen=True)
 class SafetyFactors:
-    """The weighted projection ``P' delta`` of one weight as an exact product.
+    """The fused term of one weight as an exact product ``left @ right``.
 
-    left: ``(d_out, r)``; right: ``(r, d_in)``; ``P' delta = left @ right``. For an
-    output-side basis ``left = U_r diag(a)`` and ``right = diag(a) U_r^T delta``; for an
-    input-side basis ``left = delta V_r diag(a)`` and ``right = diag(a) V_r^T``.
-    Both are None when the rank is 0. sigma: the full spectrum (float64).
+    ``fusion="add"``: ``left @ right = P' delta`` (Eq. 13). For an output-side basis
+    ``left = U_r diag(a)`` and ``right = diag(a) U_r^T delta``; for an input-side basis
+    ``left = delta V_r diag(a)`` and ``right = diag(a) V_r^T``.
+    ``fusion="restore"``: ``left = U' = U_r diag(a)`` (``(d_out, r)``, output side
+    always) and ``right`` is None until ``with_finetune`` supplies ``W_ft``; then
+    ``right = U'^T (W_aligned - W_ft)``.
+    left: ``(d_out, r)``; right: ``(r, d_in)``. Both are None when the rank is 0.
+    sigma: the full spectrum (float64). aligned: ``W_aligned`` in the work dtype, kept
+    only for ``restore``.
     """
 
     left: Optional[torch.Tensor]
     right: Optional[torch.Tensor]
     info: FusionInfo
     sigma: torch.Tensor
+    fusion: str = "add"
+    aligned: Optional[torch.Tensor] = None
+
+    def with_finetune(self, w_ft: torch.Tensor) -> "SafetyFactors":
+        """The factors for this fine-tune: ``restore`` gets its ``right``; ``add`` and
+        rank 0 are returned as they are (they do not depend on ``W_ft``)."""
+        if self.fusion != "restore" or self.left is None:
+            return self
+        work = self.left.dtype
+        right = self.left.T @ (self.aligned - w_ft.to(work))
+        return SafetyFactors(self.left, right, self.info, self.sigma, self.fusion, None)
+
+
+def output_basis(subspace: SafetySubspace, r: int, delta: torch.Tensor) -> torch.Tensor:
+    """``U_r`` ``(d_out, r)``, the output-side basis of the first ``r`` directions.
+
+    An input-side subspace holds ``V_r``; then ``U_r = delta V_r / sigma_r`` (all
+    ``sigma_i > 0`` for ``i <= r``, since the rank never exceeds the nonzero count).
+    """
+    basis = subspace.basis[:, :r].to(delta.dtype)
+    if subspace.side == "output":
+        return basis
+    return (delta @ basis) / subspace.sigma[:r].to(delta.dtype)
 
 
 def safety_factors(
@@ -250,40 +339,56 @@ def safety_factors(
     max_rank: Optional[int] = None,
     weight_max: float = 1.0,
     rank: Optional[int] = None,
+    rank_rule: RankRule = "entropy",
+    fusion: Fusion = "add",
     subspace: Optional[SafetySubspace] = None,
     work_dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype = torch.float64,
 ) -> SafetyFactors:
-    """Spectrum, entropy rank and factors of ``P' (W_aligned - W_unaligned)``.
+    """Spectrum, rank and factors of the fused term of one weight.
 
     Weights are ``(d_out, d_in)``; factors come in ``work_dtype`` (at least float32)
     on the weights' device. ``subspace`` is a calibrated basis for this weight;
-    without it the data-free subspace (SVD of delta) is used.
+    without it the data-free subspace (SVD of delta) is used. With
+    ``fusion="restore"`` the result still needs ``with_finetune(W_ft)``.
     """
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     work = torch.promote_types(work_dtype, torch.float32)
     delta = w_aligned.to(work) - w_unaligned.to(work)
     started = time.perf_counter()
+    settings = dict(eta=eta, max_rank=max_rank, rank=rank, rule=rank_rule)
     if subspace is None:
         subspace = data_free_subspace(
-            delta, compute_dtype=compute_dtype, vectors=rank_rule(eta=eta, max_rank=max_rank, rank=rank)
+            delta, compute_dtype=compute_dtype, vectors=_rank_of(settings, tuple(delta.shape))
         )
-    choice = select_rank(subspace.sigma, eta=eta, max_rank=max_rank, rank=rank)
+    shape = subspace.shape or (subspace.basis.shape[0], subspace.sigma.numel())
+    choice = select_rank(subspace.sigma, shape=shape, **settings)
     available = subspace.basis.shape[1]
     if choice.rank > available:  # a calibrated basis may hold fewer vectors
-        choice = _choice(available, choice.entropy_rank, True, *spectral_entropy(subspace.sigma))
+        choice = _choice(available, choice.entropy_rank, True, *spectral_entropy(subspace.sigma),
+                         choice.rule, choice.noise_floor_rank, choice.tau)
     sigma_1 = float(subspace.sigma[0]) if subspace.sigma.numel() else 0.0
-    left = right = None
+    left = right = aligned = None
     if choice.rank > 0:
         weights = projection_weights(subspace.sigma[: choice.rank], weight_max).to(work)
-        basis = subspace.basis[:, : choice.rank].to(work) * weights
-        if subspace.side == "output":
-            left, right = basis, basis.T @ delta
+        if fusion == "restore":
+            left = output_basis(subspace, choice.rank, delta) * weights
+            aligned = w_aligned.to(work)
         else:
-            left, right = delta @ basis, basis.T
+            basis = subspace.basis[:, : choice.rank].to(work) * weights
+            if subspace.side == "output":
+                left, right = basis, basis.T @ delta
+            else:
+                left, right = delta @ basis, basis.T
         if delta.device.type == "cuda":
             torch.cuda.synchronize(delta.device)
     info = FusionInfo(choice, sigma_1, time.perf_counter() - started)
-    return SafetyFactors(left, right, info, subspace.sigma)
+    return SafetyFactors(left, right, info, subspace.sigma, fusion, aligned)
+
+
+def _rank_of(settings, shape) -> Callable[[torch.Tensor], int]:
+    return rank_rule(shape=shape, **settings)
 
 
 def balanced_factors(
@@ -313,29 +418,36 @@ def lssf_fuse(
     max_rank: Optional[int] = None,
     weight_max: float = 1.0,
     rank: Optional[int] = None,
+    rank_rule: RankRule = "entropy",
+    fusion: Fusion = "add",
     subspace: Optional[SafetySubspace] = None,
     compute_dtype: torch.dtype = torch.float64,
 ) -> Tuple[torch.Tensor, FusionInfo]:
-    """Fuse one 2-D weight: ``W_ft + alpha * P' (W_aligned - W_unaligned)`` (Eq. 13).
+    """Fuse one 2-D weight: ``W_ft + alpha * P' (W_aligned - W_unaligned)`` (Eq. 13,
+    ``fusion="add"``) or ``W_ft + alpha * P' (W_aligned - W_ft)`` (``"restore"``).
 
     All three weights are ``(d_out, d_in)`` on one device. The result has ``w_ft``'s
-    dtype; a zero ``delta`` returns ``w_ft`` itself. See ``safety_factors``.
+    dtype; rank 0 (a zero ``delta``, or nothing above the noise floor) returns ``w_ft``
+    itself. See ``safety_factors``.
     """
     factors = safety_factors(
         w_aligned, w_unaligned, eta=eta, max_rank=max_rank, weight_max=weight_max,
-        rank=rank, subspace=subspace, work_dtype=w_ft.dtype, compute_dtype=compute_dtype,
+        rank=rank, rank_rule=rank_rule, fusion=fusion, subspace=subspace,
+        work_dtype=w_ft.dtype, compute_dtype=compute_dtype,
     )
     return apply_factors(w_ft, factors, alpha), factors.info
 
 
 def apply_factors(w_ft: torch.Tensor, factors: SafetyFactors, alpha: float) -> torch.Tensor:
-    """``W_ft + alpha * left @ right`` in ``w_ft``'s dtype (Eq. 13); ``w_ft`` at rank 0.
+    """``W_ft + alpha * left @ right`` in ``w_ft``'s dtype; ``w_ft`` itself at rank 0.
 
     ``w_ft``: ``(d_out, d_in)``; the sum is formed in ``promote(w_ft.dtype, float32)``,
     the dtype of factors made by ``safety_factors(..., work_dtype=w_ft.dtype)``.
+    ``restore`` factors get their ``right`` from this ``w_ft`` (``with_finetune``).
     """
     if factors.left is None:
         return w_ft
+    factors = factors.with_finetune(w_ft)
     work = torch.promote_types(w_ft.dtype, torch.float32)
     fused = torch.addmm(w_ft.to(work), factors.left.to(work), factors.right.to(work), alpha=alpha)
     return fused.to(w_ft.dtype)

@@ -26,11 +26,15 @@ from mergekit_lssf.kernel import apply_factors, safety_factors
 from mergekit_lssf.parameters import (
     DEFAULT_ALPHA,
     DEFAULT_ETA,
+    DEFAULT_FUSION,
     DEFAULT_MAX_RANK,
+    DEFAULT_RANK_RULE,
     DEFAULT_WEIGHT_MAX,
     Alpha,
     Eta,
+    FusionName,
     LSSFConfigError,
+    RankRuleName,
     MaxRank,
     Rank,
     Role,
@@ -124,6 +128,8 @@ def lssf_kernel(
     max_rank: MaxRank = DEFAULT_MAX_RANK,
     weight_max: WeightMax = DEFAULT_WEIGHT_MAX,
     rank: Rank = None,
+    rank_rule: RankRuleName = DEFAULT_RANK_RULE,
+    fusion: FusionName = DEFAULT_FUSION,
     subspace: Subspace = None,
 ) -> torch.Tensor:
     name = group.metadata.name or "<unnamed tensor>"
@@ -131,23 +137,19 @@ def lssf_kernel(
     if not is_fused(group):
         STATS.add_passthrough()
         return finetuned.tensor
+    settings = dict(eta=eta, max_rank=max_rank, rank=rank, weight_max=weight_max,
+                    rank_rule=rank_rule, fusion=fusion)
     ahead = None
     if subspace is None:  # data-free: a read-ahead worker may have done this already
-        ahead = precomputed(
-            name, aligned.tensor, unaligned.tensor,
-            eta=eta, max_rank=max_rank, rank=rank, weight_max=weight_max,
-        )
+        ahead = precomputed(name, aligned.tensor, unaligned.tensor, settings)
     try:
         if ahead is None:
             factors = safety_factors(
                 aligned.tensor,
                 unaligned.tensor,
-                eta=eta,
-                max_rank=max_rank,
-                weight_max=weight_max,
-                rank=rank,
                 subspace=load_subspace(subspace, name, finetuned.tensor),
                 work_dtype=finetuned.tensor.dtype,
+                **settings,
             )
         else:
             factors = ahead.factors
@@ -169,15 +171,30 @@ def lssf_kernel(
         )
     )
     LOG.info(
-        "lssf %s %s: rank %d%s, entropy share %.3f, energy share %.3f",
+        "lssf %s %s: rank %d by %s%s, entropy share %.3f, energy share %.3f; fusion %s",
         name,
         tuple(finetuned.tensor.shape),
         choice.rank,
-        f" (capped from {choice.entropy_rank})" if choice.capped else "",
+        _rule_words(choice, eta),
+        f" (capped by max_rank from {_uncapped(choice)})" if choice.capped else "",
         choice.entropy_share,
         choice.energy_share,
+        fusion,
     )
     return fused
+
+
+def _rule_words(choice, eta: float) -> str:
+    """How the rank was chosen, for the per-tensor log."""
+    if choice.rule == "fixed":
+        return "the fixed `rank`"
+    if choice.rule == "noise_floor":
+        return f"the noise floor (tau {choice.tau:.3g}; eta {eta:g} not used by this rule)"
+    return f"the entropy rule (eta {eta:g})"
+
+
+def _uncapped(choice) -> int:
+    return choice.noise_floor_rank if choice.rule == "noise_floor" else choice.entropy_rank
 
 
 def load_subspace(path: Optional[str], name: str, weight: torch.Tensor):

@@ -18,9 +18,22 @@ DEFAULT_ALPHA = 1.0
 DEFAULT_ETA = 0.9
 DEFAULT_MAX_RANK: Optional[int] = 256
 DEFAULT_WEIGHT_MAX = 1.0
+DEFAULT_RANK_RULE = "entropy"  # the paper's Eq. 7
+DEFAULT_FUSION = "add"  # the paper's Eq. 13
+RANK_RULES = ("entropy", "noise_floor")
+FUSIONS = ("add", "restore")
+
+#: Every recipe-level parameter with its default, for summaries and model cards.
+DEFAULTS = {
+    "alpha": DEFAULT_ALPHA, "eta": DEFAULT_ETA, "max_rank": DEFAULT_MAX_RANK,
+    "weight_max": DEFAULT_WEIGHT_MAX, "rank": None, "rank_rule": DEFAULT_RANK_RULE,
+    "fusion": DEFAULT_FUSION, "subspace": None,
+}
+#: The parameters a weight's factors depend on (all but alpha and subspace).
+FACTOR_PARAMETERS = ("eta", "max_rank", "rank", "weight_max", "rank_rule", "fusion")
 
 #: Recipe-level parameters (``parameters:``), in the kernel's order.
-SHARED_PARAMETERS = ("alpha", "eta", "max_rank", "weight_max", "rank", "subspace")
+SHARED_PARAMETERS = ("alpha", "eta", "max_rank", "weight_max", "rank", "rank_rule", "fusion", "subspace")
 #: Per-model parameters (``models: - parameters:``).
 PER_MODEL_PARAMETERS = ("role",)
 ROLES = ("aligned", "unaligned")
@@ -88,6 +101,17 @@ def _subspace(value: Any) -> Optional[str]:
     return value
 
 
+def _choice(name: str, allowed) -> Any:
+    def validate(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(
+                f"lssf parameter `{name}` must be one of {', '.join(allowed)}, got {value!r}"
+            )
+        return value
+
+    return validate
+
+
 def _role(value: Any) -> str:
     if value not in ROLES:
         raise ValueError(
@@ -102,4 +126,6 @@ WeightMax = Annotated[float, BeforeValidator(_weight_max)]
 MaxRank = Annotated[Optional[int], BeforeValidator(_rank_validator("max_rank"))]
 Rank = Annotated[Optional[int], BeforeValidator(_rank_validator("rank"))]
 Subspace = Annotated[Optional[str], BeforeValidator(_subspace)]
+RankRuleName = Annotated[str, BeforeValidator(_choice("rank_rule", RANK_RULES))]
+FusionName = Annotated[str, BeforeValidator(_choice("fusion", FUSIONS))]
 Role = Annotated[Literal["aligned", "unaligned"], BeforeValidator(_role)]

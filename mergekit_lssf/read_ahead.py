@@ -11,7 +11,8 @@ upcoming lssf tensor with mergekit's own ``LoadTensor`` task and computes its
 ``safety_factors`` (spectrum, entropy rank, weighted projection of delta) through
 ``lapack``, which releases the GIL. When mergekit reaches that tensor, the kernel
 takes the result only if the worker's inputs are bit for bit the tensors mergekit
-passed (same dtype, same values) and eta, max_rank, rank and weight_max are the same;
+passed (same dtype, same values) and the factor parameters (eta, max_rank, rank,
+weight_max, rank_rule, fusion) are the same;
 otherwise it computes them itself. Only the final ``W_ft + alpha * left @ right`` is
 left to mergekit's thread.
 So read-ahead changes when the work is done, not what is computed.
@@ -98,10 +99,7 @@ class _Job:
     aligned: Any  # mergekit LoadTensor tasks
     unaligned: Any
     dtype: Optional[str]
-    eta: float
-    max_rank: Optional[int]
-    rank: Optional[int]
-    weight_max: float
+    settings: Dict[str, Any]  # FACTOR_PARAMETERS -> value, as the kernel will get them
     state: str = "pending"
     result: Optional[Precomputed] = None
     done: threading.Event = None  # type: ignore[assignment]
@@ -161,7 +159,7 @@ def _jobs_after(executor, position: int) -> List[_Job]:
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
     from mergekit_lssf.merge_method import might_be_fused
-    from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK, DEFAULT_WEIGHT_MAX
+    from mergekit_lssf.parameters import DEFAULTS, FACTOR_PARAMETERS
     from mergekit_lssf.registration import METHOD_NAME
 
     _header_shapes.cache_clear()  # files may have changed since the last merge
@@ -200,10 +198,7 @@ def _jobs_after(executor, position: int) -> List[_Job]:
                 aligned=loads["aligned"][0],
                 unaligned=loads["unaligned"][0],
                 dtype=task.dtype,
-                eta=params.get("eta", DEFAULT_ETA),
-                max_rank=params.get("max_rank", DEFAULT_MAX_RANK),
-                rank=params.get("rank"),
-                weight_max=params.get("weight_max", DEFAULT_WEIGHT_MAX),
+                settings={k: params.get(k, DEFAULTS[k]) for k in FACTOR_PARAMETERS},
             )
         )
     return jobs
@@ -265,7 +260,7 @@ class ReadAhead:
             job.done.set()
 
     # mergekit's side
-    def take(self, name, aligned, unaligned, *, eta, max_rank, rank, weight_max) -> Optional[Precomputed]:
+    def take(self, name, aligned, unaligned, settings: Dict[str, Any]) -> Optional[Precomputed]:
         """The worker's result for tensor ``name`` if it used exactly these inputs and
         parameters; None when mergekit's thread has to compute the spectrum itself."""
         job = self.by_name.get(name)
@@ -284,9 +279,7 @@ class ReadAhead:
         job.done.wait()
         with self.cond:
             result, job.result, job.state = job.result, None, "dropped"
-        if result is None or (job.eta, job.max_rank, job.rank, job.weight_max) != (
-            eta, max_rank, rank, weight_max
-        ):
+        if result is None or job.settings != settings:
             return None
         if not (_same(result.aligned, aligned) and _same(result.unaligned, unaligned)):
             return None
@@ -324,10 +317,7 @@ def _compute(job: _Job) -> Optional[Precomputed]:
     a, u = a.to(dtype), u.to(dtype)
     if count_non_finite(a) or count_non_finite(u):
         return None
-    factors = safety_factors(
-        a, u, eta=job.eta, max_rank=job.max_rank, rank=job.rank,
-        weight_max=job.weight_max, work_dtype=dtype,
-    )
+    factors = safety_factors(a, u, work_dtype=dtype, **job.settings)
     return Precomputed(a, u, factors)
 
 
@@ -380,14 +370,12 @@ class _Scope:
 SCOPE = _Scope()
 
 
-def precomputed(name: str, aligned: torch.Tensor, unaligned: torch.Tensor, *, eta: float,
-                max_rank: Optional[int], rank: Optional[int], weight_max: float) -> Optional[Precomputed]:
+def precomputed(name: str, aligned: torch.Tensor, unaligned: torch.Tensor,
+                settings: Dict[str, Any]) -> Optional[Precomputed]:
     """A worker's verified result for this tensor, or None (compute it here)."""
     if aligned.device.type != "cpu":
         return None
     session = SCOPE.current()
     if session is None:
         return None
-    return session.take(
-        name, aligned, unaligned, eta=eta, max_rank=max_rank, rank=rank, weight_max=weight_max
-    )
+    return session.take(name, aligned, unaligned, settings)

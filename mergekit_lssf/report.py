@@ -19,7 +19,8 @@ from mergekit_lssf.kernel import spectral_entropy
 from mergekit_lssf.traversal import FusedTensor, fused_factors
 
 FIELDS = [
-    "name", "layer", "module", "shape", "rank", "entropy_rank", "capped", "max_rank", "eta",
+    "name", "layer", "module", "shape", "rank", "rank_rule", "fusion", "entropy_rank",
+    "noise_floor_rank", "noise_floor_tau", "capped", "max_rank", "eta",
     "entropy_total", "entropy_share", "energy_share", "sigma_1",
 ]
 
@@ -28,7 +29,9 @@ def _row(t: FusedTensor) -> Dict:
     c = t.factors.info.choice
     return {
         "name": t.name, "layer": t.layer, "module": t.module, "shape": list(t.shape),
-        "rank": c.rank, "entropy_rank": c.entropy_rank, "capped": c.capped,
+        "rank": c.rank, "rank_rule": c.rule, "fusion": t.parameters["fusion"],
+        "entropy_rank": c.entropy_rank, "noise_floor_rank": c.noise_floor_rank,
+        "noise_floor_tau": c.tau, "capped": c.capped,
         "max_rank": t.parameters["max_rank"], "eta": t.parameters["eta"],
         "entropy_total": c.entropy_total, "entropy_share": c.entropy_share,
         "energy_share": c.energy_share, "sigma_1": t.factors.info.sigma_1,
@@ -51,6 +54,9 @@ def build_report(config: MergeConfiguration, out_dir: str, *, cuda: bool = False
         "rank_mean": sum(ranks) / len(ranks) if ranks else 0.0,
         "rank_max": max(ranks, default=0),
         "capped": sum(r["capped"] for r in rows),
+        "rank_zero": sum(r["rank"] == 0 for r in rows),
+        "rank_rules": sorted({r["rank_rule"] for r in rows}),
+        "fusions": sorted({r["fusion"] for r in rows}),
         "patch_parameters": sum(r["rank"] * sum(r["shape"]) for r in rows),
     }
     os.makedirs(out_dir, exist_ok=True)
@@ -93,7 +99,8 @@ def _plot_heatmap(rows: List[Dict], path: str) -> None:
     ax.set_yticks(range(len(layers)), [str(x) for x in layers])
     ax.set_xlabel("module")
     ax.set_ylabel("layer")
-    ax.set_title("LSSF rank r per weight")
+    rules = ", ".join(sorted({r["rank_rule"] for r in rows}))
+    ax.set_title(f"LSSF rank r used per weight ({rules})")
     if len(layers) * len(modules) <= 400:
         for i, row in enumerate(grid):
             for j, value in enumerate(row):

@@ -56,11 +56,13 @@ class MergeStats:
         capped = sum(r.capped for r in records)
         seconds = sum(r.spectral_seconds for r in records)
         ahead = sum(r.read_ahead for r in records)
+        zero = sum(r == 0 for r in ranks)
         return (
             f"lssf: fused {len(records)} tensors ({self.passed_through} kept from the "
             f"fine-tune); rank min {min(ranks)} / mean {sum(ranks) / len(ranks):.1f} / "
             f"max {max(ranks)}; {capped} capped by max_rank; "
-            f"{seconds:.2f} s in spectral work"
+            + (f"{zero} at rank 0 (left as the fine-tune's); " if zero else "")
+            + f"{seconds:.2f} s in spectral work"
             + (f" ({ahead} spectra computed ahead on worker threads)" if ahead else "")
         )
 

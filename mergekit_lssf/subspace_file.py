@@ -145,7 +145,12 @@ class SubspaceFile:
                 f"lssf: subspace file {self.path} has U of shape {list(basis.shape)} for "
                 f"weight {weight_name}, whose output dimension is {shape[0]} (shape {list(shape)})"
             )
-        return SafetySubspace(sigma.to(device, torch.float64), basis.to(device), "output")
+        # S are the singular values of Z = W_safe X_hat, a d_out x tokens matrix: the
+        # noise-floor rule's aspect ratio is that of Z (decision; the weight's shape
+        # when the file does not record the token count)
+        tokens = int(self.metadata.get("tokens") or 0)
+        z_shape = (shape[0], tokens) if tokens > 0 else tuple(shape)
+        return SafetySubspace(sigma.to(device, torch.float64), basis.to(device), "output", z_shape)
 
     def check_fingerprint(self, model_dir: str, label: str) -> None:
         expected = self.metadata.get("fingerprint")

@@ -27,6 +27,7 @@ from mergekit.plan import MergePlanner
 
 from mergekit_lssf.kernel import SafetyFactors, safety_factors
 from mergekit_lssf.merge_method import checked_inputs, is_fused, load_subspace
+from mergekit_lssf.parameters import FACTOR_PARAMETERS
 from mergekit_lssf.recipe import prepare_recipe
 
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -81,19 +82,16 @@ class FactorTask(Task[Optional[FusedTensor]]):
         name = src.output_weight.name
         group.validate_tensors()
         role = {m: p["role"] for m, p in src.input_parameters.items() if "role" in p}
-        _finetuned, aligned, unaligned = checked_inputs(group, role, name)
+        finetuned, aligned, unaligned = checked_inputs(group, role, name)
         params = dict(src.parameters.items())
         factors = safety_factors(
             aligned.tensor,
             unaligned.tensor,
-            eta=params["eta"],
-            max_rank=params["max_rank"],
-            weight_max=params["weight_max"],
-            rank=params["rank"],
             subspace=load_subspace(params["subspace"], name, aligned.tensor),
-        )
+            **{k: params[k] for k in FACTOR_PARAMETERS},
+        ).with_finetune(finetuned.tensor)  # restore: the term for this fine-tune
         cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32)  # noqa: E731
-        factors = SafetyFactors(cpu(factors.left), cpu(factors.right), factors.info, factors.sigma.cpu())
+        factors = SafetyFactors(cpu(factors.left), cpu(factors.right), factors.info, factors.sigma.cpu(), factors.fusion)
         return FusedTensor(name, tuple(group.base.tensor.shape), params, factors)
 
 
@@ -123,7 +121,11 @@ def fused_factors(
     tasks = [FactorTask(source=t.tensor_task) for t in planned if isinstance(t, SaveTensor)]
     device = torch.device(options.device)
     executor = Executor(targets=tasks, math_device=device, storage_device=torch.device("cpu"))
-    for _task, result in executor.run(quiet=quiet, desc="lssf spectra"):
+    # one step per output tensor (mergekit's own bar would count every load task too)
+    from tqdm import tqdm
+
+    results = executor.run(quiet=True)
+    for _task, result in tqdm(results, total=len(tasks), desc="lssf tensors", unit="tensor", disable=quiet):
         if result is not None:
             yield result
 

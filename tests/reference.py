@@ -107,3 +107,42 @@ def reference_calibrated(model_dir, anchors, weight_names):
         u, s, _ = np.linalg.svd(z, full_matrices=False)
         out[name] = (u, s)
     return out
+
+
+def reference_noise_floor(s, shape, max_rank=None):
+    """Gavish-Donoho hard threshold, written out: returns (rank, tau).
+
+    ``s``: numpy singular values of a ``shape`` matrix; values at round-off level
+    (``s_i^2 <= n eps s_1^2``) count as zero, as the method spec says.
+    """
+    rows, cols = shape
+    n = min(rows, cols)
+    s = np.zeros(n) + np.pad(np.asarray(s, dtype=np.float64), (0, max(0, n - len(s))))[:n]
+    if s.max() == 0:
+        return 0, 0.0
+    s = np.where(s**2 > n * np.finfo(np.float64).eps * s.max() ** 2, s, 0.0)
+    beta = n / max(rows, cols)
+    omega = 0.56 * beta**3 - 0.95 * beta**2 + 1.82 * beta + 1.43
+    tau = omega * float(np.median(s))
+    r = int(sum(1 for x in s if x > tau))
+    if max_rank is not None:
+        r = min(r, max_rank)
+    return r, tau
+
+
+def reference_fuse(ft, aligned, unaligned, *, alpha, eta=0.9, max_rank=None, weight_max=1.0,
+                   rank=None, rank_rule="entropy", fusion="add"):
+    """Both rank rules and both fusions from numpy's float64 SVD of delta:
+    add: W_ft + alpha U' U'^T delta; restore: W_ft + alpha U' U'^T (W_aligned - W_ft)."""
+    ft, aligned, unaligned = (np.asarray(x, dtype=np.float64) for x in (ft, aligned, unaligned))
+    delta = aligned - unaligned
+    u, s, _vt = np.linalg.svd(delta, full_matrices=False)
+    if rank is not None or rank_rule == "entropy":
+        r, _share = reference_rank(s, eta, max_rank, rank)
+    else:
+        r, _tau = reference_noise_floor(s, delta.shape, max_rank)
+    if r == 0:
+        return ft.copy(), 0
+    u_prime = u[:, :r] * reference_alphas(s[:r], weight_max)[None, :]
+    target = delta if fusion == "add" else aligned - ft
+    return ft + alpha * (u_prime @ u_prime.T) @ target, r

@@ -14,7 +14,7 @@ from mergekit_lssf.kernel import safety_factors
 from mergekit_lssf.parameters import LSSFConfigError
 from mergekit_lssf.read_ahead import ENV_VAR, Precomputed, ReadAhead, _Job, configured_workers
 
-PARAMS = dict(eta=0.9, max_rank=8, rank=None, weight_max=1.5)
+PARAMS = dict(eta=0.9, max_rank=8, rank=None, weight_max=1.5, rank_rule="entropy", fusion="add")
 
 
 class _Load:
@@ -38,7 +38,7 @@ def _pair(seed, shape=(48, 40), dtype=torch.bfloat16):
 
 def _job(index, a, u, dtype=None, **overrides):
     params = {**PARAMS, **overrides}
-    return _Job(index=index, name=f"w{index}", aligned=_Load(a), unaligned=_Load(u), dtype=dtype, **params)
+    return _Job(index=index, name=f"w{index}", aligned=_Load(a), unaligned=_Load(u), dtype=dtype, settings=params)
 
 
 def _limits() -> Dict[str, int]:
@@ -77,7 +77,7 @@ def test_workers_compute_exactly_what_the_kernel_would():
         assert session.blas_limit is not None
         assert all(n == 1 for n in _limits().values())  # one BLAS thread per worker
         for i, (a, u) in enumerate(pairs):
-            got = session.take(f"w{i}", a.clone(), u.clone(), **PARAMS)
+            got = session.take(f"w{i}", a.clone(), u.clone(), PARAMS)
             assert got is not None, i
             want = safety_factors(a, u, work_dtype=a.dtype, **PARAMS)
             assert torch.equal(got.factors.left, want.left) and torch.equal(got.factors.right, want.right)
@@ -99,7 +99,7 @@ def _finished(job, a, u, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize(
     "change",
-    ["aligned value", "unaligned value", "dtype", "eta", "max_rank", "rank", "weight_max"],
+    ["aligned value", "unaligned value", "dtype", "eta", "max_rank", "rank", "weight_max", "rank_rule", "fusion"],
 )
 def test_a_result_for_other_inputs_or_parameters_is_refused(change):
     a, u = _pair(0)
@@ -114,23 +114,23 @@ def test_a_result_for_other_inputs_or_parameters_is_refused(change):
     elif change == "dtype":
         a, u = a.float(), u.float()
     else:
-        params[change] = {"eta": 0.8, "max_rank": 4, "rank": 2, "weight_max": 1.0}[change]
-    assert session.take("w0", a, u, **params) is None
-    assert session.take("w0", a, u, **params) is None  # and it is gone, not reused
+        params[change] = {"eta": 0.8, "max_rank": 4, "rank": 2, "weight_max": 1.0, "rank_rule": "noise_floor", "fusion": "restore"}[change]
+    assert session.take("w0", a, u, params) is None
+    assert session.take("w0", a, u, params) is None  # and it is gone, not reused
 
 
 def test_the_same_result_is_accepted_and_unknown_tensors_are_not_found():
     a, u = _pair(1)
     session = ReadAhead(None, [_finished(_job(0, a, u), a, u)], workers=0)
-    assert session.take("other", a, u, **PARAMS) is None
-    assert session.take("w0", a.clone(), u.clone(), **PARAMS) is not None
+    assert session.take("other", a, u, PARAMS) is None
+    assert session.take("w0", a.clone(), u.clone(), PARAMS) is not None
 
 
 def test_a_tensor_no_worker_started_is_left_to_the_caller():
     a, u = _pair(2)
     jobs = [_job(0, a, u), _job(1, a, u)]
     session = ReadAhead(None, jobs, workers=0)  # no threads: nothing gets started
-    assert session.take("w1", a, u, **PARAMS) is None
+    assert session.take("w1", a, u, PARAMS) is None
     assert jobs[1].state == "claimed" and jobs[0].state == "dropped"
     assert jobs[1].aligned.calls == 0
 
@@ -142,9 +142,9 @@ def test_non_finite_or_non_matrix_inputs_are_left_to_the_caller():
     jobs = [_job(0, bad, u), _job(1, a[0], u[0]), _job(2, a, u[:-1])]
     session = ReadAhead(None, jobs, workers=2)
     try:
-        assert session.take("w0", bad, u, **PARAMS) is None
-        assert session.take("w1", a[0], u[0], **PARAMS) is None
-        assert session.take("w2", a, u[:-1], **PARAMS) is None
+        assert session.take("w0", bad, u, PARAMS) is None
+        assert session.take("w1", a[0], u[0], PARAMS) is None
+        assert session.take("w2", a, u[:-1], PARAMS) is None
         assert all(job.aligned.calls == 1 for job in jobs)  # the workers did try
     finally:
         session.close()
@@ -159,7 +159,7 @@ def test_a_failing_worker_leaves_the_tensor_to_the_caller(monkeypatch):
     monkeypatch.setattr(read_ahead, "safety_factors", failing)
     session = ReadAhead(None, [_job(0, a, u)], workers=1)
     try:
-        assert session.take("w0", a, u, **PARAMS) is None
+        assert session.take("w0", a, u, PARAMS) is None
     finally:
         session.close()
 

@@ -1,0 +1,69 @@
+"""What an lssf recipe does, in words and as plain data: the roles with their models,
+the effective parameters (defaults filled in), the package versions.
+
+Shared by the end-of-merge summary, the model card, ``extract-patch`` and ``check``,
+so that all of them describe a merge the same way. No torch import.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from mergekit.config import MergeConfiguration
+
+from mergekit_lssf.parameters import DEFAULTS
+
+
+def effective_parameters(config: MergeConfiguration) -> Dict[str, Any]:
+    """The recipe's ``parameters:`` with every default filled in. Filters and
+    gradients are kept as written (their per-tensor values are in ``check``)."""
+    given = dict(config.parameters or {})
+    out: Dict[str, Any] = {}
+    for name, default in DEFAULTS.items():
+        value = given.get(name, default)
+        out[name] = value.model_dump() if hasattr(value, "model_dump") else _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if hasattr(value, "model_dump"):
+        return value.model_dump(exclude_none=True)
+    return value
+
+
+def roles(config: MergeConfiguration, refs: Dict[str, Any]) -> Dict[str, str]:
+    """``{"finetuned": ..., "aligned": ..., "unaligned": ...}`` as model paths."""
+    return {"finetuned": str(config.base_model), "aligned": str(refs["aligned"]),
+            "unaligned": str(refs["unaligned"])}
+
+
+def fusion_words(parameters: Dict[str, Any]) -> str:
+    """One sentence: the formula applied, with the effective parameters."""
+    fusion = parameters["fusion"]
+    term = ("alpha * P' (W_aligned - W_unaligned)  [add, paper Eq. 13]" if fusion == "add"
+            else "alpha * P' (W_aligned - W_finetuned)  [restore]")
+    rule = parameters["rank_rule"]
+    if parameters["rank"] is not None:
+        rank = f"fixed rank {parameters['rank']}"
+    elif rule == "noise_floor":
+        rank = f"rank by the noise floor (Gavish-Donoho), max_rank {parameters['max_rank']}"
+    else:
+        rank = f"rank by the entropy rule, eta {parameters['eta']}, max_rank {parameters['max_rank']}"
+    subspace = parameters["subspace"] or "data-free (SVD of W_aligned - W_unaligned)"
+    return (f"W' = W_finetuned + {term}; alpha {parameters['alpha']}, {rank}, "
+            f"weight_max {parameters['weight_max']}; subspace: {subspace}")
+
+
+def versions() -> Dict[str, str]:
+    """Versions of mergekit-lssf and the libraries a merge's result depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("mergekit-lssf", "mergekit", "torch", "transformers"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
