@@ -18,6 +18,7 @@ Mistral, Qwen2, SmolLM2 and the like.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import time
 from dataclasses import dataclass
@@ -276,6 +277,7 @@ def calibrate(model_dir: str, out_path: str, *, anchors_path: Optional[str] = No
         metadata = {
             "format": FORMAT,
             "fingerprint": model_fingerprint(model_dir),
+            "model": os.path.abspath(model_dir),
             "architecture": ",".join(config.architectures or []),
             "anchors_sha256": anchors_sha256(anchors),
             "anchors": len(anchors),

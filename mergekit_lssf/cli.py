@@ -1,37 +1,81 @@
-"""The ``mergekit-lssf`` command."""
+"""The ``mergekit-lssf`` command: wires the subcommands to their modules.
+
+Every problem we detect (``LSSFConfigError``) ends the command with one line on
+stderr and exit status 1; ``-v``/``--verbose`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from importlib import resources
-from typing import Dict
 
 import click
 
+from mergekit_lssf.parameters import LSSFConfigError
 
-@click.group()
-@click.version_option(package_name="mergekit-lssf")
-def main() -> None:
+DEVICES = click.Choice(["auto", "cpu", "cuda"])
+
+
+def _versions(ctx, _param, value) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from mergekit_lssf.provenance import versions
+
+    v = versions()
+    click.echo(f"mergekit-lssf {v.pop('mergekit-lssf')} (" + ", ".join(f"{k} {x}" for k, x in v.items()) + ")")
+    ctx.exit()
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LSSFConfigError as error:
+            if ctx.obj and ctx.obj.get("verbose"):
+                raise
+            click.echo(f"mergekit-lssf: error: {error}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=Group)
+@click.option("--version", is_flag=True, callback=_versions, expose_value=False, is_eager=True,
+              help="Show the version of mergekit-lssf, mergekit, torch and transformers.")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of errors.")
+@click.pass_context
+def main(ctx, verbose: bool) -> None:
     """LSSF (Low-Rank Safety Subspace Fusion) for mergekit.
 
     The merge itself is a plain `mergekit-yaml recipe.yml out/` with
     `merge_method: lssf`; these commands are helpers around it.
     """
+    ctx.obj = {"verbose": verbose}
 
 
-def demo_recipe_text(name: str = "demo.yml") -> str:
-    """The packaged demo recipe ``mergekit_lssf/recipes/NAME`` (in every install kind)."""
-    return resources.files("mergekit_lssf").joinpath("recipes", name).read_text("utf-8")
+def _device(device: str, cuda: bool) -> str:
+    """--device, with the older --cuda flag as an alias for --device cuda."""
+    if cuda:
+        if device not in ("auto", "cuda"):
+            raise click.UsageError(f"--cuda contradicts --device {device}")
+        return "cuda"
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _recipe(path: str):
+    from mergekit_lssf.traversal import load_recipe
+
+    return load_recipe(path)
 
 
 @main.command()
 @click.option("--workdir", default="lssf-demo", show_default=True, help="Where the toy models and the merged output go.")
-@click.option("--size", default="small", show_default=True, help="Toy model size: tiny, small, 10m, 50m, 200m.")
-@click.option("--cuda", is_flag=True, help="Pass --cuda to mergekit-yaml.")
+@click.option("--size", type=click.Choice(["tiny", "small", "10m", "50m", "200m"]), default="small", show_default=True, help="Toy model size.")
+@click.option("--device", type=DEVICES, default="cpu", show_default=True, help="Where mergekit-yaml computes (cuda: --cuda).")
+@click.option("--cuda", is_flag=True, help="Alias for --device cuda.")
 @click.option("--calibrated", is_flag=True, help="Calibrate the subspace on anchors first (mergekit_lssf/recipes/demo-calibrated.yml).")
-def demo(workdir: str, size: str, cuda: bool, calibrated: bool) -> None:
+def demo(workdir: str, size: str, device: str, cuda: bool, calibrated: bool) -> None:
     """Build three small Llama-shaped models and repair the fine-tune with LSSF.
 
     No downloads: the models are generated locally, with a planted low-rank
@@ -39,51 +83,35 @@ def demo(workdir: str, size: str, cuda: bool, calibrated: bool) -> None:
     recipe and prints the rank per tensor and how much of the planted safety
     delta the output restored.
     """
-    from mergekit_lssf.toy_models import ToySpec, build_toy_models
+    from mergekit_lssf.demo import run_demo
 
-    os.makedirs(workdir, exist_ok=True)
-    click.echo(f"Building toy models ({size}) in {workdir}/ ...")
-    build_toy_models(workdir, ToySpec(size=size))
-    name = "demo-calibrated.yml" if calibrated else "demo.yml"
-    with open(os.path.join(workdir, name), "w", encoding="utf-8") as fp:
-        fp.write(demo_recipe_text(name))
-    if calibrated:
-        _demo_calibration(workdir, cuda)
-    command = [_mergekit_yaml(), name, "merged"] + (["--cuda"] if cuda else [])
-    click.echo(f"Running in {workdir}/: " + " ".join(command))
-    result = subprocess.run(command, cwd=workdir)
-    if result.returncode != 0:
-        raise click.ClickException(f"mergekit-yaml failed with exit code {result.returncode}")
-    report_restoration(workdir, os.path.join(workdir, "merged"), name)
-    if calibrated:
-        click.echo(
-            "Note: the toy models' planted delta is random, not tied to activations, so a "
-            "calibrated subspace restores only the part of it that the anchors' activations "
-            "reach; on real models that part is the point (paper Eq. 4)."
-        )
-
-
-def _demo_calibration(workdir: str, cuda: bool) -> None:
-    import json
-
-    from mergekit_lssf.calibrate import calibrate as run, default_anchors
-
-    anchors = os.path.join(workdir, "anchors.jsonl")
-    with open(anchors, "w", encoding="utf-8") as fp:
-        for a in default_anchors()[:16]:
-            fp.write(json.dumps({"prompt": a.prompt, "response": "I can't help with that."}) + "\n")
-    click.echo("Calibrating the safety subspace of ./aligned on 16 HarmBench anchors ...")
-    meta = run(os.path.join(workdir, "aligned"), os.path.join(workdir, "subspace.safetensors"),
-               anchors_path=anchors, device="cuda" if cuda else "cpu", progress=False)
-    click.echo(f"  {meta['tokens']} tokens, {meta['seconds']} s -> subspace.safetensors")
+    run_demo(workdir, size, _device(device, cuda), calibrated)
 
 
 @main.command()
-@click.argument("aligned_model", type=click.Path(exists=True, file_okay=False))
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def check(recipe: str, as_json: bool) -> None:
+    """What RECIPE will do, before any spectrum: every output tensor, fused (with its
+    effective parameters after filters and gradients) or kept (and why).
+
+    Runs the merge's own pre-flight check and reads only file headers, so it takes
+    seconds whatever the model size. Model paths are resolved from the current directory.
+    """
+    import json
+
+    from mergekit_lssf.check import check as run, table
+
+    result = run(_recipe(recipe))
+    click.echo(json.dumps(result, indent=2) if as_json else table(result))
+
+
+@main.command()
+@click.argument("aligned_model", type=click.Path(file_okay=False))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The subspace file to write (.safetensors).")
 @click.option("--anchors", type=click.Path(exists=True, dir_okay=False), help='JSONL of {"prompt": ..., "response": ...}; default: 128 shipped HarmBench prompts.')
 @click.option("--max-rank", default=256, show_default=True, help="Columns of U kept per weight (all singular values are kept).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=DEVICES, default="auto", show_default=True)
 @click.option("--batch-size", default=8, show_default=True, help="Anchors per forward pass.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Length of generated responses for anchors without one.")
 def calibrate(aligned_model, out_path, anchors, max_rank, device, batch_size, max_new_tokens) -> None:
@@ -94,7 +122,9 @@ def calibrate(aligned_model, out_path, anchors, max_rank, device, batch_size, ma
     `subspace: FILE` in an lssf recipe.
     """
     from mergekit_lssf.calibrate import calibrate as run
+    from mergekit_lssf.guards import check_model_folder
 
+    check_model_folder(aligned_model, "ALIGNED_MODEL", local=True)
     meta = run(aligned_model, out_path, anchors_path=anchors, max_rank=max_rank, device=device,
                batch_size=batch_size, max_new_tokens=max_new_tokens)
     click.echo(
@@ -104,58 +134,67 @@ def calibrate(aligned_model, out_path, anchors, max_rank, device, batch_size, ma
 
 
 @main.command("eval")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("model_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--prompts", default="harmbench", show_default=True, help="harmbench (the 72 held-out HarmBench test prompts) or a file: JSONL with \"prompt\", or one prompt per line.")
 @click.option("--benign", type=click.Path(exists=True, dir_okay=False), help="Benign prompts for over-refusal (default: 30 shipped everyday instructions).")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Plain text for perplexity (default: shipped benign prose).")
 @click.option("--max-new-tokens", default=48, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the JSON result (with every response) here.")
-def eval_command(model_dir, prompts, benign, text_file, max_new_tokens, batch_size, device, out_path) -> None:
-    """Refusal rate on harmful prompts, over-refusal on benign ones, and perplexity.
+@click.option("--device", type=DEVICES, default="auto", show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the JSON result (every response with its `refused` flag) here.")
+def eval_command(model_dirs, prompts, benign, text_file, max_new_tokens, batch_size, device, out_path) -> None:
+    """Refusal rate on harmful prompts, over-refusal on benign ones, and perplexity,
+    for one or more models (MODEL_DIRS), on the same prompts; several models get one
+    side-by-side table.
 
-    Greedy generation with MODEL_DIR's chat template; a response is a refusal when
+    Greedy generation with each model's chat template; a response is a refusal when
     one of mergekit_lssf.evaluate.REFUSAL_MARKERS opens it (see the README).
     """
     import json
 
     from mergekit_lssf import evaluate as ev
 
+    for model_dir in model_dirs:
+        ev.check_model_dir(model_dir)
     harmful = ev.harmbench_prompts("test") if prompts == "harmbench" else ev.read_prompts(prompts)
     benign_list = ev.read_prompts(benign) if benign else ev.benign_prompts("test")
     text = open(text_file, encoding="utf-8").read() if text_file else ev.benign_text()
-    result = ev.evaluate(model_dir, harmful=harmful, benign=benign_list, text=text,
-                         max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
+    results = [ev.evaluate(m, harmful=harmful, benign=benign_list, text=text, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, device=_device(device, False)) for m in model_dirs]
     if out_path:
         with open(out_path, "w", encoding="utf-8") as fp:
-            json.dump(result, fp, indent=2)
-    click.echo(
-        f"refusal rate {result['refusal_rate']:.3f} on {result['harmful_prompts']} harmful prompts; "
-        f"over-refusal {result['over_refusal_rate']:.3f} on {result['benign_prompts']} benign; "
-        f"perplexity {result['perplexity']:.2f}"
-    )
+            json.dump(results[0] if len(results) == 1 else {"models": results}, fp, indent=2)
+    if len(results) == 1:
+        r = results[0]
+        click.echo(
+            f"refusal rate {r['refusal_rate']:.3f} on {r['harmful_prompts']} harmful prompts; "
+            f"over-refusal {r['over_refusal_rate']:.3f} on {r['benign_prompts']} benign; "
+            f"perplexity {r['perplexity']:.2f}"
+        )
+    else:
+        click.echo(ev.side_by_side(results))
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for report.json, report.csv and the PNGs.")
-@click.option("--cuda", is_flag=True, help="Compute the spectra on the GPU.")
-def report(recipe: str, out_dir: str, cuda: bool) -> None:
+@click.option("--device", type=DEVICES, default="cpu", show_default=True, help="Where the spectra are computed.")
+@click.option("--cuda", is_flag=True, help="Alias for --device cuda.")
+def report(recipe: str, out_dir: str, device: str, cuda: bool) -> None:
     """Rank, entropy and energy of every tensor RECIPE would fuse; writes no model.
 
     Model paths in RECIPE are resolved from the current directory, as in mergekit-yaml.
     """
-    from mergekit_lssf.report import build_report
-    from mergekit_lssf.traversal import load_recipe
+    from mergekit_lssf.guards import check_output_folder
+    from mergekit_lssf.report import OUTPUTS, build_report
 
-    result = build_report(load_recipe(recipe), out_dir, cuda=cuda)
+    check_output_folder(out_dir, OUTPUTS, "a report")
+    result = build_report(_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda")
     s = result["summary"]
     click.echo(
         f"{s['tensors']} tensors: rank min {s['rank_min']} / mean {s['rank_mean']:.1f} / "
-        f"max {s['rank_max']}, {s['capped']} capped; patch size {s['patch_parameters']:,} "
-        f"parameters. Written to {out_dir}/ (report.json, report.csv, rank_heatmap.png, "
-        "entropy_curves.png)"
+        f"max {s['rank_max']}, {s['capped']} capped, {s['rank_zero']} at rank 0; patch size "
+        f"{s['patch_parameters']:,} parameters. Written to {out_dir}/ ({', '.join(OUTPUTS)})"
     )
 
 
@@ -163,9 +202,10 @@ def report(recipe: str, out_dir: str, cuda: bool) -> None:
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("legacy_out", required=False, metavar="[OUT_DIR]", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the adapter (adapter_config.json, adapter_model.safetensors, README.md).")
-@click.option("--cuda", is_flag=True, help="Compute the spectra on the GPU.")
+@click.option("--device", type=DEVICES, default="cpu", show_default=True, help="Where the spectra are computed.")
+@click.option("--cuda", is_flag=True, help="Alias for --device cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, cuda: bool, dtype: str) -> None:
+def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, device: str, cuda: bool, dtype: str) -> None:
     """Write RECIPE's safety term as a PEFT LoRA adapter in --out.
 
     With `fusion: add` (the default) the adapter depends only on the aligned and
@@ -176,8 +216,8 @@ def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, cuda: bool
     """
     import torch
 
-    from mergekit_lssf.patch import extract_patch
-    from mergekit_lssf.traversal import load_recipe
+    from mergekit_lssf.guards import check_output_folder
+    from mergekit_lssf.patch import OUTPUTS, extract_patch
 
     if legacy_out and out_dir:
         raise click.UsageError("give the output folder once: --out DIR (the positional OUT_DIR is deprecated)")
@@ -186,74 +226,12 @@ def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, cuda: bool
         out_dir = legacy_out
     if not out_dir:
         raise click.UsageError("missing option '--out': the folder for the adapter")
-    ranks = extract_patch(load_recipe(recipe), out_dir, cuda=cuda, dtype=getattr(torch, dtype))
+    check_output_folder(out_dir, OUTPUTS, "an adapter")
+    ranks = extract_patch(_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda", dtype=getattr(torch, dtype))
     click.echo(
         f"Safety patch: {len(ranks)} modules, rank {min(ranks.values())}-{max(ranks.values())}, "
         f"written to {out_dir}/"
     )
-
-
-def _mergekit_yaml() -> str:
-    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
-    return exe if os.path.exists(exe) else "mergekit-yaml"
-
-
-def _recipe_ranks(workdir: str, recipe: str) -> Dict[str, int]:
-    """Rank per fused tensor as the recipe's merge chooses it (its eta, max_rank and
-    subspace), via the same traversal as `mergekit-lssf report`."""
-    from mergekit_lssf.traversal import fused_factors, load_recipe
-
-    previous = os.getcwd()
-    os.chdir(workdir)  # recipe paths are relative to the demo folder
-    try:
-        config = load_recipe(recipe)
-        return {t.name: t.factors.info.rank for t in fused_factors(config, quiet=True)}
-    finally:
-        os.chdir(previous)
-
-
-def report_restoration(workdir: str, merged: str, recipe: str) -> Dict[str, Dict[str, float]]:
-    """Print, per fused tensor, its rank and the share of the planted delta restored.
-
-    ``safety`` is the coefficient of ``W - W_unaligned`` along the planted safety
-    delta ``S`` (aligned model = 1.00); ``drift`` the coefficient along the
-    fine-tune's task drift ``D`` (fine-tune = 1.00, so the task is kept).
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    load = lambda role: load_file(os.path.join(workdir, role, "model.safetensors"))  # noqa: E731
-    unaligned, finetuned = load("unaligned"), load("finetuned")
-    merged_state = {}
-    for file in sorted(os.listdir(merged)):
-        if file.endswith(".safetensors"):
-            merged_state.update(load_file(os.path.join(merged, file)))
-    planted = load_file(os.path.join(workdir, "planted.safetensors"))
-    ranks = _recipe_ranks(workdir, recipe)
-    rows = {}
-    click.echo(f"\n{'tensor':44s} {'rank':>5s} {'safety ft':>9s} {'safety out':>10s} {'drift out':>9s}")
-    for key in sorted(k[: -len(".safety")] for k in planted if k.endswith(".safety")):
-        s, d = planted[key + ".safety"].double(), planted[key + ".drift"].double()
-        coef = lambda w, v: float(((w.double() - unaligned[key].double()) * v).sum() / (v * v).sum())  # noqa: E731
-        rank = ranks[key]
-        rows[key] = {
-            "rank": rank,
-            "safety_finetuned": coef(finetuned[key], s),
-            "safety_merged": coef(merged_state[key], s),
-            "drift_merged": coef(merged_state[key], d),
-        }
-        r = rows[key]
-        click.echo(f"{key:44s} {rank:5d} {r['safety_finetuned']:9.3f} {r['safety_merged']:10.3f} {r['drift_merged']:9.3f}")
-    n = len(rows)
-    mean = lambda f: sum(r[f] for r in rows.values()) / n  # noqa: E731
-    click.echo(
-        f"\nPlanted safety delta present (aligned = 1.00): fine-tune {mean('safety_finetuned'):.3f}"
-        f" -> LSSF output {mean('safety_merged'):.3f}; task drift kept {mean('drift_merged'):.3f}"
-        f" (mean over {n} fused tensors)."
-    )
-    unchanged = [k for k in finetuned if k not in rows and not torch.equal(finetuned[k].to(merged_state[k].dtype), merged_state[k])]
-    click.echo(f"Tensors that are not fused and differ from the fine-tune: {len(unchanged)}")
-    return rows
 
 
 if __name__ == "__main__":

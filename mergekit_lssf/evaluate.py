@@ -80,7 +80,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
     from tqdm import tqdm
 
     answers: List[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in batch]
         inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -88,6 +89,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         answers += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, inputs["input_ids"].shape[1]:]]
+        bar.update(len(batch))
+    bar.close()
     return answers
 
 
@@ -131,5 +134,37 @@ def evaluate(model_dir: str, *, harmful: Sequence[str], benign: Sequence[str], t
         first = [a.strip().split()[0].strip(".,!").lower() if a.strip() else "" for a in answers]
         result["task_accuracy"] = sum(f == t["label"] for f, t in zip(first, task)) / len(task)
     if keep_responses:
-        result["responses"] = {"harmful": list(zip(harmful, harmful_answers)), "benign": list(zip(benign, benign_answers))}
+        result["responses"] = {"harmful": responses(harmful, harmful_answers), "benign": responses(benign, benign_answers)}
     return result
+
+
+def responses(prompts: Sequence[str], answers: Sequence[str]) -> List[Dict]:
+    """``[{"prompt", "response", "refused"}, ...]``: each answer with its own verdict."""
+    return [{"prompt": p, "response": a, "refused": is_refusal(a)} for p, a in zip(prompts, answers)]
+
+
+def check_model_dir(model_dir: str) -> None:
+    """A model folder to evaluate: config, weights and a tokenizer (with its chat
+    template), named in the error when missing."""
+    import os
+
+    from mergekit_lssf.guards import check_model_folder
+    from mergekit_lssf.parameters import LSSFConfigError
+
+    check_model_folder(model_dir, "model", local=True)
+    files = set(os.listdir(model_dir))
+    if not files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}:
+        raise LSSFConfigError(f"model: {model_dir} holds no tokenizer (tokenizer.json or tokenizer_config.json); "
+                              "copy the fine-tune's tokenizer files there (mergekit-yaml --copy-tokenizer does)")
+
+
+def side_by_side(results: Sequence[Dict]) -> str:
+    """One table, a row per model: refusal, over-refusal, empty answers, perplexity."""
+    width = max(len("model"), *(len(r["model"]) for r in results))
+    lines = [f"{'model':{width}s}  refusal  over-refusal  empty  perplexity"]
+    for r in results:
+        lines.append(f"{r['model']:{width}s}  {r['refusal_rate']:7.3f}  {r['over_refusal_rate']:12.3f}  "
+                     f"{r['empty_rate']:5.3f}  {r.get('perplexity', float('nan')):10.2f}")
+    n = results[0]
+    lines.append(f"({n['harmful_prompts']} harmful and {n['benign_prompts']} benign prompts, the same for every model)")
+    return "\n".join(lines)

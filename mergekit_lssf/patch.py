@@ -29,6 +29,8 @@ from mergekit_lssf.provenance import effective_parameters, fusion_words, roles, 
 from mergekit_lssf.traversal import aligned_model, fused_factors
 
 PREFIX = "base_model.model."
+#: The files ``extract_patch`` writes (an output folder holding any of them is refused).
+OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
 
 def extract_patch(

@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mergekit.config import ConditionalParameter, MergeConfiguration
 
+from mergekit_lssf.guards import check_model_folder, role_swap_warning, sample_names
 from mergekit_lssf.safetensors_io import read_header
 from mergekit_lssf.parameters import (
     PER_MODEL_PARAMETERS,
@@ -51,6 +52,19 @@ def _model_inputs(config: MergeConfiguration) -> Iterator[Tuple[str, Any, Settin
                 yield f"modules.{name}.slices[{i}].sources[{j}]", src.model, src.parameters
 
 
+def _leaves_at(setting: Any, where: str) -> Iterator[Tuple[str, Any]]:
+    """``(path, value)`` of every literal in a setting: ``eta``, ``eta[0]`` (a filter
+    entry or gradient point), ``eta[0].value[1]`` (a gradient inside a filter)."""
+    if isinstance(setting, ConditionalParameter):
+        inner = setting.value
+        yield from _leaves_at(inner, f"{where}.value" if isinstance(inner, list) else where)
+    elif isinstance(setting, list):
+        for i, item in enumerate(setting):
+            yield from _leaves_at(item, f"{where}[{i}]")
+    else:
+        yield where, setting
+
+
 def _leaves(setting: Any) -> Iterator[Any]:
     """Every literal value in a parameter setting (scalars, gradients, filters)."""
     if isinstance(setting, ConditionalParameter):
@@ -70,14 +84,14 @@ def _validators() -> Dict[str, Any]:
 
 def _check_values(where: str, settings: Settings, validators: Dict[str, Any]) -> None:
     for name, setting in (settings or {}).items():
-        for value in _leaves(setting):
+        for path, value in _leaves_at(setting, f"{where}.{name}"):
             try:
                 validators[name](value)
             except Exception as error:  # pydantic wraps our ValueError
                 detail = getattr(error, "errors", None)
                 message = detail()[0]["msg"] if callable(detail) else str(error)
                 message = message.removeprefix("Value error, ")
-                raise LSSFConfigError(f"{where}.{name}: {message}") from None
+                raise LSSFConfigError(f"{path}: {message}") from None
 
 
 def check_recipe(
@@ -89,6 +103,10 @@ def check_recipe(
         raise LSSFConfigError(
             "lssf requires the recipe field `base_model`: the fine-tuned model to repair"
         )
+    for where, model in [("base_model", config.base_model)] + [(w, m) for w, m, _ in _model_inputs(config)]:
+        check_model_folder(model.model.path, where)
+        if getattr(model, "lora", None) is not None:
+            check_model_folder(model.lora.path, f"{where} (LoRA)")
     for where, settings in _shared_scopes(config):
         for name in settings or {}:
             if name in PER_MODEL_PARAMETERS:
@@ -198,6 +216,17 @@ def _safetensors_shapes(model: Any) -> Optional[Dict[str, Tuple[int, ...]]]:
     return shapes
 
 
+def _safetensors_dtypes(model: Any) -> Optional[Dict[str, Tuple[List[int], str]]]:
+    """name -> (shape, safetensors dtype) of a local safetensors model, from headers."""
+    if getattr(model, "lora", None) is not None or not os.path.isdir(model.model.path):
+        return None
+    out: Dict[str, Tuple[List[int], str]] = {}
+    for file in sorted(f for f in os.listdir(model.model.path) if f.endswith(".safetensors")):
+        header, _start = read_header(os.path.join(model.model.path, file))
+        out.update({n: (list(i["shape"]), i["dtype"]) for n, i in header.items() if n != "__metadata__"})
+    return out or None
+
+
 def _check_shapes(base: Any, refs: Dict[str, Any]) -> None:
     """Same shapes for every tensor of the three local models (vocabulary excepted)."""
     from mergekit_lssf.merge_method import VOCABULARY_NAME
@@ -224,15 +253,21 @@ def _check_shapes(base: Any, refs: Dict[str, Any]) -> None:
 
 
 def prepare_recipe(
-    config: MergeConfiguration, *, trust_remote_code: bool = False
+    config: MergeConfiguration, *, trust_remote_code: bool = False, warn: bool = True
 ) -> MergeConfiguration:
     """Check the recipe; align vocabularies to the fine-tune's when they differ.
 
     LSSF keeps the fine-tune's embeddings and lm_head, so a fine-tune with added
     tokens needs mergekit's ``tokenizer_source: base``; it is set here when the
     recipe says nothing about tokenizers (the recipe file itself is not changed).
+    ``warn``: print the role-swap warning (``role_check``) to stderr.
     """
     refs = check_recipe(config, trust_remote_code=trust_remote_code)
+    warning = role_check(config, refs) if warn else None
+    if warning:
+        import sys
+
+        print(warning, file=sys.stderr)
     if config.tokenizer is None and config.tokenizer_source is None:
         differing = vocabulary_differs(config.base_model, refs)
         if differing:
@@ -243,6 +278,15 @@ def prepare_recipe(
             )
             config = config.model_copy(update={"tokenizer_source": "base"})
     return config
+
+
+def role_check(config: MergeConfiguration, refs: Dict[str, Any]) -> Optional[str]:
+    """The role-swap warning for this recipe, or None (see ``guards.role_swap_warning``)."""
+    from mergekit_lssf.merge_method import VOCABULARY_NAME
+
+    shapes = _safetensors_shapes(config.base_model) or {}
+    names = sample_names(shapes, lambda n: not VOCABULARY_NAME.search(n))
+    return role_swap_warning(config.base_model, refs["aligned"], refs["unaligned"], names)
 
 
 def vocabulary_differs(base: Any, refs: Dict[str, Any]) -> List[str]:

@@ -36,28 +36,49 @@ def on_merge_loaded(module: ModuleType) -> None:
             return original(
                 merge_config, out_path, options=options, config_source=config_source
             )
-        from mergekit_lssf.recipe import prepare_recipe
-        from mergekit_lssf.stats import STATS
+        from mergekit_lssf.parameters import LSSFConfigError
 
-        merge_config = prepare_recipe(
-            merge_config, trust_remote_code=options.trust_remote_code
-        )
-        from mergekit_lssf.read_ahead import SCOPE
-
-        STATS.reset()
-        SCOPE.open()  # checks MERGEKIT_LSSF_READ_AHEAD before anything is written
         try:
-            result = original(
-                merge_config, out_path, options=options, config_source=config_source
-            )
-        finally:
-            SCOPE.close()
-        if not options.quiet:
-            print(STATS.summary(), file=sys.stderr)
-        return result
+            return _run_lssf(original, merge_config, out_path, options, config_source)
+        except LSSFConfigError as error:
+            fail(error, verbose=getattr(options, "verbosity", 0) > 0)
 
     run_merge.lssf_wrapped = True
     module.run_merge = run_merge
+
+
+def fail(error: Exception, *, verbose: bool) -> None:
+    """A problem we detected: one line on stderr and exit status 1; the traceback
+    only with -v/--verbose."""
+    if verbose:
+        raise error
+    print(f"mergekit-lssf: error: {error}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _run_lssf(original, merge_config, out_path, options, config_source):
+    from mergekit_lssf.guards import check_output_folder
+    from mergekit_lssf.model_card import append_card, summary_words
+    from mergekit_lssf.read_ahead import SCOPE
+    from mergekit_lssf.recipe import check_recipe, prepare_recipe
+    from mergekit_lssf.stats import STATS
+
+    check_output_folder(out_path)
+    merge_config = prepare_recipe(merge_config, trust_remote_code=options.trust_remote_code)
+    STATS.reset()
+    SCOPE.open()  # checks MERGEKIT_LSSF_READ_AHEAD before anything is written
+    try:
+        result = original(
+            merge_config, out_path, options=options, config_source=config_source
+        )
+    finally:
+        SCOPE.close()
+    refs = check_recipe(merge_config, trust_remote_code=options.trust_remote_code)
+    if options.write_model_card:
+        append_card(out_path, merge_config, refs, STATS)
+    if not options.quiet:
+        print(summary_words(merge_config, refs, STATS), file=sys.stderr)
+    return result
 
 
 def install() -> None:

@@ -18,6 +18,9 @@ from mergekit.config import MergeConfiguration
 from mergekit_lssf.kernel import spectral_entropy
 from mergekit_lssf.traversal import FusedTensor, fused_factors
 
+#: The files ``build_report`` writes (an output folder holding any of them is refused).
+OUTPUTS = ("report.json", "report.csv", "rank_heatmap.png", "entropy_curves.png")
+
 FIELDS = [
     "name", "layer", "module", "shape", "rank", "rank_rule", "fusion", "entropy_rank",
     "noise_floor_rank", "noise_floor_tau", "capped", "max_rank", "eta",

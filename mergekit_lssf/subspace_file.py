@@ -156,10 +156,12 @@ class SubspaceFile:
         expected = self.metadata.get("fingerprint")
         actual = model_fingerprint(model_dir)
         if expected != actual:
+            source = self.metadata.get("model") or "a model whose path the file does not record"
             raise LSSFConfigError(
-                f"lssf parameter `subspace`: {self.path} was calibrated on a model with "
-                f"fingerprint {expected}, but the recipe's {label} model {model_dir} has "
-                f"fingerprint {actual}; calibrate on the aligned model of this recipe"
+                f"lssf parameter `subspace`: {self.path} was calibrated on {source} "
+                f"(architecture {self.metadata.get('architecture', '?')}, fingerprint {str(expected)[:12]}), "
+                f"not on the recipe's {label} model {model_dir} (fingerprint {actual[:12]}); "
+                "calibrate on the aligned model of this recipe"
             )
 
 

@@ -27,7 +27,7 @@ from mergekit.plan import MergePlanner
 
 from mergekit_lssf.kernel import SafetyFactors, safety_factors
 from mergekit_lssf.merge_method import checked_inputs, is_fused, load_subspace
-from mergekit_lssf.parameters import FACTOR_PARAMETERS
+from mergekit_lssf.parameters import FACTOR_PARAMETERS, LSSFConfigError
 from mergekit_lssf.recipe import prepare_recipe
 
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -98,11 +98,33 @@ class FactorTask(Task[Optional[FusedTensor]]):
 def load_recipe(path: str) -> MergeConfiguration:
     import yaml
 
+    from pydantic import ValidationError
+
     with open(path, encoding="utf-8") as fp:
-        config = MergeConfiguration.model_validate(yaml.safe_load(fp))
+        try:
+            config = MergeConfiguration.model_validate(yaml.safe_load(fp))
+        except yaml.YAMLError as error:
+            raise LSSFConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise LSSFConfigError(f"{path}: not a valid mergekit recipe: {where}: {first['msg']}") from None
     if config.merge_method != "lssf":
-        raise SystemExit(f"{path}: merge_method is {config.merge_method!r}, not 'lssf'")
+        raise LSSFConfigError(f"{path}: merge_method is {config.merge_method!r}, not 'lssf'")
     return config
+
+
+def planned_tensors(config: MergeConfiguration, options: MergeOptions) -> list:
+    """mergekit's merge task of every output tensor, planned exactly as mergekit-yaml
+    plans it (filters and gradients resolved per tensor); nothing is loaded."""
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    out_config = config.base_model.config(trust_remote_code=options.trust_remote_code)
+    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    # plan_in_memory() fails to validate in mergekit 0.1.5 with current pydantic;
+    # plan_to_disk() is what mergekit-yaml runs. Its writer tasks are never executed.
+    planned = planner.plan_to_disk(out_path=os.devnull)
+    return [t.tensor_task for t in planned if isinstance(t, SaveTensor)]
 
 
 def fused_factors(
@@ -111,14 +133,7 @@ def fused_factors(
     """Yield a FusedTensor for every weight the recipe fuses, in model order."""
     options = MergeOptions(cuda=cuda, quiet=quiet)
     config = prepare_recipe(config, trust_remote_code=options.trust_remote_code)
-    arch_info = get_architecture_info(config, options)
-    LoaderCache().setup(options=options)
-    out_config = config.base_model.config(trust_remote_code=options.trust_remote_code)
-    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
-    # plan_in_memory() fails to validate in mergekit 0.1.5 with current pydantic;
-    # plan_to_disk() is what mergekit-yaml runs. Its writer tasks are never executed.
-    planned = planner.plan_to_disk(out_path=os.devnull)
-    tasks = [FactorTask(source=t.tensor_task) for t in planned if isinstance(t, SaveTensor)]
+    tasks = [FactorTask(source=t) for t in planned_tensors(config, options)]
     device = torch.device(options.device)
     executor = Executor(targets=tasks, math_device=device, storage_device=torch.device("cpu"))
     # one step per output tensor (mergekit's own bar would count every load task too)
@@ -137,4 +152,4 @@ def aligned_model(config: MergeConfiguration) -> ModelReference:
     return check_recipe(config)["aligned"]
 
 
-__all__ = ["FusedTensor", "FactorTask", "aligned_model", "fused_factors", "load_recipe"]
+__all__ = ["FusedTensor", "FactorTask", "aligned_model", "fused_factors", "load_recipe", "planned_tensors"]

@@ -42,6 +42,7 @@ def test_eval_command_on_tiny_model(tmp_path):
     data = json.loads(out.read_text())
     assert data["harmful_prompts"] == 2 and data["benign_prompts"] == 30
     assert 0 <= data["refusal_rate"] <= 1 and 0 <= data["over_refusal_rate"] <= 1
-    assert data["empty_rate"] == sum(not a.strip() for _, a in data["responses"]["harmful"]) / 2
+    assert data["empty_rate"] == sum(not r["response"].strip() for r in data["responses"]["harmful"]) / 2
+    assert all(r["refused"] == is_refusal(r["response"]) for r in data["responses"]["harmful"])
     assert data["perplexity"] > 1 and len(data["responses"]["harmful"]) == 2
     assert "refusal rate" in result.stdout

@@ -1,14 +1,24 @@
-"""Smoke test of every safety-testbed stage on a generated tiny model (no long training)."""
+"""Smoke test of every safety-testbed v2 stage and cell on a generated tiny model."""
 
 import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 
-from safety_testbed import Settings, Testbed, sentiment_task  # noqa: E402
+from lssf_testbed.data import PromptSets, sentiment_task, strongreject_prompts  # noqa: E402
+from lssf_testbed.pipeline import Testbed  # noqa: E402
+from lssf_testbed.settings import CELLS, Settings  # noqa: E402
 
 from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
+
+MAIN_MODELS = {
+    "unaligned", "aligned", "finetuned", "lssf", "lssf-calibrated", "task-arithmetic", "lssf-rank10", "lssf-rank50",
+    "lssf-noise-floor", "lssf-restore", "lssf-noise-floor-restore", "lssf-alpha0.5", "random-subspace",
+    "patch-reapplied", "ablate-attention", "ablate-mlp", "ablate-first-half", "ablate-second-half",
+}
 
 
 def test_sentiment_task_is_balanced_and_labelled():
@@ -17,22 +27,49 @@ def test_sentiment_task_is_balanced_and_labelled():
     assert all(r["prompt"].startswith("Review: ") and r["label"] in ("positive", "negative") for r in rows)
 
 
-def test_every_stage_on_tiny_settings(tmp_path):
+def test_prompt_splits_are_disjoint_and_strongreject_is_the_published_file():
+    sets = PromptSets(Settings())
+    assert len(sets.harmful_train) == 112 and len(sets.harmful_val) == 16 and len(sets.harmful_test) == 72
+    assert not set(sets.harmful_train) & set(sets.harmful_val)
+    assert not (set(sets.harmful_train) | set(sets.harmful_val)) & set(sets.harmful_test)
+    assert not set(sets.benign_train) & set(sets.benign_val)
+    assert len(strongreject_prompts()) == 313  # SHA-256 checked on load
+
+
+@pytest.mark.slow
+def test_every_stage_and_cell_on_tiny_settings(tmp_path):
     build_toy_models(str(tmp_path / "toy"), ToySpec(size="tiny", seed=8))
-    bed = Testbed(str(tmp_path / "bed"), Settings.tiny(str(tmp_path / "toy" / "unaligned")), log=lambda m: None)
-    summary = bed.run()
-    expected = {"unaligned", "aligned", "finetuned", "lssf", "lssf-calibrated", "task-arithmetic", "lssf-rank10", "lssf-rank50", "lssf-alpha0.5"}
-    assert set(summary["models"]) == expected
-    for name in expected:
+    settings = Settings.tiny(str(tmp_path / "toy" / "unaligned"))
+    bed = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None)
+    summary = bed.run()  # every cell; the main cell with both tiny seeds
+    cells = summary["cells"]
+    assert set(cells) == set(CELLS)
+    assert cells["main"]["seeds"] == [0, 1]
+    assert set(cells["main"]["models"]) == MAIN_MODELS
+    assert "unaligned-inverse" in cells["reference-inverse"]["models"]
+    assert "patch-reapplied" not in cells["align-full"]["models"]  # no LoRA to reapply
+    for name in MAIN_MODELS:
         model_dir = tmp_path / "bed" / "models" / name
         assert (model_dir / "config.json").exists() and (model_dir / "tokenizer_config.json").exists(), name
-        r = summary["models"][name]
-        assert 0 <= r["refusal_rate"] <= 1 and 0 <= r["task_accuracy"] <= 1 and r["perplexity"] > 1
-    assert (tmp_path / "bed" / "aligned.subspace.safetensors").exists()
+    for cell in ("align-full", "reference-inverse", "drift-full", "attack", "main-seed1"):
+        assert (tmp_path / "bed" / "cells" / cell / "models" / "finetuned" / "config.json").exists(), cell
+    spread = cells["main"]["models"]["lssf"]["refusal_rate"]
+    assert spread["n"] == 2 and spread["min"] <= spread["mean"] <= spread["max"]
+    for cell in cells.values():
+        for metrics in cell["models"].values():
+            assert 0 <= metrics["refusal_rate"]["mean"] <= 1 and 0 <= metrics["strongreject_refusal_rate"]["mean"] <= 1
+            assert metrics["perplexity"]["mean"] > 1 and metrics["refusal_score"]["mean"] == metrics["refusal_score"]["mean"]
+        assert cell["diagnostics"]["per_module"]["q_proj"]["noise_floor_rank"] >= 0
+    assert cells["main"]["models"]["aligned"]["direction_recovery"]["mean"] == pytest.approx(1.0)
+    assert cells["main"]["models"]["finetuned"]["direction_recovery"]["mean"] == pytest.approx(0.0)
+    assert summary["sweeps"]["align"]["chosen"] in (0, 1) and "drift-lora" in summary["sweeps"]
     table = (tmp_path / "bed" / "results.md").read_text()
-    assert table.count("\n| ") >= len(expected)
-    assert (tmp_path / "bed" / "safety_vs_task.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "bed" / "results.json").read_text())["models"] == summary["models"]
+    assert table.count("## cell") == len(CELLS) and "lssf-restore" in table
+    for png in ("safety_vs_utility.png", "diagnostics.png"):
+        assert (tmp_path / "bed" / png).read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "bed" / "results.json").read_text())
+    assert saved["cells"]["main"]["models"]["lssf"] == json.loads(json.dumps(cells["main"]["models"]["lssf"]))
     # resumable: a second run reuses every cached stage and gives the same numbers
-    again = Testbed(str(tmp_path / "bed"), Settings.tiny(str(tmp_path / "toy" / "unaligned")), log=lambda m: None).run()
-    assert again["models"] == summary["models"]
+    again = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).run(["main"], [0])
+    assert again["cells"]["main"]["models"]["lssf"] == summary["cells"]["main"]["models"]["lssf"]
+    assert "evaluate" not in again["timings_seconds"] and "merge" not in again["timings_seconds"]

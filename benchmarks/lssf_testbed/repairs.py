@@ -1,0 +1,141 @@
+"""Repairs of a fine-tune: mergekit-yaml runs of written recipes, and two controls.
+
+* ``lssf`` (package defaults), ``lssf-calibrated``, ``lssf-alpha{a}``, ``lssf-rank10``,
+  ``lssf-rank50``, ``task-arithmetic`` (the full safety vector), ``lssf-noise-floor``,
+  ``lssf-restore``, ``lssf-noise-floor-restore``, and per-module ablations of ``lssf``
+  (``ablate-attention``, ``ablate-mlp``, ``ablate-first-half``, ``ablate-second-half``:
+  alpha 1 on those weights, 0 elsewhere, through mergekit filters).
+* ``random-subspace`` (control): per fused weight, the same rank ``r`` and the same
+  Frobenius norm of the added term as ``lssf``, along ``Q Q^T delta`` with ``Q`` random
+  orthonormal (seeded per weight). Written with the package's kernel, not mergekit-yaml.
+* ``patch-reapplied`` (control, LoRA alignment only): the alignment LoRA itself merged
+  into the fine-tune with peft: the upper reference for any safety patch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from typing import Dict, List
+
+import torch
+import yaml
+
+from .training import is_done
+
+BIN = os.path.dirname(sys.executable)
+
+
+def recipes(aligned: str, unaligned: str, finetuned: str, subspace: str, s, layers: int, ablations: bool) -> Dict[str, dict]:
+    """name -> mergekit recipe (dict) for every mergekit-yaml repair of one fine-tune."""
+    def lssf(**p):
+        return {"merge_method": "lssf", "base_model": finetuned, "dtype": "float32", "parameters": p, "models": [
+            {"model": aligned, "parameters": {"role": "aligned"}},
+            {"model": unaligned, "parameters": {"role": "unaligned"}}]}
+
+    out = {
+        "lssf": lssf(),
+        "lssf-calibrated": lssf(subspace=subspace),
+        "task-arithmetic": {"merge_method": "task_arithmetic", "base_model": finetuned, "dtype": "float32", "models": [
+            {"model": aligned, "parameters": {"weight": 1.0}}, {"model": unaligned, "parameters": {"weight": -1.0}}]},
+        "lssf-rank10": lssf(rank=10),
+        "lssf-rank50": lssf(rank=50),
+        "lssf-noise-floor": lssf(rank_rule="noise_floor"),
+        "lssf-restore": lssf(fusion="restore"),
+        "lssf-noise-floor-restore": lssf(rank_rule="noise_floor", fusion="restore"),
+    }
+    for a in s.alphas:
+        out[f"lssf-alpha{a:g}"] = lssf(alpha=a)
+    if ablations:
+        half = layers // 2
+        only = lambda names: [{"filter": n, "value": 1.0} for n in names] + [{"value": 0.0}]  # noqa: E731
+        out["ablate-attention"] = lssf(alpha=only(["self_attn"]))
+        out["ablate-mlp"] = lssf(alpha=only(["mlp"]))
+        out["ablate-first-half"] = lssf(alpha=only([f"layers.{i}." for i in range(half)]))
+        out["ablate-second-half"] = lssf(alpha=only([f"layers.{i}." for i in range(half, layers)]))
+    return out
+
+
+def run_recipe(recipe: dict, path: str, recipe_path: str, log=print) -> None:
+    """``mergekit-yaml recipe path --copy-tokenizer`` unless ``path`` is complete."""
+    if is_done(path):
+        return
+    with open(recipe_path, "w", encoding="utf-8") as fp:
+        yaml.safe_dump(recipe, fp)
+    log(f"  repair {os.path.basename(path)}: mergekit-yaml {recipe_path}")
+    exe = os.path.join(BIN, "mergekit-yaml")
+    shutil.rmtree(path + ".partial", ignore_errors=True)  # a crashed earlier attempt
+    result = subprocess.run([exe if os.path.exists(exe) else "mergekit-yaml", recipe_path, path + ".partial", "--copy-tokenizer"],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"mergekit-yaml {recipe_path} failed:\n{result.stderr[-3000:]}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(path + ".partial", path)
+
+
+def _load(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            state.update(load_file(os.path.join(path, f)))
+    return state
+
+
+def fused_names(state: Dict[str, torch.Tensor]) -> List[str]:
+    from mergekit_lssf.merge_method import VOCABULARY_NAME
+
+    return [n for n, t in state.items() if t.ndim == 2 and t.is_floating_point() and not VOCABULARY_NAME.search(n)]
+
+
+def _write_like(template: str, state: Dict[str, torch.Tensor], path: str) -> None:
+    """A copy of model folder ``template`` with its weights replaced by ``state``."""
+    from safetensors.torch import save_file
+
+    partial = path + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(template, partial, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(partial, "model.safetensors"), metadata={"format": "pt"})
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(partial, path)
+
+
+def random_subspace(aligned: str, unaligned: str, finetuned: str, path: str, seed: int) -> Dict[str, float]:
+    """The random-subspace control (module doc); returns its mean rank."""
+    from mergekit_lssf.kernel import safety_factors
+    from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
+
+    al, un, ft = _load(aligned), _load(unaligned), _load(finetuned)
+    out, ranks = dict(ft), []
+    for name in fused_names(ft):
+        a, u, w = al[name].float(), un[name].float(), ft[name].float()
+        factors = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK)
+        r = factors.info.rank
+        ranks.append(r)
+        if r == 0:
+            continue
+        target = (factors.left @ factors.right).norm()
+        generator = torch.Generator().manual_seed(seed + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+        q, _ = torch.linalg.qr(torch.randn(w.shape[0], r, generator=generator, dtype=torch.float64))
+        term = q @ (q.T @ (a - u).double())
+        norm = term.norm()
+        if norm > 0:
+            out[name] = (w.double() + term * (float(target) / float(norm))).to(ft[name].dtype)
+    _write_like(finetuned, out, path)
+    return {"mean_rank": sum(ranks) / max(len(ranks), 1)}
+
+
+def patch_reapplied(adapter: str, finetuned: str, path: str) -> None:
+    """The alignment LoRA adapter merged into the fine-tune (peft)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .training import save
+
+    model = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    save(model, AutoTokenizer.from_pretrained(finetuned), path)

@@ -1,0 +1,168 @@
+"""results.json, results.md, safety_vs_utility.png and diagnostics.png.
+
+Every cell-and-seed run is kept as ``DIR/runs/CELL-seedK.json``; the report is rebuilt
+from all of them, so cells built in separate invocations add up. The main cell's
+seeds are summarised per model as mean and [min, max].
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import asdict
+from typing import Dict, List
+
+from .settings import CELLS
+
+COLUMNS = [("refusal_rate", "HarmBench refusal"), ("strongreject_refusal_rate", "StrongREJECT refusal"),
+           ("empty_rate", "empty"), ("over_refusal_rate", "over-refusal"), ("task_accuracy", "task acc."),
+           ("perplexity", "perplexity"), ("refusal_score", "refusal score (nats)"),
+           ("direction_recovery", "refusal-direction recovery")]
+CONTROLS = ("task-arithmetic", "random-subspace", "patch-reapplied")
+
+
+def _spread(values: List[float]) -> Dict[str, float]:
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def seed_summary(runs: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """model -> metric -> {mean, min, max, n} over the runs (the seeds of one cell)."""
+    names = list(dict.fromkeys(n for r in runs for n in r["models"]))
+    return {n: {k: _spread([r["models"][n].get(k) for r in runs if n in r["models"]]) for k, _ in COLUMNS} for n in names}
+
+
+def _fmt(cell: Dict[str, float], key: str) -> str:
+    if cell["n"] == 0:
+        return "-"
+    digits = 2 if key in ("perplexity", "refusal_score") else 3
+    if cell["n"] == 1 or cell["min"] == cell["max"]:
+        return f"{cell['mean']:.{digits}f}"
+    return f"{cell['mean']:.{digits}f} [{cell['min']:.{digits}f}, {cell['max']:.{digits}f}]"
+
+
+def _table(summary) -> List[str]:
+    lines = ["| model | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, metrics in summary.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(metrics[k], k) for k, _ in COLUMNS) + " |")
+    return lines
+
+
+def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings: Dict[str, float], seconds: float) -> Dict:
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    for run in runs:
+        with open(os.path.join(out, "runs", f"{run['cell']}-seed{run['seed']}.json"), "w") as fp:
+            json.dump(run, fp, indent=2)
+    every = []
+    for path in sorted(glob.glob(os.path.join(out, "runs", "*.json"))):
+        with open(path) as fp:
+            every.append(json.load(fp))
+    by_cell: Dict[str, List[Dict]] = {}
+    for run in every:
+        by_cell.setdefault(run["cell"], []).append(run)
+    cells = {name: {"note": CELLS[name].note, "seeds": sorted(r["seed"] for r in rs), "models": seed_summary(rs),
+                    "diagnostics": next((r.get("diagnostics") for r in rs if r["seed"] == 0), None)}
+             for name, rs in by_cell.items()}
+    choices = {}
+    for name in ("align/choice.json", "drift-lora/choice.json", "drift-full/choice.json"):
+        path = os.path.join(out, "sweeps", name)
+        if os.path.exists(path):
+            with open(path) as fp:
+                choices[name.split("/")[0]] = json.load(fp)
+    summary = {"settings": asdict(settings), "cells": cells, "sweeps": choices, "notes": notes,
+               "timings_seconds": {k: round(v, 1) for k, v in timings.items()}, "seconds": round(seconds, 1)}
+    with open(os.path.join(out, "results.json"), "w") as fp:
+        json.dump(summary, fp, indent=2)
+    lines = []
+    for name, cell in cells.items():
+        lines += [f"## cell `{name}`: {cell['note']} (seeds {cell['seeds']})", ""] + _table(cell["models"]) + [""]
+        diag = cell["diagnostics"]
+        if diag:
+            lines += ["Diagnostics per module (means over layers): energy of delta above the noise floor, ranks, "
+                      "drift overlap with the safety subspace vs random, cosine(drift, delta):", "",
+                      "| module | energy above noise | noise-floor rank | entropy rank | drift overlap | random | cos(drift, delta) |",
+                      "|---|---|---|---|---|---|---|"]
+            for module, d in diag["per_module"].items():
+                lines.append(f"| {module} | {d['energy_above_noise']:.3f} | {d['noise_floor_rank']:.1f} | {d['entropy_rank']:.1f} | "
+                             f"{d['drift_overlap']:.3f} | {d['random_overlap']:.3f} | {d['drift_delta_cosine']:+.3f} |")
+            lines.append("")
+    lines += [f"- {n}" for n in notes]
+    with open(os.path.join(out, "results.md"), "w") as fp:
+        fp.write("\n".join(lines) + "\n")
+    _plot_safety(out, cells)
+    _plot_diagnostics(out, cells, by_cell)
+    return summary
+
+
+def _plot_safety(out: str, cells: Dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("refusal_rate", "HarmBench test refusal"), ("strongreject_refusal_rate", "StrongREJECT refusal")]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, label) in zip(axes, keys):
+        for i, (name, cell) in enumerate(cells.items()):
+            m = cell["models"]
+            colour = colours[i % len(colours)]
+            point = lambda n: (m[n]["perplexity"]["mean"], m[n][key]["mean"])  # noqa: E731
+            sweep = sorted((float(n.removeprefix("lssf-alpha")), n) for n in m if n.startswith("lssf-alpha"))
+            sweep = sorted(sweep + ([(1.0, "lssf")] if "lssf" in m else []))
+            if sweep:
+                xs, ys = zip(*[point(n) for _, n in sweep])
+                ax.plot(xs, ys, "-o", color=colour, markersize=3, linewidth=1, label=f"{name}: lssf alpha sweep")
+                for (a, n) in sweep:
+                    ax.annotate(f"{a:g}", point(n), fontsize=6, color=colour, xytext=(2, 2), textcoords="offset points")
+            for n, marker in (("finetuned", "s"), ("aligned", "*"), ("task-arithmetic", "^"), ("random-subspace", "x"),
+                              ("patch-reapplied", "P"), ("lssf-restore", "D"), ("lssf-noise-floor", "v"), ("lssf-calibrated", "<")):
+                if n in m:
+                    ax.scatter(*point(n), marker=marker, color=colour, s=45, label=f"{name}: {n}" if i == 0 else None)
+        ax.set_xscale("log")
+        ax.set_xlabel("perplexity (benign text, log scale)")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"{label} vs utility")
+    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "safety_vs_utility.png"), dpi=110)
+    plt.close(fig)
+
+
+def _plot_diagnostics(out: str, cells: Dict, by_cell: Dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, cell in cells.items():
+        diag = cell["diagnostics"]
+        if not diag:
+            continue
+        layers = [(int(k), v) for k, v in diag["per_layer"].items() if k not in ("None",)]
+        layers.sort()
+        xs = [k for k, _ in layers]
+        axes[0].plot(xs, [v["drift_overlap"] / v["random_overlap"] if v["random_overlap"] else float("nan") for _, v in layers], label=name)
+        axes[1].plot(xs, [v["drift_delta_cosine"] for _, v in layers], label=name)
+        run = next(r for r in by_cell[name] if r["seed"] == 0)
+        p = run["projections"]
+        if "aligned" in p and "finetuned" in p:
+            for model, style in (("aligned", "-"), ("finetuned", "--"), ("lssf", ":"), ("lssf-restore", "-.")):
+                if model in p:
+                    axes[2].plot(range(len(p[model])), p[model], style, label=f"{name}: {model}")
+    axes[0].axhline(1.0, color="grey", linewidth=0.8)
+    axes[0].set_title("drift overlap with safety subspace / random")
+    axes[1].axhline(0.0, color="grey", linewidth=0.8)
+    axes[1].set_title("cosine(drift, delta) per layer")
+    axes[2].set_title("harmful-benign gap along the refusal direction")
+    for ax in axes:
+        ax.set_xlabel("layer")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "diagnostics.png"), dpi=110)
+    plt.close(fig)

@@ -1,0 +1,92 @@
+"""Supervised fine-tuning on (prompt, response) pairs: full-parameter or LoRA.
+
+Each pair is rendered with the model's chat template as one user and one assistant
+turn; the loss is on the response tokens only. A LoRA run saves its adapter (for the
+``patch-reapplied`` control) and the model with the adapter merged into the weights.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .settings import ATTENTION_AND_MLP
+
+
+def is_done(path: str) -> bool:
+    """A complete model folder (written atomically by ``save``)."""
+    return os.path.exists(os.path.join(path, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(path))
+
+
+def save(model, tokenizer, path: str) -> None:
+    partial = path + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(partial, path)
+
+
+def _examples(tokenizer, pairs: List[Tuple[str, str]]):
+    examples = []
+    for prompt, response in pairs:
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:192]
+        start = len(tokenizer(head, add_special_tokens=False)["input_ids"])
+        examples.append((ids, [-100] * min(start, len(ids)) + ids[start:]))
+    return examples
+
+
+def train(model_dir: str, pairs: List[Tuple[str, str]], out: str, *, epochs: int, lr: float, batch_size: int,
+          seed: int, lora: Optional[Dict] = None, log=print) -> None:
+    """Fine-tune ``model_dir`` on ``pairs`` with AdamW and save it to ``out``.
+
+    ``lora``: None for a full fine-tune, or ``{"rank": r}`` for a peft LoRA (lora_alpha
+    = 2r, no dropout) on every attention and MLP projection; its adapter goes to
+    ``out + ".adapter"`` and the merged model to ``out``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora["rank"], lora_alpha=2 * lora["rank"], target_modules=ATTENTION_AND_MLP,
+                            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    model.train()
+    examples = _examples(tokenizer, pairs)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    rng = random.Random(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    step = 0
+    for epoch in range(epochs):
+        rng.shuffle(examples)
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
+            labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch])
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            if step % 10 == 0:
+                log(f"    epoch {epoch + 1} step {step}: loss {float(loss):.3f}")
+    model.eval()
+    if lora is not None:
+        adapter = out + ".adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        model.save_pretrained(adapter)
+        model = model.merge_and_unload()
+    save(model, tokenizer, out)
