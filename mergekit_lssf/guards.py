@@ -8,6 +8,7 @@ tensors. No mergekit import beyond what the callers pass in.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -82,8 +83,8 @@ def role_swap_warning(finetuned: Any, aligned: Any, unaligned: Any, names: List[
         ft, al, un = (_read(p, name) for p in paths)
         if ft is None or al is None or un is None or ft.shape != al.shape or ft.shape != un.shape:
             return None
-        d_aligned += float((ft - al).square().sum())
-        d_unaligned += float((ft - un).square().sum())
+        d_aligned += float((ft - al).double().square().sum())
+        d_unaligned += float((ft - un).double().square().sum())
     d_aligned, d_unaligned = d_aligned ** 0.5, d_unaligned ** 0.5
     if d_unaligned < SWAP_RATIO * d_aligned:
         return (
@@ -99,14 +100,16 @@ def role_swap_warning(finetuned: Any, aligned: Any, unaligned: Any, names: List[
 
 
 def sample_names(shapes: Dict[str, tuple], is_candidate) -> List[str]:
-    """Up to SWAP_SAMPLES fused-weight names spread over the model, middle first."""
-    names = sorted(n for n, shape in shapes.items() if len(shape) == 2 and is_candidate(n))
-    if not names:
+    """Up to SWAP_SAMPLES fused-weight names of the smallest size (k/v projections in
+    models with grouped-query attention), spread over the layers, so that the check
+    reads a few MB even on a 70B model."""
+    candidates = [(math.prod(shape), n) for n, shape in shapes.items() if len(shape) == 2 and is_candidate(n)]
+    if not candidates:
         return []
+    smallest = min(size for size, _ in candidates)
+    names = sorted(n for size, n in candidates if size == smallest)
     step = max(len(names) // SWAP_SAMPLES, 1)
-    middle = len(names) // 2
-    picks = sorted({names[(middle + i * step) % len(names)] for i in range(SWAP_SAMPLES)})
-    return picks
+    return sorted({names[(len(names) // 2 + i * step) % len(names)] for i in range(SWAP_SAMPLES)})
 
 
 def _safetensors_folder(model: Any) -> Optional[str]:
@@ -125,5 +128,5 @@ def _read(folder: str, name: str):
         if f.endswith(".safetensors"):
             with safe_open(os.path.join(folder, f), framework="pt") as fp:
                 if name in fp.keys():
-                    return fp.get_tensor(name).double()
+                    return fp.get_tensor(name).float()
     return None
