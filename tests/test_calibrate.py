@@ -138,7 +138,7 @@ def _edited_file(root, name, edit):
     [
         (lambda t, m: [t.pop("model.layers.1.mlp.up_proj.weight.U"), t.pop("model.layers.1.mlp.up_proj.weight.S")],
          "weight model.layers.1.mlp.up_proj.weight of the aligned model (./aligned) is missing from subspace file"),
-        (lambda t, m: m.update(fingerprint="0" * 64), "was calibrated on a model with fingerprint 0000"),
+        (lambda t, m: m.update(fingerprint="0" * 64), "fingerprint 000000000000), not on the recipe's aligned model ./aligned"),
         (lambda t, m: m.update(format="something-else"), "is not an lssf subspace file"),
     ],
 )

@@ -73,7 +73,7 @@ def _peft_model(model_dir, patch_dir):
 
 def test_patch_round_trip_through_peft(models, tmp_path):
     patch = tmp_path / "patch"
-    run_cli(["mergekit-lssf", "extract-patch", _write_recipe(models), str(patch)], cwd=models)
+    run_cli(["mergekit-lssf", "extract-patch", _write_recipe(models), "--out", str(patch)], cwd=models)
     config = json.loads((patch / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and len(config["target_modules"]) == 14
     assert all(config["rank_pattern"][k] == config["alpha_pattern"][k] for k in config["rank_pattern"])
