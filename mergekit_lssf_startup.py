@@ -10,7 +10,9 @@ fast. When mergekit itself is imported later, the finder lets the real module lo
 and then calls ``mergekit_lssf.registration``:
 
 * after ``mergekit.merge_methods``: register the ``lssf`` method;
-* after ``mergekit.merge``: wrap ``run_merge`` with the lssf recipe check and summary.
+* after ``mergekit.merge``: wrap ``run_merge`` with the lssf recipe check and summary;
+* after ``mergekit.scripts.run_yaml`` / ``multimerge`` (the commands): print our
+  errors as one line instead of a traceback.
 
 Keep this file dependency-free: it is imported at every interpreter start.
 """
@@ -21,6 +23,8 @@ import sys
 HOOKS = {
     "mergekit.merge_methods": "on_merge_methods_loaded",
     "mergekit.merge": "on_merge_loaded",
+    "mergekit.scripts.run_yaml": "on_cli_loaded",
+    "mergekit.scripts.multimerge": "on_cli_loaded",
 }
 
 

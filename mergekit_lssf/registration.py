@@ -36,24 +36,37 @@ def on_merge_loaded(module: ModuleType) -> None:
             return original(
                 merge_config, out_path, options=options, config_source=config_source
             )
-        from mergekit_lssf.parameters import LSSFConfigError
-
-        try:
-            return _run_lssf(original, merge_config, out_path, options, config_source)
-        except LSSFConfigError as error:
-            fail(error, verbose=getattr(options, "verbosity", 0) > 0)
+        return _run_lssf(original, merge_config, out_path, options, config_source)
 
     run_merge.lssf_wrapped = True
     module.run_merge = run_merge
 
 
-def fail(error: Exception, *, verbose: bool) -> None:
-    """A problem we detected: one line on stderr and exit status 1; the traceback
-    only with -v/--verbose."""
-    if verbose:
-        raise error
-    print(f"mergekit-lssf: error: {error}", file=sys.stderr)
-    raise SystemExit(1)
+def on_cli_loaded(module: ModuleType) -> None:
+    """Wrap the click callback of ``mergekit-yaml`` / ``mergekit-multi``: a problem we
+    detected (``LSSFConfigError``) is one line on stderr and exit status 1, the
+    traceback only with ``-v``. Library callers of ``run_merge`` keep the exception."""
+    command = getattr(module, "main", None)
+    callback = getattr(command, "callback", None)
+    if callback is None or getattr(callback, "lssf_wrapped", False):
+        return
+
+    @functools.wraps(callback)
+    def wrapped(*args, **kwargs):
+        from mergekit_lssf.parameters import LSSFConfigError
+
+        try:
+            return callback(*args, **kwargs)
+        except LSSFConfigError as error:
+            # click passes the raw options (verbosity=...) or a built MergeOptions
+            verbosity = kwargs.get("verbosity") or getattr(kwargs.get("merge_options"), "verbosity", 0)
+            if (verbosity or 0) > 0:
+                raise
+            print(f"mergekit-lssf: error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    wrapped.lssf_wrapped = True
+    command.callback = wrapped
 
 
 def _run_lssf(original, merge_config, out_path, options, config_source):
@@ -90,3 +103,6 @@ def install() -> None:
     merge_module = sys.modules.get("mergekit.merge")
     if merge_module is not None and hasattr(merge_module, "run_merge"):
         on_merge_loaded(merge_module)
+    for name in ("mergekit.scripts.run_yaml", "mergekit.scripts.multimerge"):
+        if name in sys.modules:
+            on_cli_loaded(sys.modules[name])
