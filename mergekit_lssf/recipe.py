@@ -67,13 +67,7 @@ def _leaves_at(setting: Any, where: str) -> Iterator[Tuple[str, Any]]:
 
 def _leaves(setting: Any) -> Iterator[Any]:
     """Every literal value in a parameter setting (scalars, gradients, filters)."""
-    if isinstance(setting, ConditionalParameter):
-        yield from _leaves(setting.value)
-    elif isinstance(setting, list):
-        for item in setting:
-            yield from _leaves(item)
-    else:
-        yield setting
+    return (value for _path, value in _leaves_at(setting, ""))
 
 
 def _validators() -> Dict[str, Any]:
@@ -199,32 +193,23 @@ def _check_subspace(where: str, path: str, aligned: Any) -> None:
 
 def _safetensors_shapes(model: Any) -> Optional[Dict[str, Tuple[int, ...]]]:
     """Tensor shapes of a local safetensors model from file headers alone."""
-    if getattr(model, "lora", None) is not None:
-        return None
-    path = model.model.path
-    if not os.path.isdir(path):
-        return None
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        return None
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    for file in files:
-        header, _start = read_header(os.path.join(path, file))
-        for name, info in header.items():
-            if name != "__metadata__":
-                shapes[name] = tuple(info["shape"])
-    return shapes
+    index = _safetensors_dtypes(model)
+    return None if index is None else {name: tuple(shape) for name, (shape, _dtype) in index.items()}
 
 
 def _safetensors_dtypes(model: Any) -> Optional[Dict[str, Tuple[List[int], str]]]:
-    """name -> (shape, safetensors dtype) of a local safetensors model, from headers."""
+    """name -> (shape, safetensors dtype) of a local safetensors model, from file
+    headers alone; None for a LoRA reference, a hub id or a folder without them."""
     if getattr(model, "lora", None) is not None or not os.path.isdir(model.model.path):
         return None
+    files = sorted(f for f in os.listdir(model.model.path) if f.endswith(".safetensors"))
+    if not files:
+        return None
     out: Dict[str, Tuple[List[int], str]] = {}
-    for file in sorted(f for f in os.listdir(model.model.path) if f.endswith(".safetensors")):
+    for file in files:
         header, _start = read_header(os.path.join(model.model.path, file))
         out.update({n: (list(i["shape"]), i["dtype"]) for n, i in header.items() if n != "__metadata__"})
-    return out or None
+    return out
 
 
 def _check_shapes(base: Any, refs: Dict[str, Any]) -> None:
