@@ -193,11 +193,11 @@ def _check_subspace(where: str, path: str, aligned: Any) -> None:
 
 def _safetensors_shapes(model: Any) -> Optional[Dict[str, Tuple[int, ...]]]:
     """Tensor shapes of a local safetensors model from file headers alone."""
-    index = _safetensors_dtypes(model)
+    index = safetensors_index(model)
     return None if index is None else {name: tuple(shape) for name, (shape, _dtype) in index.items()}
 
 
-def _safetensors_dtypes(model: Any) -> Optional[Dict[str, Tuple[List[int], str]]]:
+def safetensors_index(model: Any) -> Optional[Dict[str, Tuple[List[int], str]]]:
     """name -> (shape, safetensors dtype) of a local safetensors model, from file
     headers alone; None for a LoRA reference, a hub id or a folder without them."""
     if getattr(model, "lora", None) is not None or not os.path.isdir(model.model.path):
@@ -238,16 +238,19 @@ def _check_shapes(base: Any, refs: Dict[str, Any]) -> None:
 
 
 def prepare_recipe(
-    config: MergeConfiguration, *, trust_remote_code: bool = False, warn: bool = True
+    config: MergeConfiguration, *, trust_remote_code: bool = False, warn: bool = True,
+    refs: Optional[Dict[str, Any]] = None,
 ) -> MergeConfiguration:
     """Check the recipe; align vocabularies to the fine-tune's when they differ.
 
     LSSF keeps the fine-tune's embeddings and lm_head, so a fine-tune with added
     tokens needs mergekit's ``tokenizer_source: base``; it is set here when the
     recipe says nothing about tokenizers (the recipe file itself is not changed).
-    ``warn``: print the role-swap warning (``role_check``) to stderr.
+    ``warn``: print the role-swap warning (``role_check``) to stderr. ``refs``: the
+    result of ``check_recipe(config)`` when the caller already has it.
     """
-    refs = check_recipe(config, trust_remote_code=trust_remote_code)
+    if refs is None:
+        refs = check_recipe(config, trust_remote_code=trust_remote_code)
     warning = role_check(config, refs) if warn else None
     if warning:
         import sys

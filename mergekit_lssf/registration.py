@@ -77,7 +77,8 @@ def _run_lssf(original, merge_config, out_path, options, config_source):
     from mergekit_lssf.stats import STATS
 
     check_output_folder(out_path)
-    merge_config = prepare_recipe(merge_config, trust_remote_code=options.trust_remote_code)
+    refs = check_recipe(merge_config, trust_remote_code=options.trust_remote_code)
+    merge_config = prepare_recipe(merge_config, trust_remote_code=options.trust_remote_code, refs=refs)
     STATS.reset()
     SCOPE.open()  # checks MERGEKIT_LSSF_READ_AHEAD before anything is written
     try:
@@ -86,7 +87,6 @@ def _run_lssf(original, merge_config, out_path, options, config_source):
         )
     finally:
         SCOPE.close()
-    refs = check_recipe(merge_config, trust_remote_code=options.trust_remote_code)
     if options.write_model_card:
         append_card(out_path, merge_config, refs, STATS)
     if not options.quiet:
