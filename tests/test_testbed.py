@@ -16,7 +16,7 @@ from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
 
 MAIN_MODELS = {
     "unaligned", "aligned", "finetuned", "lssf", "lssf-calibrated", "task-arithmetic", "lssf-rank10", "lssf-rank50",
-    "lssf-noise-floor", "lssf-restore", "lssf-noise-floor-restore", "lssf-alpha0.5", "random-subspace",
+    "lssf-noise-floor", "lssf-restore", "lssf-noise-floor-restore", "lssf-alpha0.5", "random-subspace", "random-restore",
     "patch-reapplied", "ablate-attention", "ablate-mlp", "ablate-first-half", "ablate-second-half",
 }
 
@@ -55,6 +55,9 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path):
         assert (tmp_path / "bed" / "cells" / cell / "models" / "finetuned" / "config.json").exists(), cell
     spread = cells["main"]["models"]["lssf"]["refusal_rate"]
     assert spread["n"] == 2 and spread["min"] <= spread["mean"] <= spread["max"]
+    seed1 = {p.name for p in (tmp_path / "bed" / "cells" / "main-seed1" / "models").iterdir()}
+    assert seed1 == {"finetuned", *settings.seed_models}  # only the core repairs for the other seeds
+    assert cells["main"]["models"]["lssf-rank10"]["refusal_rate"]["n"] == 1
     for cell in cells.values():
         for metrics in cell["models"].values():
             assert 0 <= metrics["refusal_rate"]["mean"] <= 1 and 0 <= metrics["strongreject_refusal_rate"]["mean"] <= 1
@@ -73,3 +76,36 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path):
     again = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).run(["main"], [0])
     assert again["cells"]["main"]["models"]["lssf"] == summary["cells"]["main"]["models"]["lssf"]
     assert "evaluate" not in again["timings_seconds"] and "merge" not in again["timings_seconds"]
+
+
+def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
+    """random-subspace / random-restore: per weight, the added term has the Frobenius norm
+    of lssf's (add) / lssf-restore's term and rank at most that repair's rank, and it is
+    not that term (random directions)."""
+    import torch
+
+    from lssf_testbed import repairs
+    from mergekit_lssf.kernel import safety_factors
+    from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
+
+    build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=5))
+    names = {k: str(tmp_path / k) for k in ("aligned", "unaligned", "finetuned")}
+    al, un, ft = (repairs._load(names[k]) for k in ("aligned", "unaligned", "finetuned"))
+    for fusion in ("add", "restore"):
+        out = str(tmp_path / f"random-{fusion}")
+        repairs.random_subspace(names["aligned"], names["unaligned"], names["finetuned"], out, seed=3, fusion=fusion)
+        got = repairs._load(out)
+        checked = 0
+        for name in repairs.fused_names(ft):
+            a, u, w = al[name].double(), un[name].double(), ft[name].double()
+            f = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, fusion=fusion).with_finetune(w)
+            term = got[name].double() - w
+            if f.info.rank == 0:
+                assert torch.equal(got[name], ft[name])
+                continue
+            reference = (f.left @ f.right).double()
+            assert abs(term.norm() - reference.norm()) <= 1e-4 * reference.norm() + 1e-6, name
+            assert torch.linalg.matrix_rank(term, rtol=1e-5) <= f.info.rank
+            assert (term - reference).norm() > 1e-2 * reference.norm()
+            checked += 1
+        assert checked > 0

@@ -239,20 +239,27 @@ class Testbed:
         layers = AutoConfig.from_pretrained(aligned).num_hidden_layers
         main0 = cell.name == "main" and seed == 0
         books = repairs.recipes(aligned, reference, finetuned, self.subspace(aligned), self.s, layers, ablations=main0)
+        every_model = cell.name != "main" or seed == 0 or not self.s.seed_models
+        keep = lambda name: every_model or name in self.s.seed_models  # noqa: E731
         models = {"unaligned": self.unaligned(), "aligned": aligned}
         if cell.reference == "inverse":
             models["unaligned-inverse"] = reference
         models["finetuned"] = finetuned
         for name, recipe in books.items():
+            if not keep(name):
+                continue
             path = os.path.join(folder, name)
             if not is_done(path):
                 self._timed("merge", lambda: repairs.run_recipe(recipe, path, os.path.join(os.path.dirname(folder), f"{name}.yml"), self.log))
             models[name] = path
-        control = os.path.join(folder, "random-subspace")
-        if not is_done(control):
-            self._timed("merge", lambda: repairs.random_subspace(aligned, reference, finetuned, control, self.s.random_control_seed + seed))
-        models["random-subspace"] = control
-        if cell.align == "lora":
+        for name, fusion in (("random-subspace", "add"), ("random-restore", "restore")):
+            control = os.path.join(folder, name)
+            if keep(name) and not is_done(control):
+                self._timed("merge", lambda: repairs.random_subspace(aligned, reference, finetuned, control,
+                                                                     self.s.random_control_seed + seed, fusion))
+            if keep(name):
+                models[name] = control
+        if cell.align == "lora" and keep("patch-reapplied"):
             patched = os.path.join(folder, "patch-reapplied")
             if not is_done(patched):
                 repairs.patch_reapplied(aligned + ".adapter", finetuned, patched)

@@ -8,6 +8,9 @@
 * ``random-subspace`` (control): per fused weight, the same rank ``r`` and the same
   Frobenius norm of the added term as ``lssf``, along ``Q Q^T delta`` with ``Q`` random
   orthonormal (seeded per weight). Written with the package's kernel, not mergekit-yaml.
+* ``random-restore`` (control of ``lssf-restore``): the same rank and Frobenius norm as
+  ``lssf-restore``'s term, along ``Q Q^T (W_aligned - W_ft)``: does pulling back toward
+  the aligned weights help only inside the safety subspace, or along any r directions?
 * ``patch-reapplied`` (control, LoRA alignment only): the alignment LoRA itself merged
   into the fine-tune with peft: the upper reference for any safety patch.
 """
@@ -104,8 +107,11 @@ def _write_like(template: str, state: Dict[str, torch.Tensor], path: str) -> Non
     os.replace(partial, path)
 
 
-def random_subspace(aligned: str, unaligned: str, finetuned: str, path: str, seed: int) -> Dict[str, float]:
-    """The random-subspace control (module doc); returns its mean rank."""
+def random_subspace(aligned: str, unaligned: str, finetuned: str, path: str, seed: int, fusion: str = "add") -> Dict[str, float]:
+    """The random-subspace control (module doc) of ``lssf`` (``fusion="add"``: along
+    ``Q Q^T delta``) or of ``lssf-restore`` (``"restore"``: along ``Q Q^T (W_aligned - W_ft)``),
+    per weight with the rank and the Frobenius norm of that repair's term; returns the
+    mean rank."""
     from mergekit_lssf.kernel import safety_factors
     from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
 
@@ -113,15 +119,16 @@ def random_subspace(aligned: str, unaligned: str, finetuned: str, path: str, see
     out, ranks = dict(ft), []
     for name in fused_names(ft):
         a, u, w = al[name].float(), un[name].float(), ft[name].float()
-        factors = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK)
+        factors = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, fusion=fusion).with_finetune(w)
         r = factors.info.rank
         ranks.append(r)
         if r == 0:
             continue
         target = (factors.left @ factors.right).norm()
+        source = (a - w) if fusion == "restore" else (a - u)
         generator = torch.Generator().manual_seed(seed + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
         q, _ = torch.linalg.qr(torch.randn(w.shape[0], r, generator=generator, dtype=torch.float64))
-        term = q @ (q.T @ (a - u).double())
+        term = q @ (q.T @ source.double())
         norm = term.norm()
         if norm > 0:
             out[name] = (w.double() + term * (float(target) / float(norm))).to(ft[name].dtype)

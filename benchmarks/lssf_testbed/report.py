@@ -19,7 +19,6 @@ COLUMNS = [("refusal_rate", "HarmBench refusal"), ("strongreject_refusal_rate", 
            ("empty_rate", "empty"), ("over_refusal_rate", "over-refusal"), ("task_accuracy", "task acc."),
            ("perplexity", "perplexity"), ("refusal_score", "refusal score (nats)"),
            ("direction_recovery", "refusal-direction recovery")]
-CONTROLS = ("task-arithmetic", "random-subspace", "patch-reapplied")
 
 
 def _spread(values: List[float]) -> Dict[str, float]:
@@ -45,9 +44,10 @@ def _fmt(cell: Dict[str, float], key: str) -> str:
 
 
 def _table(summary) -> List[str]:
-    lines = ["| model | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = ["| model | seeds | " + " | ".join(label for _, label in COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
     for name, metrics in summary.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(metrics[k], k) for k, _ in COLUMNS) + " |")
+        seeds = max(m["n"] for m in metrics.values())
+        lines.append(f"| {name} | {seeds} | " + " | ".join(_fmt(metrics[k], k) for k, _ in COLUMNS) + " |")
     return lines
 
 
@@ -119,7 +119,7 @@ def _plot_safety(out: str, cells: Dict) -> None:
                 for (a, n) in sweep:
                     ax.annotate(f"{a:g}", point(n), fontsize=6, color=colour, xytext=(2, 2), textcoords="offset points")
             for n, marker in (("finetuned", "s"), ("aligned", "*"), ("task-arithmetic", "^"), ("random-subspace", "x"),
-                              ("patch-reapplied", "P"), ("lssf-restore", "D"), ("lssf-noise-floor", "v"), ("lssf-calibrated", "<")):
+                              ("patch-reapplied", "P"), ("lssf-restore", "D"), ("random-restore", "d"), ("lssf-noise-floor", "v"), ("lssf-calibrated", "<")):
                 if n in m:
                     ax.scatter(*point(n), marker=marker, color=colour, s=45, label=f"{name}: {n}" if i == 0 else None)
         ax.set_xscale("log")
