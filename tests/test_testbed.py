@@ -17,6 +17,7 @@ from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
 MAIN_MODELS = {
     "unaligned", "aligned", "finetuned", "lssf", "lssf-calibrated", "task-arithmetic", "lssf-rank10", "lssf-rank50",
     "lssf-noise-floor", "lssf-restore", "lssf-noise-floor-restore", "lssf-alpha0.5", "random-subspace", "random-restore",
+    "random-noise-floor-restore",
     "patch-reapplied", "ablate-attention", "ablate-mlp", "ablate-first-half", "ablate-second-half",
 }
 
@@ -91,14 +92,14 @@ def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
     build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=5))
     names = {k: str(tmp_path / k) for k in ("aligned", "unaligned", "finetuned")}
     al, un, ft = (repairs._load(names[k]) for k in ("aligned", "unaligned", "finetuned"))
-    for fusion in ("add", "restore"):
-        out = str(tmp_path / f"random-{fusion}")
-        repairs.random_subspace(names["aligned"], names["unaligned"], names["finetuned"], out, seed=3, fusion=fusion)
+    for fusion, rule in (("add", "entropy"), ("restore", "entropy"), ("restore", "noise_floor")):
+        out = str(tmp_path / f"random-{fusion}-{rule}")
+        repairs.random_subspace(names["aligned"], names["unaligned"], names["finetuned"], out, seed=3, fusion=fusion, rank_rule=rule)
         got = repairs._load(out)
         checked = 0
         for name in repairs.fused_names(ft):
             a, u, w = al[name].double(), un[name].double(), ft[name].double()
-            f = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, fusion=fusion).with_finetune(w)
+            f = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, fusion=fusion, rank_rule=rule).with_finetune(w)
             term = got[name].double() - w
             if f.info.rank == 0:
                 assert torch.equal(got[name], ft[name])

@@ -25,7 +25,7 @@ from .evaluation import evaluate_model, refusal_direction, validation_metrics
 from .settings import CELLS, Cell, Settings
 from .training import is_done, train
 
-SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "over_refusal_rate", "task_accuracy",
+SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "strongreject_empty_rate", "over_refusal_rate", "task_accuracy",
                 "perplexity", "refusal_score")
 
 
@@ -252,11 +252,12 @@ class Testbed:
             if not is_done(path):
                 self._timed("merge", lambda: repairs.run_recipe(recipe, path, os.path.join(os.path.dirname(folder), f"{name}.yml"), self.log))
             models[name] = path
-        for name, fusion in (("random-subspace", "add"), ("random-restore", "restore")):
+        for name, fusion, rule in (("random-subspace", "add", "entropy"), ("random-restore", "restore", "entropy"),
+                                   ("random-noise-floor-restore", "restore", "noise_floor")):
             control = os.path.join(folder, name)
             if keep(name) and not is_done(control):
                 self._timed("merge", lambda: repairs.random_subspace(aligned, reference, finetuned, control,
-                                                                     self.s.random_control_seed + seed, fusion))
+                                                                     self.s.random_control_seed + seed, fusion, rule))
             if keep(name):
                 models[name] = control
         if cell.align == "lora" and keep("patch-reapplied"):

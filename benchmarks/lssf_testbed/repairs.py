@@ -11,6 +11,7 @@
 * ``random-restore`` (control of ``lssf-restore``): the same rank and Frobenius norm as
   ``lssf-restore``'s term, along ``Q Q^T (W_aligned - W_ft)``: does pulling back toward
   the aligned weights help only inside the safety subspace, or along any r directions?
+  ``random-noise-floor-restore``: the same for ``lssf-noise-floor-restore``.
 * ``patch-reapplied`` (control, LoRA alignment only): the alignment LoRA itself merged
   into the fine-tune with peft: the upper reference for any safety patch.
 """
@@ -107,11 +108,12 @@ def _write_like(template: str, state: Dict[str, torch.Tensor], path: str) -> Non
     os.replace(partial, path)
 
 
-def random_subspace(aligned: str, unaligned: str, finetuned: str, path: str, seed: int, fusion: str = "add") -> Dict[str, float]:
-    """The random-subspace control (module doc) of ``lssf`` (``fusion="add"``: along
-    ``Q Q^T delta``) or of ``lssf-restore`` (``"restore"``: along ``Q Q^T (W_aligned - W_ft)``),
-    per weight with the rank and the Frobenius norm of that repair's term; returns the
-    mean rank."""
+def random_subspace(aligned: str, unaligned: str, finetuned: str, path: str, seed: int, fusion: str = "add",
+                    rank_rule: str = "entropy") -> Dict[str, float]:
+    """The random-subspace control (module doc) of the lssf repair with ``fusion`` and
+    ``rank_rule`` (package defaults otherwise): ``"add"`` along ``Q Q^T delta``,
+    ``"restore"`` along ``Q Q^T (W_aligned - W_ft)``, per weight with the rank and the
+    Frobenius norm of that repair's term; returns the mean rank."""
     from mergekit_lssf.kernel import safety_factors
     from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
 
@@ -119,7 +121,8 @@ def random_subspace(aligned: str, unaligned: str, finetuned: str, path: str, see
     out, ranks = dict(ft), []
     for name in fused_names(ft):
         a, u, w = al[name].float(), un[name].float(), ft[name].float()
-        factors = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, fusion=fusion).with_finetune(w)
+        factors = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, fusion=fusion,
+                                  rank_rule=rank_rule).with_finetune(w)
         r = factors.info.rank
         ranks.append(r)
         if r == 0:

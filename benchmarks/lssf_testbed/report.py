@@ -16,7 +16,8 @@ from typing import Dict, List
 from .settings import CELLS
 
 COLUMNS = [("refusal_rate", "HarmBench refusal"), ("strongreject_refusal_rate", "StrongREJECT refusal"),
-           ("empty_rate", "empty"), ("over_refusal_rate", "over-refusal"), ("task_accuracy", "task acc."),
+           ("empty_rate", "HarmBench empty"), ("strongreject_empty_rate", "StrongREJECT empty"),
+           ("over_refusal_rate", "over-refusal"), ("task_accuracy", "task acc."),
            ("perplexity", "perplexity"), ("refusal_score", "refusal score (nats)"),
            ("direction_recovery", "refusal-direction recovery")]
 

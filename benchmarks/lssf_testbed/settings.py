@@ -54,9 +54,12 @@ class Settings:
     targets: Dict = field(default_factory=lambda: dict(refusal=0.8, over_refusal=0.15, perplexity_ratio=1.15, drift_drop=0.4))
     main_seeds: Tuple[int, ...] = (0, 1, 2)
     # the repairs built and evaluated for the main cell's seeds other than 0 (empty: all).
-    # Seed 0 gets every repair; evaluation is about 3 min per model on 2 CPU cores.
-    seed_models: Tuple[str, ...] = ("lssf", "lssf-restore", "lssf-noise-floor", "lssf-noise-floor-restore", "lssf-alpha0.5",
-                                    "task-arithmetic", "random-subspace", "random-restore", "patch-reapplied")
+    # Seed 0 gets every repair; evaluation is about 3 min per model on 2 CPU cores. Left
+    # out: the repairs that coincide with `lssf` at seed 0 (task-arithmetic, patch-reapplied,
+    # lssf-noise-floor, lssf-rank50: the rank-16 LoRA delta is kept whole by every rule),
+    # the ablations and the rest of the alpha sweep.
+    seed_models: Tuple[str, ...] = ("lssf", "lssf-restore", "lssf-noise-floor-restore", "lssf-alpha0.5", "random-subspace",
+                                    "random-restore", "random-noise-floor-restore")
     random_control_seed: int = 1234
 
     @classmethod
