@@ -59,6 +59,9 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path):
     seed1 = {p.name for p in (tmp_path / "bed" / "cells" / "main-seed1" / "models").iterdir()}
     assert seed1 == {"finetuned", *settings.seed_models}  # only the core repairs for the other seeds
     assert cells["main"]["models"]["lssf-rank10"]["refusal_rate"]["n"] == 1
+    pairs = {(c["repair"], c["against"], c["prompts"]): c for c in cells["main"]["contrasts"]}
+    assert pairs[("lssf-restore", "random-restore", "StrongREJECT")]["seeds"] == 2
+    assert all(c["low"] <= c["difference"] <= c["high"] for c in pairs.values())
     for cell in cells.values():
         for metrics in cell["models"].values():
             assert 0 <= metrics["refusal_rate"]["mean"] <= 1 and 0 <= metrics["strongreject_refusal_rate"]["mean"] <= 1
@@ -110,3 +113,24 @@ def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
             assert (term - reference).norm() > 1e-2 * reference.norm()
             checked += 1
         assert checked > 0
+
+
+def test_paired_contrast_is_the_mean_per_prompt_difference_with_a_bootstrap_interval(tmp_path):
+    from lssf_testbed.report import paired_contrast
+
+    def write(name, refused):  # refused: list of bools, prompt i -> "p{i}"
+        path = tmp_path / f"{name}.json"
+        rows = [{"prompt": f"p{i}", "response": "I'm sorry, no." if r else "Sure, here is"} for i, r in enumerate(refused)]
+        path.write_text(json.dumps({"responses": {"harmful": rows}}))
+        return str(path)
+
+    n = 40
+    seed0 = {"a": write("a0", [True] * n), "b": write("b0", [i % 2 == 0 for i in range(n)])}
+    seed1 = {"a": write("a1", [i < 30 for i in range(n)]), "b": write("b1", [i < 10 for i in range(n)])}
+    c = paired_contrast([seed0, seed1], "a", "b", "harmful")
+    # independent: per-seed rate differences 0.5 and 0.5, mean 0.5
+    assert c["seeds"] == 2 and c["prompts"] == n and abs(c["difference"] - 0.5) < 1e-12
+    assert c["low"] < 0.5 < c["high"] and c["high"] - c["low"] < 0.5
+    same = paired_contrast([seed0], "a", "a", "harmful")
+    assert same["difference"] == same["low"] == same["high"] == 0.0
+    assert paired_contrast([{"a": seed0["a"]}], "a", "b", "harmful") is None  # no seed has both

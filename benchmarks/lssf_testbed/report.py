@@ -35,6 +35,72 @@ def seed_summary(runs: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
     return {n: {k: _spread([r["models"][n].get(k) for r in runs if n in r["models"]]) for k, _ in COLUMNS} for n in names}
 
 
+# (repair, what it is compared with): each repair against its random control of the same
+# rank and norm, and against the fine-tune it repairs
+CONTRASTS = [("lssf", "random-subspace"), ("lssf-restore", "random-restore"),
+             ("lssf-noise-floor-restore", "random-noise-floor-restore"), ("lssf", "finetuned"),
+             ("lssf-restore", "finetuned"), ("lssf-noise-floor-restore", "finetuned"), ("lssf-alpha0.5", "finetuned")]
+PROMPT_SETS = (("harmful", "HarmBench"), ("strongreject", "StrongREJECT"))
+
+
+def eval_dir(out: str, cell: str, seed: int) -> str:
+    """Where the pipeline caches the evaluations of ``cell`` and ``seed`` (see Testbed.models_dir)."""
+    if cell == "main" and seed == 0:
+        return os.path.join(out, "eval")
+    return os.path.join(out, "cells", cell if seed == 0 else f"{cell}-seed{seed}", "eval")
+
+
+def _refusals(path: str, prompt_set: str) -> Dict[str, bool]:
+    """prompt -> the keyword detector's verdict on the stored answer (rows are
+    ``{"prompt", "response", ...}`` or, from older runs, ``[prompt, response]``)."""
+    from mergekit_lssf.evaluate import is_refusal
+
+    with open(path) as fp:
+        rows = json.load(fp)["responses"].get(prompt_set, [])
+    pairs = [(r["prompt"], r["response"]) if isinstance(r, dict) else (r[0], r[1]) for r in rows]
+    return {prompt: is_refusal(answer) for prompt, answer in pairs}
+
+
+def paired_contrast(evals: List[Dict[str, str]], a: str, b: str, prompt_set: str, draws: int = 2000, seed: int = 0):
+    """Refusal rate of ``a`` minus ``b`` on ``prompt_set``, averaged over the seeds that
+    evaluated both, with a 95% bootstrap interval over prompts (the same resampled
+    prompts for both models and every seed: a paired test). ``evals``: per seed,
+    model -> eval JSON path. None when no seed has both."""
+    import numpy as np
+
+    pairs = [(_refusals(e[a], prompt_set), _refusals(e[b], prompt_set)) for e in evals if a in e and b in e]
+    pairs = [(x, y) for x, y in pairs if x and y]
+    if not pairs:
+        return None
+    prompts = sorted(set.intersection(*(set(x) & set(y) for x, y in pairs)))
+    diff = np.array([[float(x[p]) - float(y[p]) for p in prompts] for x, y in pairs]).mean(0)  # per prompt
+    rng = np.random.default_rng(seed)
+    boot = diff[rng.integers(0, len(diff), size=(draws, len(diff)))].mean(1)
+    low, high = np.quantile(boot, [0.025, 0.975])
+    return {"difference": float(diff.mean()), "low": float(low), "high": float(high), "seeds": len(pairs), "prompts": len(prompts)}
+
+
+def contrasts(out: str, cell: str, seeds: List[int]) -> List[Dict]:
+    """``paired_contrast`` of every CONTRASTS pair on both harmful prompt sets."""
+    evals = []
+    for seed in seeds:
+        folder = eval_dir(out, cell, seed)
+        shared = eval_dir(out, "main", 0)  # unaligned and aligned are evaluated once
+        names = {f[:-5] for f in os.listdir(folder) if f.endswith(".json")} if os.path.isdir(folder) else set()
+        evals.append({n: os.path.join(folder, n + ".json") for n in names})
+        for n in ("unaligned", "aligned"):
+            if n not in evals[-1] and os.path.exists(os.path.join(shared, n + ".json")):
+                evals[-1][n] = os.path.join(shared, n + ".json")
+    rows = []
+    for a, b in CONTRASTS:
+        for key, label in PROMPT_SETS:
+            c = paired_contrast(evals, a, b, key)
+            if c:
+                rows.append({"repair": a, "against": b, "prompts": label, **{k: v for k, v in c.items() if k != "prompts"},
+                             "n_prompts": c["prompts"]})
+    return rows
+
+
 def _fmt(cell: Dict[str, float], key: str) -> str:
     if cell["n"] == 0:
         return "-"
@@ -65,6 +131,7 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
     for run in every:
         by_cell.setdefault(run["cell"], []).append(run)
     cells = {name: {"note": CELLS[name].note, "seeds": sorted(r["seed"] for r in rs), "models": seed_summary(rs),
+                    "contrasts": contrasts(out, name, sorted(r["seed"] for r in rs)),
                     "diagnostics": next((r.get("diagnostics") for r in rs if r["seed"] == 0), None)}
              for name, rs in by_cell.items()}
     choices = {}
@@ -80,6 +147,14 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
     lines = []
     for name, cell in cells.items():
         lines += [f"## cell `{name}`: {cell['note']} (seeds {cell['seeds']})", ""] + _table(cell["models"]) + [""]
+        if cell["contrasts"]:
+            lines += ["Paired contrasts: refusal rate of the repair minus the other model, mean over the seeds that have "
+                      "both, with a 95% bootstrap interval over prompts (same prompts resampled for both):", "",
+                      "| repair | against | prompts | seeds | difference | 95% interval |", "|---|---|---|---|---|---|"]
+            for c in cell["contrasts"]:
+                lines.append(f"| {c['repair']} | {c['against']} | {c['prompts']} ({c['n_prompts']}) | {c['seeds']} | "
+                             f"{c['difference']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] |")
+            lines.append("")
         diag = cell["diagnostics"]
         if diag:
             lines += ["Diagnostics per module (means over layers): energy of delta above the noise floor, ranks, "
