@@ -11,7 +11,7 @@ import glob
 import json
 import os
 from dataclasses import asdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .settings import CELLS
 
@@ -118,7 +118,11 @@ def _table(summary) -> List[str]:
     return lines
 
 
-def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings: Dict[str, float], seconds: float) -> Dict:
+def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings: Dict[str, float], seconds: float,
+                 evals: Optional[str] = None) -> Dict:
+    """Write the report files under ``out`` from ``runs`` and every run already kept there;
+    ``evals``: the testbed folder whose cached evaluations the paired contrasts read
+    (default ``out``; another when the report is published apart from the models)."""
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     for run in runs:
         with open(os.path.join(out, "runs", f"{run['cell']}-seed{run['seed']}.json"), "w") as fp:
@@ -131,7 +135,7 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
     for run in every:
         by_cell.setdefault(run["cell"], []).append(run)
     cells = {name: {"note": CELLS[name].note, "seeds": sorted(r["seed"] for r in rs), "models": seed_summary(rs),
-                    "contrasts": contrasts(out, name, sorted(r["seed"] for r in rs)),
+                    "contrasts": contrasts(evals or out, name, sorted(r["seed"] for r in rs)),
                     "diagnostics": next((r.get("diagnostics") for r in rs if r["seed"] == 0), None)}
              for name, rs in by_cell.items()}
     choices = {}
@@ -147,6 +151,9 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
     lines = []
     for name, cell in cells.items():
         lines += [f"## cell `{name}`: {cell['note']} (seeds {cell['seeds']})", ""] + _table(cell["models"]) + [""]
+        if len(cell["seeds"]) > 1:
+            lines += ["(`unaligned` and `aligned` do not depend on the drift seed: one model each, evaluated once; "
+                      "only their refusal-direction recovery, measured against each seed's fine-tune, varies.)", ""]
         if cell["contrasts"]:
             lines += ["Paired contrasts: refusal rate of the repair minus the other model, mean over the seeds that have "
                       "both, with a 95% bootstrap interval over prompts (same prompts resampled for both):", "",
