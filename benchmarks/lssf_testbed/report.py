@@ -40,6 +40,9 @@ def seed_summary(runs: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
 CONTRASTS = [("lssf", "random-subspace"), ("lssf-restore", "random-restore"),
              ("lssf-noise-floor-restore", "random-noise-floor-restore"), ("lssf", "finetuned"),
              ("lssf-restore", "finetuned"), ("lssf-noise-floor-restore", "finetuned"), ("lssf-alpha0.5", "finetuned")]
+MARKERS = (("finetuned", "s"), ("aligned", "*"), ("task-arithmetic", "^"), ("patch-reapplied", "P"),
+           ("lssf-calibrated", "<"), ("lssf-noise-floor", "v"), ("lssf-restore", "D"), ("lssf-noise-floor-restore", "h"),
+           ("random-subspace", "o"), ("random-restore", "D"), ("random-noise-floor-restore", "h"))
 PROMPT_SETS = (("harmful", "HarmBench"), ("strongreject", "StrongREJECT"))
 
 
@@ -201,10 +204,13 @@ def _plot_safety(out: str, cells: Dict) -> None:
                 ax.plot(xs, ys, "-o", color=colour, markersize=3, linewidth=1, label=f"{name}: lssf alpha sweep")
                 for (a, n) in sweep:
                     ax.annotate(f"{a:g}", point(n), fontsize=6, color=colour, xytext=(2, 2), textcoords="offset points")
-            for n, marker in (("finetuned", "s"), ("aligned", "*"), ("task-arithmetic", "^"), ("random-subspace", "x"),
-                              ("patch-reapplied", "P"), ("lssf-restore", "D"), ("random-restore", "d"), ("lssf-noise-floor", "v"), ("lssf-calibrated", "<")):
+            for j, (n, marker) in enumerate(MARKERS):
                 if n in m:
-                    ax.scatter(*point(n), marker=marker, color=colour, s=45, label=f"{name}: {n}" if i == 0 else None)
+                    # one cell: a colour per model; several: a colour per cell
+                    c = colours[(j + 1) % len(colours)] if len(cells) == 1 else colour
+                    hollow = n.startswith("random-")  # the random controls are drawn hollow
+                    ax.scatter(*point(n), marker=marker, s=45, label=f"{name}: {n}",
+                               facecolors="none" if hollow else c, edgecolors=c)
         ax.set_xscale("log")
         ax.set_xlabel("perplexity (benign text, log scale)")
         ax.set_ylabel(label)
