@@ -22,7 +22,7 @@ from mergekit_lssf import evaluate as ev
 from . import diagnostics, repairs
 from .data import REFUSALS, PromptSets
 from .evaluation import evaluate_model, refusal_direction, validation_metrics
-from .settings import CELLS, Cell, Settings
+from .settings import CELLS, Cell, Settings, cell_folder
 from .training import is_done, train
 
 SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "strongreject_empty_rate", "over_refusal_rate", "task_accuracy",
@@ -52,10 +52,7 @@ class Testbed:
 
     # ---- where things live -------------------------------------------------------
     def models_dir(self, cell: str, seed: int) -> str:
-        if cell == "main" and seed == 0:
-            return os.path.join(self.out, "models")
-        name = cell if seed == 0 else f"{cell}-seed{seed}"
-        return os.path.join(self.out, "cells", name, "models")
+        return os.path.join(cell_folder(self.out, cell, seed), "models")
 
     @staticmethod
     def eval_path(model: str) -> str:
@@ -254,12 +251,13 @@ class Testbed:
             models[name] = path
         for name, fusion, rule in (("random-subspace", "add", "entropy"), ("random-restore", "restore", "entropy"),
                                    ("random-noise-floor-restore", "restore", "noise_floor")):
+            if not keep(name):
+                continue
             control = os.path.join(folder, name)
-            if keep(name) and not is_done(control):
+            if not is_done(control):
                 self._timed("merge", lambda: repairs.random_subspace(aligned, reference, finetuned, control,
                                                                      self.s.random_control_seed + seed, fusion, rule))
-            if keep(name):
-                models[name] = control
+            models[name] = control
         if cell.align == "lora" and keep("patch-reapplied"):
             patched = os.path.join(folder, "patch-reapplied")
             if not is_done(patched):

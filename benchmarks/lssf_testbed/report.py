@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict
 from typing import Dict, List, Optional
 
-from .settings import CELLS
+from .settings import CELLS, cell_folder
 
 COLUMNS = [("refusal_rate", "HarmBench refusal"), ("strongreject_refusal_rate", "StrongREJECT refusal"),
            ("empty_rate", "HarmBench empty"), ("strongreject_empty_rate", "StrongREJECT empty"),
@@ -47,10 +47,8 @@ PROMPT_SETS = (("harmful", "HarmBench"), ("strongreject", "StrongREJECT"))
 
 
 def eval_dir(out: str, cell: str, seed: int) -> str:
-    """Where the pipeline caches the evaluations of ``cell`` and ``seed`` (see Testbed.models_dir)."""
-    if cell == "main" and seed == 0:
-        return os.path.join(out, "eval")
-    return os.path.join(out, "cells", cell if seed == 0 else f"{cell}-seed{seed}", "eval")
+    """Where the pipeline caches the evaluations of ``cell`` and ``seed``."""
+    return os.path.join(cell_folder(out, cell, seed), "eval")
 
 
 def _refusals(path: str, prompt_set: str) -> Dict[str, bool]:
@@ -86,9 +84,9 @@ def paired_contrast(evals: List[Dict[str, str]], a: str, b: str, prompt_set: str
 def contrasts(out: str, cell: str, seeds: List[int]) -> List[Dict]:
     """``paired_contrast`` of every CONTRASTS pair on both harmful prompt sets."""
     evals = []
+    shared = eval_dir(out, "main", 0)  # unaligned and aligned are evaluated once
     for seed in seeds:
         folder = eval_dir(out, cell, seed)
-        shared = eval_dir(out, "main", 0)  # unaligned and aligned are evaluated once
         names = {f[:-5] for f in os.listdir(folder) if f.endswith(".json")} if os.path.isdir(folder) else set()
         evals.append({n: os.path.join(folder, n + ".json") for n in names})
         for n in ("unaligned", "aligned"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -94,3 +95,12 @@ CELLS = {
     "drift-full": Cell("drift-full", "lora", "pre", "full", "benign full fine-tune instead of benign LoRA"),
     "attack": Cell("attack", "lora", "pre", "compliance", "harmful fine-tuning attack: task + compliance-only samples (v1's fine-tune); reported apart"),
 }
+
+
+def cell_folder(out: str, cell: str, seed: int) -> str:
+    """The folder of one cell and seed under the testbed folder ``out``: it holds
+    ``models/`` and ``eval/``. The main cell's seed 0 is ``out`` itself; the others are
+    ``out/cells/CELL`` (seed 0) or ``out/cells/CELL-seedK``."""
+    if cell == "main" and seed == 0:
+        return out
+    return os.path.join(out, "cells", cell if seed == 0 else f"{cell}-seed{seed}")
