@@ -4,6 +4,8 @@
     python benchmarks/safety_testbed.py --out testbed/ --cell main   # main cell, seed 0 (about 90 min)
     python benchmarks/safety_testbed.py --out testbed/ --cell main --seed 1
     python benchmarks/safety_testbed.py --out t/ --tiny              # generated tiny model (smoke test)
+    python benchmarks/safety_testbed.py --out testbed/ --report-only --publish benchmarks/testbed-v2
+                                     # the report of what is evaluated so far, nothing built
 
 SmolLM2-135M-Instruct as shipped is ``unaligned``; cells vary one factor at a time
 from the main cell (LoRA refusal alignment, pre-alignment reference, benign LoRA
@@ -28,9 +30,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="Folder for models, caches and results.")
     parser.add_argument("--cell", choices=sorted(CELLS), action="append", help="Build only this cell (repeatable); default: all.")
-    parser.add_argument("--seed", type=int, action="append", help="Drift seed (repeatable); default: seed 0 with --cell, else every main seed.")
+    parser.add_argument("--seed", type=int, action="append", help="Drift seed (repeatable); default: seed 0 with --cell (every seed with --report-only), else every main seed.")
     parser.add_argument("--tiny", action="store_true", help="Generated tiny model and tiny settings (smoke test).")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Build and evaluate nothing: rebuild the report from the evaluations cached under --out, naming what is missing.")
+    parser.add_argument("--publish", metavar="DEST", help="With --report-only: write the report files to DEST (paths under --out as DIR).")
     args = parser.parse_args(argv)
+    if args.publish and not args.report_only:
+        parser.error("--publish needs --report-only")
+    if args.report_only and not os.path.isdir(os.path.join(args.out, "models")):
+        parser.error(f"--out {args.out}: no testbed folder there (no models/) to report on")
     if args.tiny:
         from mergekit_lssf.toy_models import ToySpec, build_toy_models
 
@@ -41,8 +50,12 @@ def main(argv=None):
     else:
         settings = Settings()
     seeds = args.seed if args.seed is not None else ([0] if args.cell else None)
-    summary = Testbed(args.out, settings, log=lambda m: print(m, flush=True)).run(args.cell, seeds)
-    print(open(os.path.join(args.out, "results.md")).read())
+    bed = Testbed(args.out, settings, log=lambda m: print(m, flush=True))
+    if args.report_only:
+        summary = bed.report_only(args.cell, args.seed, publish=args.publish)
+    else:
+        summary = bed.run(args.cell, seeds)
+    print(open(os.path.join(args.publish or args.out, "results.md")).read())
     print(f"{summary['seconds']} s; per stage: {summary['timings_seconds']}")
 
 

@@ -80,6 +80,15 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path):
     again = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).run(["main"], [0])
     assert again["cells"]["main"]["models"]["lssf"] == summary["cells"]["main"]["models"]["lssf"]
     assert "evaluate" not in again["timings_seconds"] and "merge" not in again["timings_seconds"]
+    # report only: the same tables from the cached evaluations, published elsewhere; a missing one is named
+    os.remove(tmp_path / "bed" / "eval" / "lssf-alpha0.5.json")
+    published = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).report_only(["main"], publish=str(tmp_path / "pub"))
+    assert published["cells"]["main"]["models"]["lssf"] == summary["cells"]["main"]["models"]["lssf"]
+    assert published["cells"]["main"]["models"]["lssf-alpha0.5"]["refusal_rate"]["n"] == 1  # seed 1 only
+    assert any(n.startswith("cell main, seed 0: 19 of 20") and n.endswith("not yet: lssf-alpha0.5") for n in published["notes"])
+    assert str(tmp_path / "bed") not in (tmp_path / "pub" / "results.md").read_text()
+    assert (tmp_path / "pub" / "sweeps" / "align" / "choice.json").exists() and not (tmp_path / "pub" / "models").exists()
+    assert sorted(p.name for p in (tmp_path / "pub" / "runs").iterdir()) == ["main-seed0.json", "main-seed1.json"]
 
 
 def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):

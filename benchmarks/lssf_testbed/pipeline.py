@@ -65,8 +65,32 @@ class Testbed:
         return value
 
     # ---- shared models -----------------------------------------------------------
+    def model_path(self, cell: Cell, seed: int, name: str) -> str:
+        """The folder of model ``name`` of ``cell`` and ``seed``, built or not: the shared
+        ``unaligned`` and the arm's ``aligned`` first, then the cell's own models."""
+        if name == "unaligned":
+            return os.path.join(self.out, "models", "unaligned")
+        if name == "aligned":
+            return self._aligned_path(cell.align)
+        if name == "unaligned-inverse":
+            return os.path.join(self.models_dir(cell.name, 0), "unaligned-inverse")
+        return os.path.join(self.models_dir(cell.name, seed), name)
+
+    def model_names(self, cell: Cell, seed: int) -> List[str]:
+        """Every model ``run_cell`` builds and evaluates for ``cell`` and ``seed``, in
+        report order. The main cell's seeds other than 0 keep only ``Settings.seed_models``."""
+        main0 = cell.name == "main" and seed == 0
+        names = repairs.recipe_names(self.s, ablations=main0) + [c[0] for c in repairs.CONTROLS]
+        names += ["patch-reapplied"] if cell.align == "lora" else []
+        if cell.name == "main" and seed != 0 and self.s.seed_models:
+            names = [n for n in names if n in self.s.seed_models]
+        return ["unaligned", "aligned"] + (["unaligned-inverse"] if cell.reference == "inverse" else []) + ["finetuned"] + names
+
+    def _aligned_path(self, arm: str) -> str:
+        return os.path.join(cell_folder(self.out, "align-full", 0) if arm == "full" else self.out, "models", "aligned")
+
     def unaligned(self) -> str:
-        path = os.path.join(self.out, "models", "unaligned")
+        path = self.model_path(CELLS["main"], 0, "unaligned")
         if not is_done(path):
             from mergekit_lssf.real_models import smollm2_135m_instruct
 
@@ -89,15 +113,14 @@ class Testbed:
         return pairs + list(zip(self.prompts.benign_train, helpful)) * benign_repeat
 
     def aligned(self, arm: str) -> str:
+        path = self._aligned_path(arm)
         if arm == "full":
-            path = os.path.join(self.out, "cells", "align-full", "models", "aligned")
             if not is_done(path):
                 c = self.s.full_align
                 self.log("stage aligned (full SFT on refusals + benign self-answers)")
                 self._timed("align-full", lambda: train(self.unaligned(), self._alignment_pairs(c["benign_repeat"]), path,
                                                         epochs=c["epochs"], lr=c["lr"], batch_size=self.s.batch_size, seed=0, log=self.log))
             return path
-        path = os.path.join(self.out, "models", "aligned")
         if not is_done(path):
             self._timed("align-lora", lambda: self._choose_alignment(path))
         return path
@@ -136,7 +159,7 @@ class Testbed:
     def reference(self, cell: Cell) -> str:
         if cell.reference == "pre":
             return self.unaligned()
-        path = os.path.join(self.out, "cells", cell.name, "models", "unaligned-inverse")
+        path = self.model_path(cell, 0, "unaligned-inverse")
         if not is_done(path):
             aligned = self.aligned(cell.align)
             comply = self._self_answers(self.unaligned(), self.prompts.harmful_train, "unaligned-harmful-train")
@@ -151,7 +174,7 @@ class Testbed:
         return [(t["prompt"], t["label"]) for t in self.prompts.task_train]
 
     def finetuned(self, cell: Cell, seed: int) -> str:
-        path = os.path.join(self.models_dir(cell.name, seed), "finetuned")
+        path = self.model_path(cell, seed, "finetuned")
         if is_done(path):
             return path
         aligned = self.aligned(cell.align)
@@ -227,6 +250,7 @@ class Testbed:
         return _json(self.eval_path(model), compute)
 
     def run_cell(self, cell: Cell, seed: int) -> Dict:
+        """Build, repair and evaluate every model of ``cell`` and ``seed``; the run record."""
         self.log(f"== cell {cell.name}, seed {seed}: {cell.note}")
         folder = self.models_dir(cell.name, seed)
         os.makedirs(folder, exist_ok=True)
@@ -234,46 +258,49 @@ class Testbed:
         from transformers import AutoConfig
 
         layers = AutoConfig.from_pretrained(aligned).num_hidden_layers
-        main0 = cell.name == "main" and seed == 0
-        books = repairs.recipes(aligned, reference, finetuned, self.subspace(aligned), self.s, layers, ablations=main0)
-        every_model = cell.name != "main" or seed == 0 or not self.s.seed_models
-        keep = lambda name: every_model or name in self.s.seed_models  # noqa: E731
-        models = {"unaligned": self.unaligned(), "aligned": aligned}
-        if cell.reference == "inverse":
-            models["unaligned-inverse"] = reference
-        models["finetuned"] = finetuned
-        for name, recipe in books.items():
-            if not keep(name):
+        books = repairs.recipes(aligned, reference, finetuned, self.subspace(aligned), self.s, layers,
+                                ablations=cell.name == "main" and seed == 0)
+        controls = {name: (fusion, rule) for name, fusion, rule in repairs.CONTROLS}
+        names = self.model_names(cell, seed)
+        for name in names:
+            path = self.model_path(cell, seed, name)
+            if is_done(path):
                 continue
-            path = os.path.join(folder, name)
-            if not is_done(path):
-                self._timed("merge", lambda: repairs.run_recipe(recipe, path, os.path.join(os.path.dirname(folder), f"{name}.yml"), self.log))
-            models[name] = path
-        for name, fusion, rule in (("random-subspace", "add", "entropy"), ("random-restore", "restore", "entropy"),
-                                   ("random-noise-floor-restore", "restore", "noise_floor")):
-            if not keep(name):
-                continue
-            control = os.path.join(folder, name)
-            if not is_done(control):
-                self._timed("merge", lambda: repairs.random_subspace(aligned, reference, finetuned, control,
-                                                                     self.s.random_control_seed + seed, fusion, rule))
-            models[name] = control
-        if cell.align == "lora" and keep("patch-reapplied"):
-            patched = os.path.join(folder, "patch-reapplied")
-            if not is_done(patched):
-                repairs.patch_reapplied(aligned + ".adapter", finetuned, patched)
-            models["patch-reapplied"] = patched
+            if name in books:
+                self._timed("merge", lambda: repairs.run_recipe(books[name], path, os.path.join(os.path.dirname(folder), f"{name}.yml"),
+                                                                self.log))
+            elif name in controls:
+                self._timed("merge", lambda: repairs.random_subspace(aligned, reference, finetuned, path,
+                                                                     self.s.random_control_seed + seed, *controls[name]))
+            elif name == "patch-reapplied":
+                repairs.patch_reapplied(aligned + ".adapter", finetuned, path)
         direction = self.direction(aligned)
-        results = {name: self.evaluate(path, direction) for name, path in models.items()}
+        results = {name: self.evaluate(self.model_path(cell, seed, name), direction) for name in names}
+        stats = None
+        if seed == 0:
+            stats = _json(self._diagnostics_path(cell), lambda: self._timed(
+                "diagnostics", lambda: diagnostics.weight_statistics(aligned, reference, finetuned)))
+        return self._record(cell, seed, results, stats)
+
+    def _diagnostics_path(self, cell: Cell) -> str:
+        return os.path.join(cell_folder(self.out, cell.name, 0), "diagnostics.json")
+
+    @staticmethod
+    def _record(cell: Cell, seed: int, results: Dict[str, Dict], stats: Optional[List]) -> Dict:
+        """The run record of one cell and seed from its evaluations (model -> the
+        ``evaluate_model`` dict) and, for seed 0, the per-weight statistics."""
         recovery = diagnostics.direction_recovery({n: r["direction_projection"] for n, r in results.items()})
         table = {n: {**{k: r.get(k) for k in SUMMARY_KEYS}, "direction_recovery": recovery.get(n)} for n, r in results.items()}
         out = {"cell": cell.name, "seed": seed, "note": cell.note, "models": table,
                "projections": {n: r["direction_projection"] for n, r in results.items()}}
-        if seed == 0:
-            stats = _json(os.path.join(os.path.dirname(folder), "diagnostics.json"),
-                          lambda: self._timed("diagnostics", lambda: diagnostics.weight_statistics(aligned, reference, finetuned)))
+        if stats is not None:
             out["diagnostics"] = {"per_module": diagnostics.summarise(stats, "module"), "per_layer": diagnostics.summarise(stats, "layer")}
         return out
+
+    def _selection(self, cells: Optional[List[str]], seeds: Optional[List[int]]):
+        for name in cells or list(CELLS):
+            for seed in (seeds if seeds is not None else (self.s.main_seeds if name == "main" else (0,))):
+                yield CELLS[name], seed
 
     def run(self, cells: Optional[List[str]] = None, seeds: Optional[List[int]] = None) -> Dict:
         """Build and evaluate ``cells`` (default: all) with ``seeds`` (default: the main
@@ -281,9 +308,39 @@ class Testbed:
         from .report import write_report
 
         started = time.perf_counter()
+        runs = [self.run_cell(cell, seed) for cell, seed in self._selection(cells, seeds)]
+        return write_report(self.out, self.s, runs, self.notes, self.timings, time.perf_counter() - started)
+
+    def report_only(self, cells: Optional[List[str]] = None, seeds: Optional[List[int]] = None,
+                    publish: Optional[str] = None) -> Dict:
+        """Build and evaluate nothing: the report of ``cells`` and ``seeds`` (defaults as
+        ``run``) from the evaluations already cached, each missing model named in the
+        notes, a cell and seed without an evaluated fine-tune left out. ``publish``: write
+        the report files (results, runs, plots, the settings sweeps' JSON) there instead
+        of under the testbed folder, with the testbed folder's path written as ``DIR``."""
+        from .report import publish_report, write_report
+
         runs = []
-        for name in cells or list(CELLS):
-            for seed in (seeds if seeds is not None else (self.s.main_seeds if name == "main" else (0,))):
-                runs.append(self.run_cell(CELLS[name], seed))
-        summary = write_report(self.out, self.s, runs, self.notes, self.timings, time.perf_counter() - started)
-        return summary
+        for cell, seed in self._selection(cells, seeds):
+            names = self.model_names(cell, seed)
+            paths = {n: self.eval_path(self.model_path(cell, seed, n)) for n in names}
+            results = {}
+            for n, path in paths.items():
+                if os.path.exists(path):
+                    with open(path, encoding="utf-8") as fp:
+                        results[n] = json.load(fp)
+            where = f"cell {cell.name}, seed {seed}"
+            if "finetuned" not in results:
+                self.notes.append(f"{where}: not evaluated")
+                continue
+            missing = [n for n in names if n not in results]
+            if missing:
+                self.notes.append(f"{where}: {len(results)} of {len(names)} models evaluated; not yet: {', '.join(missing)}")
+            stats = None
+            if seed == 0 and os.path.exists(self._diagnostics_path(cell)):
+                with open(self._diagnostics_path(cell), encoding="utf-8") as fp:
+                    stats = json.load(fp)
+            runs.append(self._record(cell, seed, results, stats))
+        if publish is None:
+            return write_report(self.out, self.s, runs, self.notes, {}, 0.0)
+        return publish_report(self.out, publish, self.s, runs, self.notes)

@@ -33,8 +33,22 @@ from .training import is_done
 BIN = os.path.dirname(sys.executable)
 
 
+ABLATIONS = ("ablate-attention", "ablate-mlp", "ablate-first-half", "ablate-second-half")
+# (name, fusion, rank_rule) of each random control: the lssf repair whose rank and norm it matches
+CONTROLS = (("random-subspace", "add", "entropy"), ("random-restore", "restore", "entropy"),
+            ("random-noise-floor-restore", "restore", "noise_floor"))
+
+
+def recipe_names(s, ablations: bool) -> List[str]:
+    """The names of the mergekit-yaml repairs, in report order (``recipes`` keys)."""
+    names = ["lssf", "lssf-calibrated", "task-arithmetic", "lssf-rank10", "lssf-rank50", "lssf-noise-floor", "lssf-restore",
+             "lssf-noise-floor-restore"] + [f"lssf-alpha{a:g}" for a in s.alphas]
+    return names + (list(ABLATIONS) if ablations else [])
+
+
 def recipes(aligned: str, unaligned: str, finetuned: str, subspace: str, s, layers: int, ablations: bool) -> Dict[str, dict]:
-    """name -> mergekit recipe (dict) for every mergekit-yaml repair of one fine-tune."""
+    """name -> mergekit recipe (dict) for every mergekit-yaml repair of one fine-tune,
+    in the order of ``recipe_names``."""
     def lssf(**p):
         return {"merge_method": "lssf", "base_model": finetuned, "dtype": "float32", "parameters": p, "models": [
             {"model": aligned, "parameters": {"role": "aligned"}},
@@ -60,7 +74,7 @@ def recipes(aligned: str, unaligned: str, finetuned: str, subspace: str, s, laye
         out["ablate-mlp"] = lssf(alpha=only(["mlp"]))
         out["ablate-first-half"] = lssf(alpha=only([f"layers.{i}." for i in range(half)]))
         out["ablate-second-half"] = lssf(alpha=only([f"layers.{i}." for i in range(half, layers)]))
-    return out
+    return {name: out[name] for name in recipe_names(s, ablations)}
 
 
 def run_recipe(recipe: dict, path: str, recipe_path: str, log=print) -> None:

@@ -181,6 +181,27 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
     return summary
 
 
+def publish_report(out: str, dest: str, settings, runs: List[Dict], notes: List[str]) -> Dict:
+    """``write_report`` of ``runs`` into ``dest`` (its earlier runs dropped) with the
+    paired contrasts read from the testbed folder ``out``, plus the JSON records of
+    ``out/sweeps/*/`` (how the training settings were chosen); ``out``'s path is
+    written as ``DIR``."""
+    import shutil
+
+    shutil.rmtree(os.path.join(dest, "runs"), ignore_errors=True)
+    for path in sorted(glob.glob(os.path.join(out, "sweeps", "*", "*.json"))):
+        folder = os.path.join(dest, "sweeps", os.path.basename(os.path.dirname(path)))
+        os.makedirs(folder, exist_ok=True)
+        shutil.copy(path, folder)
+    summary = write_report(dest, settings, runs, notes, {}, 0.0, evals=out)
+    for name in ("results.md", "results.json"):
+        with open(os.path.join(dest, name), encoding="utf-8") as fp:
+            text = fp.read()
+        with open(os.path.join(dest, name), "w", encoding="utf-8") as fp:
+            fp.write(text.replace(os.path.abspath(out), "DIR").replace(out, "DIR"))
+    return summary
+
+
 def _plot_safety(out: str, cells: Dict) -> None:
     import matplotlib
 
