@@ -143,3 +143,14 @@ def test_paired_contrast_is_the_mean_per_prompt_difference_with_a_bootstrap_inte
     same = paired_contrast([seed0], "a", "a", "harmful")
     assert same["difference"] == same["low"] == same["high"] == 0.0
     assert paired_contrast([{"a": seed0["a"]}], "a", "b", "harmful") is None  # no seed has both
+
+
+def test_report_only_flags_are_checked_before_anything_is_written(tmp_path, capsys):
+    import safety_testbed
+
+    with pytest.raises(SystemExit):
+        safety_testbed.main(["--out", str(tmp_path / "none"), "--report-only"])
+    assert "no testbed folder there" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit):
+        safety_testbed.main(["--out", str(tmp_path), "--publish", str(tmp_path / "pub")])
+    assert "--publish needs --report-only" in capsys.readouterr().err and not (tmp_path / "pub").exists()
