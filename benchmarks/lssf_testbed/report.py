@@ -129,9 +129,10 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
         with open(os.path.join(out, "runs", f"{run['cell']}-seed{run['seed']}.json"), "w") as fp:
             json.dump(run, fp, indent=2)
     every = []
-    for path in sorted(glob.glob(os.path.join(out, "runs", "*.json"))):
+    for path in glob.glob(os.path.join(out, "runs", "*.json")):
         with open(path) as fp:
             every.append(json.load(fp))
+    every.sort(key=lambda run: (list(CELLS).index(run["cell"]), run["seed"]))  # main first, as in CELLS
     by_cell: Dict[str, List[Dict]] = {}
     for run in every:
         by_cell.setdefault(run["cell"], []).append(run)
