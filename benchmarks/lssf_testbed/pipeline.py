@@ -29,11 +29,19 @@ SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "stro
                 "perplexity", "refusal_score")
 
 
+def _cached(path: str):
+    """The JSON cached at ``path``, or None when there is none."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fp:
+        return json.load(fp)
+
+
 def _json(path: str, compute):
     """The JSON cached at ``path``, or ``compute()`` written there first."""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fp:
-            return json.load(fp)
+    value = _cached(path)
+    if value is not None:
+        return value
     value = compute()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".partial", "w", encoding="utf-8") as fp:
@@ -69,7 +77,7 @@ class Testbed:
         """The folder of model ``name`` of ``cell`` and ``seed``, built or not: the shared
         ``unaligned`` and the arm's ``aligned`` first, then the cell's own models."""
         if name == "unaligned":
-            return os.path.join(self.out, "models", "unaligned")
+            return os.path.join(self.models_dir("main", 0), "unaligned")
         if name == "aligned":
             return self._aligned_path(cell.align)
         if name == "unaligned-inverse":
@@ -79,12 +87,16 @@ class Testbed:
     def model_names(self, cell: Cell, seed: int) -> List[str]:
         """Every model ``run_cell`` builds and evaluates for ``cell`` and ``seed``, in
         report order. The main cell's seeds other than 0 keep only ``Settings.seed_models``."""
-        main0 = cell.name == "main" and seed == 0
-        names = repairs.recipe_names(self.s, ablations=main0) + [c[0] for c in repairs.CONTROLS]
+        names = repairs.recipe_names(self.s, ablations=self._with_ablations(cell, seed)) + [c[0] for c in repairs.CONTROLS]
         names += ["patch-reapplied"] if cell.align == "lora" else []
         if cell.name == "main" and seed != 0 and self.s.seed_models:
             names = [n for n in names if n in self.s.seed_models]
         return ["unaligned", "aligned"] + (["unaligned-inverse"] if cell.reference == "inverse" else []) + ["finetuned"] + names
+
+    @staticmethod
+    def _with_ablations(cell: Cell, seed: int) -> bool:
+        """The per-module ablations are built for the main cell's seed 0 only."""
+        return cell.name == "main" and seed == 0
 
     def _aligned_path(self, arm: str) -> str:
         return os.path.join(cell_folder(self.out, "align-full", 0) if arm == "full" else self.out, "models", "aligned")
@@ -259,7 +271,7 @@ class Testbed:
 
         layers = AutoConfig.from_pretrained(aligned).num_hidden_layers
         books = repairs.recipes(aligned, reference, finetuned, self.subspace(aligned), self.s, layers,
-                                ablations=cell.name == "main" and seed == 0)
+                                ablations=self._with_ablations(cell, seed))
         controls = {name: (fusion, rule) for name, fusion, rule in repairs.CONTROLS}
         names = self.model_names(cell, seed)
         for name in names:
@@ -323,12 +335,8 @@ class Testbed:
         runs = []
         for cell, seed in self._selection(cells, seeds):
             names = self.model_names(cell, seed)
-            paths = {n: self.eval_path(self.model_path(cell, seed, n)) for n in names}
-            results = {}
-            for n, path in paths.items():
-                if os.path.exists(path):
-                    with open(path, encoding="utf-8") as fp:
-                        results[n] = json.load(fp)
+            cached = {n: _cached(self.eval_path(self.model_path(cell, seed, n))) for n in names}
+            results = {n: r for n, r in cached.items() if r is not None}
             where = f"cell {cell.name}, seed {seed}"
             if "finetuned" not in results:
                 self.notes.append(f"{where}: not evaluated")
@@ -336,10 +344,7 @@ class Testbed:
             missing = [n for n in names if n not in results]
             if missing:
                 self.notes.append(f"{where}: {len(results)} of {len(names)} models evaluated; not yet: {', '.join(missing)}")
-            stats = None
-            if seed == 0 and os.path.exists(self._diagnostics_path(cell)):
-                with open(self._diagnostics_path(cell), encoding="utf-8") as fp:
-                    stats = json.load(fp)
+            stats = _cached(self._diagnostics_path(cell)) if seed == 0 else None
             runs.append(self._record(cell, seed, results, stats))
         if publish is None:
             return write_report(self.out, self.s, runs, self.notes, {}, 0.0)

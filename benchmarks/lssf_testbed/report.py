@@ -185,8 +185,9 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
 def publish_report(out: str, dest: str, settings, runs: List[Dict], notes: List[str]) -> Dict:
     """``write_report`` of ``runs`` into ``dest`` (its earlier runs dropped) with the
     paired contrasts read from the testbed folder ``out``, plus the JSON records of
-    ``out/sweeps/*/`` (how the training settings were chosen); ``out``'s path is
-    written as ``DIR``."""
+    ``out/sweeps/*/`` (how the training settings were chosen); ``out``'s absolute path
+    is written as ``DIR`` (only the absolute form: a short relative name such as ``t``
+    would also match unrelated text)."""
     import shutil
 
     shutil.rmtree(os.path.join(dest, "runs"), ignore_errors=True)
@@ -199,7 +200,7 @@ def publish_report(out: str, dest: str, settings, runs: List[Dict], notes: List[
         with open(os.path.join(dest, name), encoding="utf-8") as fp:
             text = fp.read()
         with open(os.path.join(dest, name), "w", encoding="utf-8") as fp:
-            fp.write(text.replace(os.path.abspath(out), "DIR").replace(out, "DIR"))
+            fp.write(text.replace(os.path.abspath(out), "DIR"))
     return summary
 
 
