@@ -5,13 +5,16 @@
     python benchmarks/bench_merge.py --startup           # cost of the start-up hook
 
 task_arithmetic gets weights [+1, -1] on (aligned, unaligned) with the fine-tune as
-base: the same three inputs and the same output as lssf with eta = 1. Wall time
-and peak RSS are of the whole `mergekit-yaml` process; the best of --repeats runs.
+base: the same three inputs and the same output as lssf `fusion: add` with eta = 1.
+`lssf` is the package defaults (`fusion: restore`), `lssf-add` the paper's fusion.
+Wall time and peak RSS are of the whole `mergekit-yaml` process; the best of
+--repeats runs.
 """
 
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +45,7 @@ RECIPES = {
         "dtype": "bfloat16",
     },
 }
+RECIPES["lssf-add"] = {**RECIPES["lssf"], "parameters": {**RECIPES["lssf"]["parameters"], "fusion": "add"}}
 
 
 def timed(command, cwd, env=None):
@@ -75,14 +79,17 @@ def bench_merges(sizes, repeats, cuda, workdir, sequential=False):
             for label, method, env in runs:  # alternate, so drift hits all
                 with open(os.path.join(directory, f"{method}.yml"), "w") as fp:
                     yaml.safe_dump(RECIPES[method], fp)
+                # mergekit-lssf refuses to write over a model: clear the last repeat's output
+                shutil.rmtree(os.path.join(directory, f"out-{label}"), ignore_errors=True)
                 command = [os.path.join(BIN, "mergekit-yaml"), f"{method}.yml", f"out-{label}"]
                 command += ["--cuda"] if cuda else []
                 wall, rss = timed(command, directory, env)
                 best = results.get(label, (float("inf"), float("inf")))
                 results[label] = (min(best[0], wall), min(best[1], rss))
-        ta, ls = results["task_arithmetic"], results["lssf"]
-        row = (size, count_parameters(size) / 1e6, ta[0], ls[0], ls[0] / ta[0], ta[1], ls[1], ls[1] / ta[1])
-        line = "| %s | %.1fM | %.2f | %.2f | %.2fx | %.0f | %.0f | %.2fx |" % row
+        ta, ls, add = results["task_arithmetic"], results["lssf"], results["lssf-add"]
+        row = (size, count_parameters(size) / 1e6, ta[0], ls[0], ls[0] / ta[0], ta[1], ls[1], ls[1] / ta[1],
+               add[0], add[0] / ta[0], add[1] / ta[1])
+        line = "| %s | %.1fM | %.2f | %.2f | %.2fx | %.0f | %.0f | %.2fx | %.2f | %.2fx | %.2fx |" % row
         if sequential:
             seq = results["lssf-sequential"]
             row += (seq[0], seq[0] / ta[0])
@@ -175,7 +182,8 @@ def main():
     args = parser.parse_args()
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     if args.sizes:
-        header = "| size | params | task_arithmetic s | lssf s | time ratio | task_arithmetic MiB | lssf MiB | RSS ratio |"
+        header = ("| size | params | task_arithmetic s | lssf s | time ratio | task_arithmetic MiB | lssf MiB | RSS ratio |"
+                  " lssf-add s | its time ratio | its RSS ratio |")
         header += " lssf, read-ahead off s | its time ratio |" if args.sequential else ""
         print(header)
         bench_merges(args.sizes, args.repeats, args.cuda, args.workdir, args.sequential)

@@ -208,11 +208,12 @@ def report(recipe: str, out_dir: str, device: str, cuda: bool) -> None:
 def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, device: str, cuda: bool, dtype: str) -> None:
     """Write RECIPE's safety term as a PEFT LoRA adapter in --out.
 
-    With `fusion: add` (the default) the adapter depends only on the aligned and
-    unaligned models: apply it to any fine-tune of the aligned model with
-    PeftModel.from_pretrained (unmerged, or merge_and_unload() for the same weights as
-    mergekit-yaml with RECIPE). With `fusion: restore` it is for RECIPE's base_model
-    only. The positional OUT_DIR still works but is deprecated: use --out.
+    With `fusion: restore` (the default) the adapter pulls RECIPE's base_model back
+    toward the aligned model, so it is for that fine-tune only (PeftModel.from_pretrained,
+    or merge_and_unload() for the same weights as mergekit-yaml with RECIPE). With
+    `fusion: add` (the paper's) it depends only on the aligned and unaligned models: a
+    universal patch for any fine-tune of the aligned model. The positional OUT_DIR
+    still works but is deprecated: use --out.
     """
     import torch
 

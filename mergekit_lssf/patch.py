@@ -1,11 +1,11 @@
 """``mergekit-lssf extract-patch``: the safety term as a PEFT LoRA adapter.
 
-With ``fusion: add`` (the default) the fused term ``alpha * P' delta`` has rank r per
+With ``fusion: add`` (the paper's rule) the fused term ``alpha * P' delta`` has rank r per
 weight and depends only on the aligned and unaligned models, not on the fine-tune.
 Written as a LoRA adapter (``B @ A = alpha * P' delta`` exactly, balanced factors,
 scaling 1 through ``rank_pattern``/``alpha_pattern``), it repairs any fine-tune of the
 aligned model at load time, in a multi-LoRA server, or merged with
-``merge_and_unload()``. With ``fusion: restore`` the term ``alpha * P' (W_aligned -
+``merge_and_unload()``. With ``fusion: restore`` (the default) the term ``alpha * P' (W_aligned -
 W_ft)`` depends on the fine-tune: the adapter is for the recipe's ``base_model`` only,
 and its config, metadata and README say so.
 

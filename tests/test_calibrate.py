@@ -81,7 +81,7 @@ def test_tiny_subspace_matches_independent_computation(toy):
 
 
 def _recipe(root, subspace, params=None):
-    parameters = {"alpha": 0.9, "eta": 0.7, "weight_max": 1.5, "subspace": subspace, **(params or {})}
+    parameters = {"alpha": 0.9, "eta": 0.7, "weight_max": 1.5, "subspace": subspace, "fusion": "add", **(params or {})}
     return write_lssf_recipe(root, "cal.yml", parameters)
 
 

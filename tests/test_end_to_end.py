@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers import load_state, run_cli, write_lssf_recipe
-from reference import reference_lssf
+from reference import reference_fuse
 
 from mergekit_lssf.toy_models import ToySpec, build_toy_models
 
@@ -34,6 +34,7 @@ def _expected_parameters(name):
 
 
 def test_mergekit_yaml_filters_and_gradients_match_reference(toy_dir, tmp_path):
+    """No `fusion` in the recipe: the default, `restore`, against the float64 reference."""
     params = {
         "alpha": [{"filter": "mlp", "value": 0.5}, {"value": [0.2, 1.0]}],
         "eta": 0.8,
@@ -59,7 +60,7 @@ def test_mergekit_yaml_filters_and_gradients_match_reference(toy_dir, tmp_path):
     fused = 0
     for name, tensor in merged.items():
         if tensor.ndim == 2 and "embed" not in name and "lm_head" not in name:
-            ref, r = reference_lssf(ft[name].numpy(), al[name].numpy(), un[name].numpy(), **_expected_parameters(name))
+            ref, r = reference_fuse(ft[name].numpy(), al[name].numpy(), un[name].numpy(), fusion="restore", **_expected_parameters(name))
             assert np.linalg.norm(tensor.double().numpy() - ref) / np.linalg.norm(ref) < 1e-5, name
             fused += 1
         else:

@@ -45,7 +45,7 @@ def test_registered_and_idempotent():
 
 def test_in_memory_merge_matches_reference():
     sds = _state_dicts()
-    out = _merge(sds, alpha=0.8, eta=0.9, weight_max=1.5, max_rank=None)
+    out = _merge(sds, alpha=0.8, eta=0.9, weight_max=1.5, max_rank=None, fusion="add")
     for name, tensor in out.items():
         ft = sds["ft"][name]
         if name.endswith("proj.weight"):

@@ -12,7 +12,7 @@ from mergekit_lssf.toy_models import ToySpec, build_toy_models
 from helpers import load_state, run_cli, write_lssf_recipe
 from reference import reference_rank
 
-PARAMS = {"alpha": [{"filter": "mlp", "value": 0.7}, {"value": 1.0}], "eta": 0.85, "weight_max": 1.5,
+PARAMS = {"alpha": [{"filter": "mlp", "value": 0.7}, {"value": 1.0}], "eta": 0.85, "weight_max": 1.5, "fusion": "add",
           "max_rank": [{"filter": "k_proj", "value": 2}, {"value": 256}]}
 
 

@@ -101,12 +101,12 @@ def test_summary_and_model_card_state_the_roles(gentle, tmp_path):
     result = run_cli(["mergekit-yaml", recipe, str(out)], cwd=gentle)
     assert "swapped" not in result.stderr
     assert "lssf: repaired fine-tune ./finetuned with aligned model ./aligned (role: aligned) and unaligned model ./unaligned (role: unaligned)" in result.stderr
-    assert "W' = W_finetuned + alpha * P' (W_aligned - W_unaligned)" in result.stderr
+    assert "W' = W_finetuned + alpha * P' (W_aligned - W_finetuned)  [restore]" in result.stderr  # the default fusion
     assert "alpha 0.7, rank by the entropy rule, eta 0.9, max_rank 256" in result.stderr
     card = (out / "README.md").read_text()
     assert "## LSSF safety repair (mergekit-lssf" in card
     for text in ("`role: aligned`): ./aligned", "`role: unaligned`): ./unaligned", "(`base_model`): ./finetuned",
-                 '"alpha": 0.7', '"eta": 0.9', '"fusion": "add"', '"rank_rule": "entropy"', "14 weights fused; rank min",
+                 '"alpha": 0.7', '"eta": 0.9', '"fusion": "restore"', '"rank_rule": "entropy"', "14 weights fused; rank min",
                  "mergekit "):
         assert text in card, text
     assert "merge_method: lssf" in card  # mergekit's own card is still there
@@ -174,7 +174,7 @@ def test_check_json_lists_the_fused_and_kept_split(gentle):
 def test_patch_provenance_and_the_deprecated_positional_folder(gentle, tmp_path):
     from safetensors import safe_open
 
-    recipe = write_lssf_recipe(gentle, "patch.yml", {"alpha": 0.8})
+    recipe = write_lssf_recipe(gentle, "patch.yml", {"alpha": 0.8, "fusion": "add"})
     result = run_cli(["mergekit-lssf", "extract-patch", recipe, str(tmp_path / "p")], cwd=gentle)
     assert "positional OUT_DIR of extract-patch is deprecated; use --out DIR" in result.stderr
     with safe_open(tmp_path / "p" / "adapter_model.safetensors", framework="pt") as fp:

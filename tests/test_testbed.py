@@ -37,6 +37,19 @@ def test_prompt_splits_are_disjoint_and_strongreject_is_the_published_file():
     assert len(strongreject_prompts()) == 313  # SHA-256 checked on load
 
 
+def test_repair_recipes_name_their_fusion():
+    """Every lssf recipe says its fusion: `lssf` and its variants the paper's `add`
+    (the package default is `restore`), the restore repairs `restore`."""
+    from lssf_testbed import repairs
+
+    built = repairs.recipes("al", "un", "ft", "sub.safetensors", Settings(), layers=4, ablations=True)
+    assert list(built) == repairs.recipe_names(Settings(), ablations=True)
+    for name, recipe in built.items():
+        if recipe["merge_method"] == "lssf":
+            assert recipe["parameters"]["fusion"] == ("restore" if name.endswith("restore") else "add"), name
+    assert built["lssf"]["parameters"] == {"fusion": "add"}
+
+
 @pytest.mark.slow
 def test_every_stage_and_cell_on_tiny_settings(tmp_path):
     build_toy_models(str(tmp_path / "toy"), ToySpec(size="tiny", seed=8))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helpers import load_state, write_lssf_recipe
-from reference import reference_lssf
+from reference import reference_fuse
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 TORCH_VERSION = torch.__version__.split("+")[0]
@@ -93,7 +93,7 @@ def test_wheel_mergekit_yaml_matches_reference(wheel_venv, toy_dir, tmp_path):
     al, un = load_state(toy_dir / "aligned"), load_state(toy_dir / "unaligned")
     for name, tensor in merged.items():
         if tensor.ndim == 2 and "embed" not in name and "lm_head" not in name:
-            ref, _ = reference_lssf(ft[name].numpy(), al[name].numpy(), un[name].numpy(), alpha=0.7, eta=0.85, max_rank=256)
+            ref, _ = reference_fuse(ft[name].numpy(), al[name].numpy(), un[name].numpy(), alpha=0.7, eta=0.85, max_rank=256, fusion="restore")
             assert np.linalg.norm(tensor.double().numpy() - ref) / np.linalg.norm(ref) < 1e-5, name
         else:
             assert torch.equal(tensor, ft[name]), name

@@ -1,6 +1,8 @@
 """Repairs of a fine-tune: mergekit-yaml runs of written recipes, and two controls.
 
-* ``lssf`` (package defaults), ``lssf-calibrated``, ``lssf-alpha{a}``, ``lssf-rank10``,
+* ``lssf`` (the paper's rule: ``fusion: add``, the other parameters the package
+  defaults; ``add`` is written into every recipe but the ``restore`` ones, since the
+  package default became ``restore`` on this evidence), ``lssf-calibrated``, ``lssf-alpha{a}``, ``lssf-rank10``,
   ``lssf-rank50``, ``task-arithmetic`` (the full safety vector), ``lssf-noise-floor``,
   ``lssf-restore``, ``lssf-noise-floor-restore``, and per-module ablations of ``lssf``
   (``ablate-attention``, ``ablate-mlp``, ``ablate-first-half``, ``ablate-second-half``:
@@ -50,6 +52,7 @@ def recipes(aligned: str, unaligned: str, finetuned: str, subspace: str, s, laye
     """name -> mergekit recipe (dict) for every mergekit-yaml repair of one fine-tune,
     in the order of ``recipe_names``."""
     def lssf(**p):
+        p = {"fusion": "add", **p}  # the paper's rule unless a recipe says restore
         return {"merge_method": "lssf", "base_model": finetuned, "dtype": "float32", "parameters": p, "models": [
             {"model": aligned, "parameters": {"role": "aligned"}},
             {"model": unaligned, "parameters": {"role": "unaligned"}}]}
