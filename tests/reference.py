@@ -45,15 +45,10 @@ def reference_alphas(s_r, weight_max):
 
 
 def reference_lssf(ft, aligned, unaligned, *, alpha, eta, max_rank=None, weight_max=1.0, rank=None):
-    """W_ft + alpha * U' U'^T delta with U' = U_r diag(a) from numpy's float64 SVD."""
-    ft, aligned, unaligned = (np.asarray(x, dtype=np.float64) for x in (ft, aligned, unaligned))
-    delta = aligned - unaligned
-    u, s, _vt = np.linalg.svd(delta, full_matrices=False)
-    r, _share = reference_rank(s, eta, max_rank, rank)
-    if r == 0:
-        return ft.copy(), 0
-    u_prime = u[:, :r] * reference_alphas(s[:r], weight_max)[None, :]
-    return ft + alpha * (u_prime @ u_prime.T) @ delta, r
+    """The paper's Eq. 13, W_ft + alpha * U' U'^T delta with U' = U_r diag(a) from numpy's
+    float64 SVD: ``reference_fuse`` with the entropy rule and ``fusion="add"``."""
+    return reference_fuse(ft, aligned, unaligned, alpha=alpha, eta=eta, max_rank=max_rank,
+                          weight_max=weight_max, rank=rank, rank_rule="entropy", fusion="add")
 
 
 def make_delta(rows, cols, singular_values, seed=0):
