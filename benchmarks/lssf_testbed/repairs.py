@@ -1,9 +1,9 @@
 """Repairs of a fine-tune: mergekit-yaml runs of written recipes, and two controls.
 
-* ``lssf`` (the paper's rule: ``fusion: add``, the other parameters the package
-  defaults; ``add`` is written into every recipe but the ``restore`` ones, since the
-  package default became ``restore`` on this evidence), ``lssf-calibrated``, ``lssf-alpha{a}``, ``lssf-rank10``,
-  ``lssf-rank50``, ``task-arithmetic`` (the full safety vector), ``lssf-noise-floor``,
+* ``lssf`` (the paper's ``fusion: add``, the other parameters the package defaults;
+  every recipe but the ``restore`` ones says ``fusion: add``, since the package default
+  became ``restore`` on this evidence), ``lssf-calibrated``, ``lssf-alpha{a}``,
+  ``lssf-rank10``, ``lssf-rank50``, ``task-arithmetic`` (the full safety vector), ``lssf-noise-floor``,
   ``lssf-restore``, ``lssf-noise-floor-restore``, and per-module ablations of ``lssf``
   (``ablate-attention``, ``ablate-mlp``, ``ablate-first-half``, ``ablate-second-half``:
   alpha 1 on those weights, 0 elsewhere, through mergekit filters).
