@@ -7,6 +7,7 @@ two minutes (torch comes from pip's cache or local disk, the rest from the regis
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,7 +26,9 @@ TORCH_VERSION = torch.__version__.split("+")[0]
 def _run(args, cwd, timeout=900):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    free_gb = shutil.disk_usage(cwd).free / 1e9  # venv's ensurepip hides its own error; a full disk is the usual cause
+    assert result.returncode == 0, (f"{args} failed ({result.returncode}, {free_gb:.1f} GB free):\n"
+                                    f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 
