@@ -137,6 +137,31 @@ def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
         assert checked > 0
 
 
+def test_term_cosines_are_per_module_means_of_the_flattened_cosine(tmp_path):
+    """cos(W_repaired - W_ft, W_aligned - W_reference) per weight, averaged per module,
+    against numpy in float64; delta itself as the term gives 1, its negative -1."""
+    import numpy as np
+
+    from lssf_testbed import repairs
+    from lssf_testbed.diagnostics import LAYER, term_cosines
+
+    build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=6))
+    names = {k: str(tmp_path / k) for k in ("aligned", "unaligned", "finetuned")}
+    got = term_cosines(names["aligned"], names["unaligned"], names["finetuned"], names["aligned"])
+    al, un, ft = (repairs._load(names[k]) for k in ("aligned", "unaligned", "finetuned"))
+    expected = {}
+    for name in repairs.fused_names(ft):
+        t = al[name].double().numpy().ravel() - ft[name].double().numpy().ravel()
+        d = al[name].double().numpy().ravel() - un[name].double().numpy().ravel()
+        expected.setdefault(LAYER.search(name).group(3), []).append(t @ d / (np.linalg.norm(t) * np.linalg.norm(d)))
+    assert set(got) == set(expected) and len(got) > 1
+    for module, values in expected.items():
+        assert got[module] == pytest.approx(float(np.mean(values)), abs=1e-9), module
+    ones = term_cosines(names["aligned"], names["unaligned"], names["unaligned"], names["aligned"])
+    minus = term_cosines(names["aligned"], names["unaligned"], names["aligned"], names["unaligned"])
+    assert all(v == pytest.approx(1.0) for v in ones.values()) and all(v == pytest.approx(-1.0) for v in minus.values())
+
+
 def test_paired_contrast_is_the_mean_per_prompt_difference_with_a_bootstrap_interval(tmp_path):
     from lssf_testbed.report import paired_contrast
 

@@ -77,6 +77,21 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def term_cosines(aligned: str, reference: str, finetuned: str, repaired: str) -> Dict[str, float]:
+    """Per module, the mean over layers of the cosine between a repair's added term
+    ``W_repaired - W_ft`` and delta ``W_aligned - W_reference`` (flattened weights).
+    Shows how far a control is from random: a random-subspace control ``Q Q^T delta`` of
+    rank r keeps about ``sqrt(r / d_out)`` of delta, so at high rank it is no null control."""
+    al, ref, ft, rep = _load(aligned), _load(reference), _load(finetuned), _load(repaired)
+    groups = defaultdict(list)
+    for name in fused_names(ft):
+        term, delta = (rep[name].double() - ft[name].double()), (al[name].double() - ref[name].double())
+        if term.norm() > 0 and delta.norm() > 0:
+            m = LAYER.search(name)
+            groups[m.group(3) if m else name].append(float((term * delta).sum() / (term.norm() * delta.norm())))
+    return {module: _mean(values) for module, values in sorted(groups.items())}
+
+
 def direction_recovery(projections: Dict[str, List[float]], aligned: str = "aligned", finetuned: str = "finetuned") -> Dict[str, float]:
     """Per model, the mean over layers of ``(p - p_ft) / (p_aligned - p_ft)`` where ``p`` is
     the harmful-minus-benign activation gap along the refusal direction: 1 = back where

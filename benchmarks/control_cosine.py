@@ -1,0 +1,44 @@
+"""How far each repair's added term points along delta, per module, for one testbed cell.
+
+    python benchmarks/control_cosine.py --out testbed/ --cell reference-inverse [--seed 0]
+
+Prints a markdown table: for ``lssf`` and ``random-subspace`` (and any ``--model``), the
+mean over layers of cos(W_model - W_finetuned, W_aligned - W_reference). RESULTS uses it to
+show when the random-subspace control keeps much of delta (a high-rank subspace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from lssf_testbed.diagnostics import term_cosines  # noqa: E402
+from lssf_testbed.pipeline import Testbed  # noqa: E402
+from lssf_testbed.settings import CELLS, Settings  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="the testbed's run folder")
+    parser.add_argument("--cell", default="main", choices=sorted(CELLS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", action="append", default=None, help="repair names (default: lssf, random-subspace)")
+    args = parser.parse_args(argv)
+    bed, cell = Testbed(args.out, Settings(), log=lambda *_: None), CELLS[args.cell]
+    path = lambda name: bed.model_path(cell, args.seed, name)  # noqa: E731
+    reference = path("unaligned-inverse" if cell.reference == "inverse" else "unaligned")
+    models = args.model or ["lssf", "random-subspace"]
+    for name in ["aligned", "finetuned", *models]:
+        if not os.path.isdir(path(name)):
+            sys.exit(f"control_cosine: model {name!r} of cell {args.cell} seed {args.seed} is not built: {path(name)}")
+    table = {m: term_cosines(path("aligned"), reference, path("finetuned"), path(m)) for m in models}
+    print("| module | " + " | ".join(f"`{m}`" for m in models) + " |\n|---|" + "---|" * len(models))
+    for module in table[models[0]]:
+        print(f"| {module} | " + " | ".join(f"{table[m].get(module, float('nan')):.2f}" for m in models) + " |")
+
+
+if __name__ == "__main__":
+    main()
