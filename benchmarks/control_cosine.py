@@ -29,12 +29,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     bed, cell = Testbed(args.out, Settings(), log=lambda *_: None), CELLS[args.cell]
     path = lambda name: bed.model_path(cell, args.seed, name)  # noqa: E731
-    reference = path("unaligned-inverse" if cell.reference == "inverse" else "unaligned")
     models = args.model or ["lssf", "random-subspace"]
-    for name in ["aligned", "finetuned", *models]:
+    for name in ["aligned", cell.reference_model, "finetuned", *models]:
         if not os.path.isdir(path(name)):
             sys.exit(f"control_cosine: model {name!r} of cell {args.cell} seed {args.seed} is not built: {path(name)}")
-    table = {m: term_cosines(path("aligned"), reference, path("finetuned"), path(m)) for m in models}
+    table = {m: term_cosines(path("aligned"), path(cell.reference_model), path("finetuned"), path(m)) for m in models}
     print("| module | " + " | ".join(f"`{m}`" for m in models) + " |\n|---|" + "---|" * len(models))
     for module in table[models[0]]:
         print(f"| {module} | " + " | ".join(f"{table[m].get(module, float('nan')):.2f}" for m in models) + " |")

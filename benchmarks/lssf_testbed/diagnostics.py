@@ -46,7 +46,7 @@ def weight_statistics(aligned: str, reference: str, finetuned: str) -> List[Dict
             u = output_basis(sub, r, delta)
             u = u / u.norm(dim=0, keepdim=True)
             overlap = float((u.T @ drift).norm() / drift.norm())
-        cos = float((drift * delta).sum() / (drift.norm() * delta.norm())) if drift.norm() > 0 and delta.norm() > 0 else float("nan")
+        cos = _cosine(drift, delta)
         m = LAYER.search(name)
         rows.append({
             "name": name, "layer": int(m.group(1)) if m else None, "module": m.group(3) if m else name,
@@ -57,6 +57,11 @@ def weight_statistics(aligned: str, reference: str, finetuned: str) -> List[Dict
             "drift_delta_cosine": cos, "drift_rel_norm": float(drift.norm() / al[name].double().norm()),
         })
     return rows
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two weights as flattened vectors; NaN when either is zero."""
+    return float((a * b).sum() / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else float("nan")
 
 
 def summarise(rows: List[Dict], key: str) -> Dict[str, Dict[str, float]]:
@@ -85,10 +90,8 @@ def term_cosines(aligned: str, reference: str, finetuned: str, repaired: str) ->
     al, ref, ft, rep = _load(aligned), _load(reference), _load(finetuned), _load(repaired)
     groups = defaultdict(list)
     for name in fused_names(ft):
-        term, delta = (rep[name].double() - ft[name].double()), (al[name].double() - ref[name].double())
-        if term.norm() > 0 and delta.norm() > 0:
-            m = LAYER.search(name)
-            groups[m.group(3) if m else name].append(float((term * delta).sum() / (term.norm() * delta.norm())))
+        m = LAYER.search(name)
+        groups[m.group(3) if m else name].append(_cosine(rep[name].double() - ft[name].double(), al[name].double() - ref[name].double()))
     return {module: _mean(values) for module, values in sorted(groups.items())}
 
 

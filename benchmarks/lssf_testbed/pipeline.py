@@ -91,7 +91,7 @@ class Testbed:
         names += ["patch-reapplied"] if cell.align == "lora" else []
         if cell.name == "main" and seed != 0 and self.s.seed_models:
             names = [n for n in names if n in self.s.seed_models]
-        return ["unaligned", "aligned"] + (["unaligned-inverse"] if cell.reference == "inverse" else []) + ["finetuned"] + names
+        return ["unaligned", "aligned"] + ([cell.reference_model] if cell.reference_model != "unaligned" else []) + ["finetuned"] + names
 
     @staticmethod
     def _with_ablations(cell: Cell, seed: int) -> bool:

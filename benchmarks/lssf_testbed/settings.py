@@ -87,6 +87,11 @@ class Cell:
     drift: str
     note: str
 
+    @property
+    def reference_model(self) -> str:
+        """The name of the recipes' unaligned model in this cell."""
+        return "unaligned-inverse" if self.reference == "inverse" else "unaligned"
+
 
 CELLS = {
     "main": Cell("main", "lora", "pre", "lora", "LoRA alignment, pre-alignment reference, benign LoRA drift"),
