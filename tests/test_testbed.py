@@ -17,7 +17,7 @@ from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
 MAIN_MODELS = {
     "unaligned", "aligned", "finetuned", "lssf", "lssf-calibrated", "task-arithmetic", "lssf-rank10", "lssf-rank50",
     "lssf-noise-floor", "lssf-restore", "lssf-noise-floor-restore", "lssf-alpha0.5", "random-subspace", "random-restore",
-    "random-noise-floor-restore",
+    "random-noise-floor-restore", "random-spectrum", "random-spectrum-restore",
     "patch-reapplied", "ablate-attention", "ablate-mlp", "ablate-first-half", "ablate-second-half",
 }
 
@@ -98,7 +98,7 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path):
     published = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).report_only(["main"], publish=str(tmp_path / "pub"))
     assert published["cells"]["main"]["models"]["lssf"] == summary["cells"]["main"]["models"]["lssf"]
     assert published["cells"]["main"]["models"]["lssf-alpha0.5"]["refusal_rate"]["n"] == 1  # seed 1 only
-    assert any(n.startswith("cell main, seed 0: 19 of 20") and n.endswith("not yet: lssf-alpha0.5") for n in published["notes"])
+    assert any(n.startswith("cell main, seed 0: 21 of 22") and n.endswith("not yet: lssf-alpha0.5") for n in published["notes"])
     assert str(tmp_path / "bed") not in (tmp_path / "pub" / "results.md").read_text()
     assert (tmp_path / "pub" / "sweeps" / "align" / "choice.json").exists() and not (tmp_path / "pub" / "models").exists()
     assert sorted(p.name for p in (tmp_path / "pub" / "runs").iterdir()) == ["main-seed0.json", "main-seed1.json"]
@@ -107,7 +107,10 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path):
 def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
     """random-subspace / random-restore: per weight, the added term has the Frobenius norm
     of lssf's (add) / lssf-restore's term and rank at most that repair's rank, and it is
-    not that term (random directions)."""
+    not that term (random directions). random-spectrum(-restore): the term has exactly the
+    repair's singular values (float64 SVD of the kernel's term), and its row and column
+    spaces are random: on this toy the subspace control's |cosine| with the term reaches
+    0.38, the spectrum control's stays below 0.07 (bound 0.2)."""
     import torch
 
     from lssf_testbed import repairs
@@ -117,11 +120,15 @@ def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
     build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=5))
     names = {k: str(tmp_path / k) for k in ("aligned", "unaligned", "finetuned")}
     al, un, ft = (repairs._load(names[k]) for k in ("aligned", "unaligned", "finetuned"))
-    for fusion, rule in (("add", "entropy"), ("restore", "entropy"), ("restore", "noise_floor")):
-        out = str(tmp_path / f"random-{fusion}-{rule}")
-        repairs.random_subspace(names["aligned"], names["unaligned"], names["finetuned"], out, seed=3, fusion=fusion, rank_rule=rule)
+    cosine = lambda x, y: float((x * y).sum() / (x.norm() * y.norm()))  # noqa: E731
+    for kind, fusion, rule in (("subspace", "add", "entropy"), ("subspace", "restore", "entropy"),
+                               ("subspace", "restore", "noise_floor"), ("spectrum", "add", "entropy"),
+                               ("spectrum", "restore", "entropy")):
+        out = str(tmp_path / f"random-{kind}-{fusion}-{rule}")
+        repairs.random_control(names["aligned"], names["unaligned"], names["finetuned"], out, seed=3, kind=kind,
+                               fusion=fusion, rank_rule=rule)
         got = repairs._load(out)
-        checked = 0
+        checked, cosines = 0, []
         for name in repairs.fused_names(ft):
             a, u, w = al[name].double(), un[name].double(), ft[name].double()
             f = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, fusion=fusion, rank_rule=rule).with_finetune(w)
@@ -133,8 +140,16 @@ def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
             assert abs(term.norm() - reference.norm()) <= 1e-4 * reference.norm() + 1e-6, name
             assert torch.linalg.matrix_rank(term, rtol=1e-5) <= f.info.rank
             assert (term - reference).norm() > 1e-2 * reference.norm()
+            if kind == "spectrum":
+                r = f.info.rank
+                want = torch.linalg.svdvals(reference)[:r]
+                have = torch.linalg.svdvals(term)[:r]
+                assert torch.allclose(have, want, rtol=1e-4, atol=1e-6 * float(want[0])), name
+            cosines.append(abs(cosine(term, reference)))
             checked += 1
         assert checked > 0
+        if kind == "spectrum":
+            assert max(cosines) < 0.2, (fusion, cosines)
 
 
 def test_term_cosines_are_per_module_means_of_the_flattened_cosine(tmp_path):

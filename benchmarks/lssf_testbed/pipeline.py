@@ -272,7 +272,7 @@ class Testbed:
         layers = AutoConfig.from_pretrained(aligned).num_hidden_layers
         books = repairs.recipes(aligned, reference, finetuned, self.subspace(aligned), self.s, layers,
                                 ablations=self._with_ablations(cell, seed))
-        controls = {name: (fusion, rule) for name, fusion, rule in repairs.CONTROLS}
+        controls = {name: spec for name, *spec in repairs.CONTROLS}
         names = self.model_names(cell, seed)
         for name in names:
             path = self.model_path(cell, seed, name)
@@ -282,7 +282,7 @@ class Testbed:
                 self._timed("merge", lambda: repairs.run_recipe(books[name], path, os.path.join(os.path.dirname(folder), f"{name}.yml"),
                                                                 self.log))
             elif name in controls:
-                self._timed("merge", lambda: repairs.random_subspace(aligned, reference, finetuned, path,
+                self._timed("merge", lambda: repairs.random_control(aligned, reference, finetuned, path,
                                                                      self.s.random_control_seed + seed, *controls[name]))
             elif name == "patch-reapplied":
                 repairs.patch_reapplied(aligned + ".adapter", finetuned, path)

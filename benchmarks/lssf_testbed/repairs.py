@@ -1,4 +1,4 @@
-"""Repairs of a fine-tune: mergekit-yaml runs of written recipes, and two controls.
+"""Repairs of a fine-tune: mergekit-yaml runs of written recipes, and the controls.
 
 * ``lssf`` (the paper's ``fusion: add``, the other parameters the package defaults;
   every recipe but the ``restore`` ones says ``fusion: add``, since the package default
@@ -14,6 +14,12 @@
   ``lssf-restore``'s term, along ``Q Q^T (W_aligned - W_ft)``: does pulling back toward
   the aligned weights help only inside the safety subspace, or along any r directions?
   ``random-noise-floor-restore``: the same for ``lssf-noise-floor-restore``.
+* ``random-spectrum`` / ``random-spectrum-restore`` (delta-independent controls of
+  ``lssf`` / ``lssf-restore``): per weight, ``A diag(s) B^T`` with ``s`` the singular
+  values of that repair's term (so the same rank and Frobenius norm) and ``A``, ``B``
+  random orthonormal left and right factors. The ``Q Q^T delta`` controls above keep the
+  part of delta inside a random subspace, which is much of delta when ``r`` is near a
+  weight's row count; these keep nothing of delta but its spectrum.
 * ``patch-reapplied`` (control, LoRA alignment only): the alignment LoRA itself merged
   into the fine-tune with peft: the upper reference for any safety patch.
 """
@@ -36,9 +42,12 @@ BIN = os.path.dirname(sys.executable)
 
 
 ABLATIONS = ("ablate-attention", "ablate-mlp", "ablate-first-half", "ablate-second-half")
-# (name, fusion, rank_rule) of each random control: the lssf repair whose rank and norm it matches
-CONTROLS = (("random-subspace", "add", "entropy"), ("random-restore", "restore", "entropy"),
-            ("random-noise-floor-restore", "restore", "noise_floor"))
+# (name, kind, fusion, rank_rule) of each random control: kind "subspace" (Q Q^T delta) or
+# "spectrum" (random factors, the repair's singular values); fusion and rank_rule name the
+# lssf repair whose rank and norm it matches
+CONTROLS = (("random-subspace", "subspace", "add", "entropy"), ("random-restore", "subspace", "restore", "entropy"),
+            ("random-noise-floor-restore", "subspace", "restore", "noise_floor"),
+            ("random-spectrum", "spectrum", "add", "entropy"), ("random-spectrum-restore", "spectrum", "restore", "entropy"))
 
 
 def recipe_names(s, ablations: bool) -> List[str]:
@@ -125,15 +134,26 @@ def _write_like(template: str, state: Dict[str, torch.Tensor], path: str) -> Non
     os.replace(partial, path)
 
 
-def random_subspace(aligned: str, unaligned: str, finetuned: str, path: str, seed: int, fusion: str = "add",
-                    rank_rule: str = "entropy") -> Dict[str, float]:
-    """The random-subspace control (module doc) of the lssf repair with ``fusion`` and
-    ``rank_rule`` (package defaults otherwise): ``"add"`` along ``Q Q^T delta``,
-    ``"restore"`` along ``Q Q^T (W_aligned - W_ft)``, per weight with the rank and the
-    Frobenius norm of that repair's term; returns the mean rank."""
+def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """[rows, cols] float64 with orthonormal columns, from a seeded Gaussian."""
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    return q
+
+
+def random_control(aligned: str, unaligned: str, finetuned: str, path: str, seed: int, kind: str = "subspace",
+                   fusion: str = "add", rank_rule: str = "entropy") -> Dict[str, float]:
+    """A random control (module doc) of the lssf repair with ``fusion`` and ``rank_rule``
+    (package defaults otherwise), per weight with that repair's rank ``r`` and the
+    Frobenius norm of its term. ``kind="subspace"``: along ``Q Q^T delta`` (``"add"``) or
+    ``Q Q^T (W_aligned - W_ft)`` (``"restore"``), ``Q`` [rows, r] random orthonormal;
+    ``kind="spectrum"``: ``A diag(s) B^T``, ``s`` the term's r singular values, ``A``
+    [rows, r] and ``B`` [cols, r] random orthonormal. Seeded per weight name; writes a
+    model folder like ``finetuned`` at ``path``; returns the mean rank."""
     from mergekit_lssf.kernel import safety_factors
     from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
 
+    if kind not in ("subspace", "spectrum"):
+        raise ValueError(f"random control kind {kind!r}: expected 'subspace' or 'spectrum'")
     al, un, ft = _load(aligned), _load(unaligned), _load(finetuned)
     out, ranks = dict(ft), []
     for name in fused_names(ft):
@@ -144,14 +164,18 @@ def random_subspace(aligned: str, unaligned: str, finetuned: str, path: str, see
         ranks.append(r)
         if r == 0:
             continue
-        target = (factors.left @ factors.right).norm()
-        source = (a - w) if fusion == "restore" else (a - u)
+        reference = factors.left @ factors.right  # float32, as in the published runs
         generator = torch.Generator().manual_seed(seed + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
-        q, _ = torch.linalg.qr(torch.randn(w.shape[0], r, generator=generator, dtype=torch.float64))
-        term = q @ (q.T @ source.double())
-        norm = term.norm()
-        if norm > 0:
-            out[name] = (w.double() + term * (float(target) / float(norm))).to(ft[name].dtype)
+        if kind == "spectrum":
+            s = torch.linalg.svdvals(reference.double())[:r]
+            term = (_orthonormal(w.shape[0], r, generator) * s) @ _orthonormal(w.shape[1], r, generator).T
+        else:
+            source = ((a - w) if fusion == "restore" else (a - u)).double()
+            q = _orthonormal(w.shape[0], r, generator)
+            term = q @ (q.T @ source)
+            norm = term.norm()
+            term = term * (float(reference.norm()) / float(norm)) if norm > 0 else term  # target norm in float32
+        out[name] = (w.double() + term).to(ft[name].dtype)
     _write_like(finetuned, out, path)
     return {"mean_rank": sum(ranks) / max(len(ranks), 1)}
 

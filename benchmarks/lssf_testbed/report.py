@@ -35,14 +35,16 @@ def seed_summary(runs: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
     return {n: {k: _spread([r["models"][n].get(k) for r in runs if n in r["models"]]) for k, _ in COLUMNS} for n in names}
 
 
-# (repair, what it is compared with): each repair against its random control of the same
+# (repair, what it is compared with): each repair against its random controls of the same
 # rank and norm, and against the fine-tune it repairs
 CONTRASTS = [("lssf", "random-subspace"), ("lssf-restore", "random-restore"),
-             ("lssf-noise-floor-restore", "random-noise-floor-restore"), ("lssf", "finetuned"),
+             ("lssf-noise-floor-restore", "random-noise-floor-restore"), ("lssf", "random-spectrum"),
+             ("lssf-restore", "random-spectrum-restore"), ("lssf", "finetuned"),
              ("lssf-restore", "finetuned"), ("lssf-noise-floor-restore", "finetuned"), ("lssf-alpha0.5", "finetuned")]
 MARKERS = (("finetuned", "s"), ("aligned", "*"), ("task-arithmetic", "^"), ("patch-reapplied", "P"),
            ("lssf-calibrated", "<"), ("lssf-noise-floor", "v"), ("lssf-restore", "D"), ("lssf-noise-floor-restore", "h"),
-           ("random-subspace", "o"), ("random-restore", "D"), ("random-noise-floor-restore", "h"))
+           ("random-subspace", "o"), ("random-restore", "D"), ("random-noise-floor-restore", "h"), ("random-spectrum", "p"),
+           ("random-spectrum-restore", "d"))
 PROMPT_SETS = (("harmful", "HarmBench"), ("strongreject", "StrongREJECT"))
 
 

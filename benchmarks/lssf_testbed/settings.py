@@ -60,7 +60,7 @@ class Settings:
     # lssf-noise-floor, lssf-rank50: the rank-16 LoRA delta is kept whole by every rule),
     # the ablations and the rest of the alpha sweep.
     seed_models: Tuple[str, ...] = ("lssf", "lssf-restore", "lssf-noise-floor-restore", "lssf-alpha0.5", "random-subspace",
-                                    "random-restore", "random-noise-floor-restore")
+                                    "random-restore", "random-noise-floor-restore", "random-spectrum", "random-spectrum-restore")
     random_control_seed: int = 1234
 
     @classmethod
