@@ -2,9 +2,10 @@
 
     python benchmarks/control_cosine.py --out testbed/ --cell reference-inverse [--seed 0]
 
-Prints a markdown table: for ``lssf`` and ``random-subspace`` (and any ``--model``), the
-mean over layers of cos(W_model - W_finetuned, W_aligned - W_reference). RESULTS uses it to
-show when the random-subspace control keeps much of delta (a high-rank subspace).
+Prints a markdown table: for ``lssf``, ``random-subspace`` and ``random-spectrum`` (or the
+``--model`` names), the mean over layers of cos(W_model - W_finetuned, W_aligned -
+W_reference). RESULTS uses it to show when the random-subspace control keeps much of delta
+(a high-rank subspace) and that the random-spectrum control does not.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lssf_testbed.diagnostics import term_cosines  # noqa: E402
-from lssf_testbed.pipeline import Testbed  # noqa: E402
-from lssf_testbed.settings import CELLS, Settings  # noqa: E402
+from lssf_testbed.settings import CELLS, model_path  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -25,11 +25,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="the testbed's run folder")
     parser.add_argument("--cell", default="main", choices=sorted(CELLS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", action="append", default=None, help="repair names (default: lssf, random-subspace)")
+    parser.add_argument("--model", action="append", default=None, help="repair names (default: lssf, random-subspace, random-spectrum)")
     args = parser.parse_args(argv)
-    bed, cell = Testbed(args.out, Settings(), log=lambda *_: None), CELLS[args.cell]
-    path = lambda name: bed.model_path(cell, args.seed, name)  # noqa: E731
-    models = args.model or ["lssf", "random-subspace"]
+    cell = CELLS[args.cell]
+    path = lambda name: model_path(args.out, cell, args.seed, name)  # noqa: E731
+    models = args.model or ["lssf", "random-subspace", "random-spectrum"]
     for name in ["aligned", cell.reference_model, "finetuned", *models]:
         if not os.path.isdir(path(name)):
             sys.exit(f"control_cosine: model {name!r} of cell {args.cell} seed {args.seed} is not built: {path(name)}")

@@ -51,7 +51,7 @@ def test_repair_recipes_name_their_fusion():
 
 
 @pytest.mark.slow
-def test_every_stage_and_cell_on_tiny_settings(tmp_path):
+def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     build_toy_models(str(tmp_path / "toy"), ToySpec(size="tiny", seed=8))
     settings = Settings.tiny(str(tmp_path / "toy" / "unaligned"))
     bed = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None)
@@ -102,6 +102,14 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path):
     assert str(tmp_path / "bed") not in (tmp_path / "pub" / "results.md").read_text()
     assert (tmp_path / "pub" / "sweeps" / "align" / "choice.json").exists() and not (tmp_path / "pub" / "models").exists()
     assert sorted(p.name for p in (tmp_path / "pub" / "runs").iterdir()) == ["main-seed0.json", "main-seed1.json"]
+    # control_cosine.py reads the built models by path alone: lssf's term points along delta
+    import control_cosine
+
+    capsys.readouterr()
+    control_cosine.main(["--out", str(tmp_path / "bed"), "--cell", "reference-inverse"])
+    rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
+    assert rows and all(len(r) == 4 for r in rows)
+    assert all(float(r[1]) > 0.5 for r in rows), rows  # lssf's term is delta's top-r part
 
 
 def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):

@@ -22,7 +22,7 @@ from mergekit_lssf import evaluate as ev
 from . import diagnostics, repairs
 from .data import REFUSALS, PromptSets
 from .evaluation import evaluate_model, refusal_direction, validation_metrics
-from .settings import CELLS, Cell, Settings, cell_folder
+from .settings import CELLS, Cell, Settings, cell_folder, model_path
 from .training import is_done, train
 
 SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "strongreject_empty_rate", "over_refusal_rate", "task_accuracy",
@@ -74,15 +74,8 @@ class Testbed:
 
     # ---- shared models -----------------------------------------------------------
     def model_path(self, cell: Cell, seed: int, name: str) -> str:
-        """The folder of model ``name`` of ``cell`` and ``seed``, built or not: the shared
-        ``unaligned`` and the arm's ``aligned`` first, then the cell's own models."""
-        if name == "unaligned":
-            return os.path.join(self.models_dir("main", 0), "unaligned")
-        if name == "aligned":
-            return self._aligned_path(cell.align)
-        if name == "unaligned-inverse":
-            return os.path.join(self.models_dir(cell.name, 0), "unaligned-inverse")
-        return os.path.join(self.models_dir(cell.name, seed), name)
+        """``settings.model_path`` under this testbed's folder."""
+        return model_path(self.out, cell, seed, name)
 
     def model_names(self, cell: Cell, seed: int) -> List[str]:
         """Every model ``run_cell`` builds and evaluates for ``cell`` and ``seed``, in
@@ -99,7 +92,7 @@ class Testbed:
         return cell.name == "main" and seed == 0
 
     def _aligned_path(self, arm: str) -> str:
-        return os.path.join(cell_folder(self.out, "align-full", 0) if arm == "full" else self.out, "models", "aligned")
+        return model_path(self.out, CELLS["align-full" if arm == "full" else "main"], 0, "aligned")
 
     def unaligned(self) -> str:
         path = self.model_path(CELLS["main"], 0, "unaligned")

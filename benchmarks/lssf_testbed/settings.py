@@ -109,3 +109,15 @@ def cell_folder(out: str, cell: str, seed: int) -> str:
     if cell == "main" and seed == 0:
         return out
     return os.path.join(out, "cells", cell if seed == 0 else f"{cell}-seed{seed}")
+
+
+def model_path(out: str, cell: Cell, seed: int, name: str) -> str:
+    """The folder of model ``name`` of ``cell`` and ``seed`` under ``out``, built or not:
+    ``unaligned`` is shared (main cell, seed 0), ``aligned`` is the arm's (the main cell's
+    for LoRA, ``align-full``'s for full SFT), ``unaligned-inverse`` is the cell's seed 0;
+    every other model is the cell and seed's own."""
+    if name == "unaligned":
+        return os.path.join(cell_folder(out, "main", 0), "models", "unaligned")
+    if name == "aligned":
+        return os.path.join(cell_folder(out, "align-full" if cell.align == "full" else "main", 0), "models", "aligned")
+    return os.path.join(cell_folder(out, cell.name, 0 if name == "unaligned-inverse" else seed), "models", name)
