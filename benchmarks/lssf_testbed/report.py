@@ -36,11 +36,13 @@ def seed_summary(runs: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
 
 
 # (repair, what it is compared with): each repair against its random controls of the same
-# rank and norm, and against the fine-tune it repairs
+# rank and norm, and against the fine-tune it repairs; the delta-independent controls
+# against the fine-tune too (a null control should not differ from it)
 CONTRASTS = [("lssf", "random-subspace"), ("lssf-restore", "random-restore"),
              ("lssf-noise-floor-restore", "random-noise-floor-restore"), ("lssf", "random-spectrum"),
              ("lssf-restore", "random-spectrum-restore"), ("lssf", "finetuned"),
-             ("lssf-restore", "finetuned"), ("lssf-noise-floor-restore", "finetuned"), ("lssf-alpha0.5", "finetuned")]
+             ("lssf-restore", "finetuned"), ("lssf-noise-floor-restore", "finetuned"), ("lssf-alpha0.5", "finetuned"),
+             ("random-spectrum", "finetuned"), ("random-spectrum-restore", "finetuned")]
 MARKERS = (("finetuned", "s"), ("aligned", "*"), ("task-arithmetic", "^"), ("patch-reapplied", "P"),
            ("lssf-calibrated", "<"), ("lssf-noise-floor", "v"), ("lssf-restore", "D"), ("lssf-noise-floor-restore", "h"),
            ("random-subspace", "o"), ("random-restore", "D"), ("random-noise-floor-restore", "h"), ("random-spectrum", "p"),
