@@ -209,14 +209,20 @@ def publish_report(out: str, dest: str, settings, runs: List[Dict], notes: List[
 
 
 def _plot_safety(out: str, cells: Dict) -> None:
+    """Refusal (HarmBench, StrongREJECT) against perplexity: each cell's alpha sweep as a
+    labelled curve, the other models as markers; one legend for the cells' colours and one
+    for the models' markers (hollow = random control)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     keys = [("refusal_rate", "HarmBench test refusal"), ("strongreject_refusal_rate", "StrongREJECT refusal")]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    one = len(cells) == 1  # one cell: a colour per model; several: a colour per cell
+    model_colour = lambda j, i: colours[(j + 1) % len(colours)] if one else colours[i % len(colours)]  # noqa: E731
     for ax, (key, label) in zip(axes, keys):
         for i, (name, cell) in enumerate(cells.items()):
             m = cell["models"]
@@ -226,23 +232,29 @@ def _plot_safety(out: str, cells: Dict) -> None:
             sweep = sorted(sweep + ([(1.0, "lssf")] if "lssf" in m else []))
             if sweep:
                 xs, ys = zip(*[point(n) for _, n in sweep])
-                ax.plot(xs, ys, "-o", color=colour, markersize=3, linewidth=1, label=f"{name}: lssf alpha sweep")
+                ax.plot(xs, ys, "-o", color=colour, markersize=3, linewidth=1)
                 for (a, n) in sweep:
                     ax.annotate(f"{a:g}", point(n), fontsize=6, color=colour, xytext=(2, 2), textcoords="offset points")
             for j, (n, marker) in enumerate(MARKERS):
                 if n in m:
-                    # one cell: a colour per model; several: a colour per cell
-                    c = colours[(j + 1) % len(colours)] if len(cells) == 1 else colour
-                    hollow = n.startswith("random-")  # the random controls are drawn hollow
-                    ax.scatter(*point(n), marker=marker, s=45, label=f"{name}: {n}",
-                               facecolors="none" if hollow else c, edgecolors=c)
+                    c = model_colour(j, i)
+                    ax.scatter(*point(n), marker=marker, s=45, facecolors="none" if n.startswith("random-") else c, edgecolors=c)
         ax.set_xscale("log")
         ax.set_xlabel("perplexity (benign text, log scale)")
         ax.set_ylabel(label)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{label} vs utility")
-    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
+    present = [(j, n, marker) for j, (n, marker) in enumerate(MARKERS) if any(n in c["models"] for c in cells.values())]
+    grey = lambda j: model_colour(j, 0) if one else "0.35"  # noqa: E731
+    models = [Line2D([], [], linestyle="", marker=marker, markersize=7, label=n, markeredgecolor=grey(j),
+                     markerfacecolor="none" if n.startswith("random-") else grey(j)) for j, n, marker in present]
+    curves = [Line2D([], [], color=colours[i % len(colours)], marker="o", markersize=3, label=f"{name}: lssf alpha sweep")
+              for i, name in enumerate(cells)]
+    axes[1].legend(handles=curves, title="cell (colour); labels = alpha", fontsize=7, title_fontsize=7,
+                   loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.legend(handles=models, title="model (marker); hollow = random control", fontsize=7, title_fontsize=7,
+               loc="lower center", ncol=6)
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     fig.savefig(os.path.join(out, "safety_vs_utility.png"), dpi=110)
     plt.close(fig)
 
