@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     for name in ["aligned", cell.reference_model, "finetuned", *models]:
         if not os.path.isdir(path(name)):
             sys.exit(f"control_cosine: model {name!r} of cell {args.cell} seed {args.seed} is not built: {path(name)}")
-    table = {m: term_cosines(path("aligned"), path(cell.reference_model), path("finetuned"), path(m)) for m in models}
+    table = dict(zip(models, term_cosines(path("aligned"), path(cell.reference_model), path("finetuned"), [path(m) for m in models])))
     print("| module | " + " | ".join(f"`{m}`" for m in models) + " |\n|---|" + "---|" * len(models))
     for module in table[models[0]]:
         print(f"| {module} | " + " | ".join(f"{table[m].get(module, float('nan')):.2f}" for m in models) + " |")

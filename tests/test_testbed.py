@@ -170,18 +170,18 @@ def test_term_cosines_are_per_module_means_of_the_flattened_cosine(tmp_path):
 
     build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=6))
     names = {k: str(tmp_path / k) for k in ("aligned", "unaligned", "finetuned")}
-    got = term_cosines(names["aligned"], names["unaligned"], names["finetuned"], names["aligned"])
+    got, again = term_cosines(names["aligned"], names["unaligned"], names["finetuned"], [names["aligned"], names["aligned"]])
     al, un, ft = (repairs._load(names[k]) for k in ("aligned", "unaligned", "finetuned"))
     expected = {}
     for name in repairs.fused_names(ft):
         t = al[name].double().numpy().ravel() - ft[name].double().numpy().ravel()
         d = al[name].double().numpy().ravel() - un[name].double().numpy().ravel()
         expected.setdefault(LAYER.search(name).group(3), []).append(t @ d / (np.linalg.norm(t) * np.linalg.norm(d)))
-    assert set(got) == set(expected) and len(got) > 1
+    assert set(got) == set(expected) and len(got) > 1 and again == got
     for module, values in expected.items():
         assert got[module] == pytest.approx(float(np.mean(values)), abs=1e-9), module
-    ones = term_cosines(names["aligned"], names["unaligned"], names["unaligned"], names["aligned"])
-    minus = term_cosines(names["aligned"], names["unaligned"], names["aligned"], names["unaligned"])
+    [ones] = term_cosines(names["aligned"], names["unaligned"], names["unaligned"], [names["aligned"]])
+    [minus] = term_cosines(names["aligned"], names["unaligned"], names["aligned"], [names["unaligned"]])
     assert all(v == pytest.approx(1.0) for v in ones.values()) and all(v == pytest.approx(-1.0) for v in minus.values())
 
 

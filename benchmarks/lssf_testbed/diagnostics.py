@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -82,17 +82,23 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def term_cosines(aligned: str, reference: str, finetuned: str, repaired: str) -> Dict[str, float]:
-    """Per module, the mean over layers of the cosine between a repair's added term
-    ``W_repaired - W_ft`` and delta ``W_aligned - W_reference`` (flattened weights).
-    Shows how far a control is from random: a random-subspace control ``Q Q^T delta`` of
-    rank r keeps about ``sqrt(r / d_out)`` of delta, so at high rank it is no null control."""
-    al, ref, ft, rep = _load(aligned), _load(reference), _load(finetuned), _load(repaired)
-    groups = defaultdict(list)
-    for name in fused_names(ft):
-        m = LAYER.search(name)
-        groups[m.group(3) if m else name].append(_cosine(rep[name].double() - ft[name].double(), al[name].double() - ref[name].double()))
-    return {module: _mean(values) for module, values in sorted(groups.items())}
+def term_cosines(aligned: str, reference: str, finetuned: str, repaired: Sequence[str]) -> List[Dict[str, float]]:
+    """Per repaired model (in order), per module, the mean over layers of the cosine
+    between the repair's added term ``W_repaired - W_ft`` and delta ``W_aligned -
+    W_reference`` (flattened weights). The three shared models are read once; the
+    repaired ones one at a time. Shows how far a control is from random: a random-subspace
+    control ``Q Q^T delta`` of rank r keeps about ``sqrt(r / d_out)`` of delta, so at high
+    rank it is no null control."""
+    al, ref, ft = _load(aligned), _load(reference), _load(finetuned)
+    out = []
+    for path in repaired:
+        rep, groups = _load(path), defaultdict(list)
+        for name in fused_names(ft):
+            m = LAYER.search(name)
+            groups[m.group(3) if m else name].append(_cosine(rep[name].double() - ft[name].double(),
+                                                             al[name].double() - ref[name].double()))
+        out.append({module: _mean(values) for module, values in sorted(groups.items())})
+    return out
 
 
 def direction_recovery(projections: Dict[str, List[float]], aligned: str = "aligned", finetuned: str = "finetuned") -> Dict[str, float]:

@@ -22,7 +22,7 @@ from mergekit_lssf import evaluate as ev
 from . import diagnostics, repairs
 from .data import REFUSALS, PromptSets
 from .evaluation import evaluate_model, refusal_direction, validation_metrics
-from .settings import CELLS, Cell, Settings, cell_folder, model_path
+from .settings import CELLS, Cell, Settings, aligned_path, cell_folder, model_path
 from .training import is_done, train
 
 SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "strongreject_empty_rate", "over_refusal_rate", "task_accuracy",
@@ -91,9 +91,6 @@ class Testbed:
         """The per-module ablations are built for the main cell's seed 0 only."""
         return cell.name == "main" and seed == 0
 
-    def _aligned_path(self, arm: str) -> str:
-        return model_path(self.out, CELLS["align-full" if arm == "full" else "main"], 0, "aligned")
-
     def unaligned(self) -> str:
         path = self.model_path(CELLS["main"], 0, "unaligned")
         if not is_done(path):
@@ -118,7 +115,7 @@ class Testbed:
         return pairs + list(zip(self.prompts.benign_train, helpful)) * benign_repeat
 
     def aligned(self, arm: str) -> str:
-        path = self._aligned_path(arm)
+        path = aligned_path(self.out, arm)
         if arm == "full":
             if not is_done(path):
                 c = self.s.full_align

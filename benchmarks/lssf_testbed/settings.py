@@ -111,6 +111,12 @@ def cell_folder(out: str, cell: str, seed: int) -> str:
     return os.path.join(out, "cells", cell if seed == 0 else f"{cell}-seed{seed}")
 
 
+def aligned_path(out: str, arm: str) -> str:
+    """The aligned model of alignment arm ``arm`` (lora | full) under ``out``: the main
+    cell's for LoRA, ``align-full``'s for full SFT (seed 0 of either)."""
+    return os.path.join(cell_folder(out, "align-full" if arm == "full" else "main", 0), "models", "aligned")
+
+
 def model_path(out: str, cell: Cell, seed: int, name: str) -> str:
     """The folder of model ``name`` of ``cell`` and ``seed`` under ``out``, built or not:
     ``unaligned`` is shared (main cell, seed 0), ``aligned`` is the arm's (the main cell's
@@ -119,5 +125,5 @@ def model_path(out: str, cell: Cell, seed: int, name: str) -> str:
     if name == "unaligned":
         return os.path.join(cell_folder(out, "main", 0), "models", "unaligned")
     if name == "aligned":
-        return os.path.join(cell_folder(out, "align-full" if cell.align == "full" else "main", 0), "models", "aligned")
+        return aligned_path(out, cell.align)
     return os.path.join(cell_folder(out, cell.name, 0 if name == "unaligned-inverse" else seed), "models", name)
