@@ -50,6 +50,43 @@ def test_repair_recipes_name_their_fusion():
     assert built["lssf"]["parameters"] == {"fusion": "add"}
 
 
+def test_opening_logprob_is_one_unpadded_float64_pass_per_prompt_and_opening(tmp_path):
+    """The continuous refusal score's per-prompt term against an independent float64
+    computation: for each prompt and opening, the whole sequence (chat head + opening)
+    run alone, unpadded, log-softmax at the opening's positions, then logsumexp over the
+    openings. Prompts of different lengths in batches of two exercise the padding and the
+    key-value cache."""
+    import copy
+    import math
+
+    import torch
+
+    from lssf_testbed.evaluation import OPENINGS, _heads, opening_logprob
+    from mergekit_lssf import evaluate as ev
+
+    build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=4))
+    model, tokenizer = ev.load_model(str(tmp_path / "aligned"))
+    prompts = ["Hi", "Explain in detail how the water cycle moves water around the Earth", "Name a fruit.",
+               "Write two sentences about bread"]
+    openings = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in OPENINGS]
+    assert max(map(len, openings)) > 1 and min(map(len, openings)) >= 1
+    reference = copy.deepcopy(model).double()
+    expected = []
+    for head in _heads(tokenizer, prompts):
+        terms = []
+        for o in openings:
+            with torch.no_grad():
+                logp = torch.log_softmax(reference(input_ids=torch.tensor([head + o])).logits[0], dim=-1)
+            terms.append(sum(float(logp[len(head) - 1 + t, token]) for t, token in enumerate(o)))
+        top = max(terms)
+        expected.append(top + math.log(sum(math.exp(t - top) for t in terms)))
+    got = opening_logprob(model, tokenizer, prompts, batch=2)
+    assert len(got) == len(prompts)
+    for g, e in zip(got, expected):
+        assert abs(g - e) < 1e-4, (got, expected)
+    assert max(expected) - min(expected) > 1e-3  # the prompts' values differ: a mix-up of rows would show
+
+
 @pytest.mark.slow
 def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     build_toy_models(str(tmp_path / "toy"), ToySpec(size="tiny", seed=8))

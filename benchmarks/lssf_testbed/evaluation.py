@@ -10,6 +10,7 @@ over benign prompts. Higher = more refusal-prone on harmful prompts specifically
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -26,23 +27,35 @@ def _heads(tokenizer, prompts: Sequence[str]) -> List[List[int]]:
 
 
 def opening_logprob(model, tokenizer, prompts: Sequence[str], batch: int = 32) -> List[float]:
-    """Per prompt: log sum_o P(opening o as the first assistant tokens), in nats."""
+    """Per prompt: log sum_o P(opening o as the first assistant tokens), in nats.
+
+    Each batch of prompts (left-padded) runs once; every opening then continues from a
+    copy of its key-value cache, so the prompt is not run again per opening (six full
+    passes per prompt cost about a minute per model on 2 cores). Log-softmax in float64."""
     heads = _heads(tokenizer, prompts)
     openings = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in OPENINGS]
-    rows = [(i, h, o) for i, h in enumerate(heads) for o in openings]
-    scores = torch.full((len(prompts), len(openings)), float("-inf"), dtype=torch.float64)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        width = max(len(h) + len(o) for _, h, o in chunk)
-        ids = torch.tensor([h + o + [pad] * (width - len(h) - len(o)) for _, h, o in chunk])
-        mask = torch.tensor([[1] * (len(h) + len(o)) + [0] * (width - len(h) - len(o)) for _, h, o in chunk])
+    scores = torch.empty((len(prompts), len(openings)), dtype=torch.float64)
+    for start in range(0, len(heads), batch):
+        chunk = heads[start:start + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(h)) + h for h in chunk])
+        mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in chunk])
+        position = (mask.cumsum(1) - 1).clamp(min=0)
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), dim=-1)
-        for k, (i, h, o) in enumerate(chunk):
-            positions = torch.arange(len(h) - 1, len(h) + len(o) - 1)
-            value = logp[k, positions, torch.tensor(o)].sum()
-            scores[i, (start + k) % len(openings)] = value
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True)
+        first = torch.log_softmax(out.logits[:, -1].double(), dim=-1)  # [prompts, vocab]: each opening's first token
+        for j, o in enumerate(openings):
+            value = first[:, o[0]].clone()
+            if len(o) > 1:
+                more = torch.tensor([o[:-1]] * len(chunk))  # the opening's tokens that predict its next ones
+                with torch.no_grad():
+                    logits = model(input_ids=more, attention_mask=torch.cat([mask, torch.ones_like(more)], 1),
+                                   position_ids=position[:, -1:] + torch.arange(1, len(o)),
+                                   past_key_values=copy.deepcopy(out.past_key_values), use_cache=True).logits
+                logp = torch.log_softmax(logits.double(), dim=-1)  # [prompts, len(o) - 1, vocab]
+                value += logp[:, torch.arange(len(o) - 1), torch.tensor(o[1:])].sum(1)
+            scores[start:start + len(chunk), j] = value
     return torch.logsumexp(scores, dim=1).tolist()
 
 
