@@ -104,6 +104,13 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
         assert (model_dir / "config.json").exists() and (model_dir / "tokenizer_config.json").exists(), name
     for cell in ("align-full", "reference-inverse", "drift-full", "attack", "main-seed1"):
         assert (tmp_path / "bed" / "cells" / cell / "models" / "finetuned" / "config.json").exists(), cell
+    # drift seed 0 is the sweep's chosen candidate (same data, setting and seed), copied, not trained again;
+    # seed 1 is trained with its own seed
+    chosen = tmp_path / "bed" / "sweeps" / "drift-lora" / "candidate0"
+    weights = lambda folder: (folder / "model.safetensors").read_bytes()  # noqa: E731
+    assert weights(tmp_path / "bed" / "models" / "finetuned") == weights(chosen)
+    assert (tmp_path / "bed" / "models" / "finetuned.adapter").is_dir()
+    assert weights(tmp_path / "bed" / "cells" / "main-seed1" / "models" / "finetuned") != weights(chosen)
     spread = cells["main"]["models"]["lssf"]["refusal_rate"]
     assert spread["n"] == 2 and spread["min"] <= spread["mean"] <= spread["max"]
     seed1 = {p.name for p in (tmp_path / "bed" / "cells" / "main-seed1" / "models").iterdir() if (p / "config.json").exists()}

@@ -13,7 +13,7 @@ import os
 import random
 import shutil
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -25,6 +25,7 @@ from .evaluation import evaluate_model, refusal_direction, validation_metrics
 from .settings import CELLS, Cell, Settings, aligned_path, cell_folder, model_path
 from .training import is_done, train
 
+DRIFT_SEED = 100  # training seed of the drift sweep's candidates and of drift seed 0 (seed k: DRIFT_SEED + k)
 SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "strongreject_empty_rate", "over_refusal_rate", "task_accuracy",
                 "perplexity", "refusal_score")
 
@@ -48,6 +49,15 @@ def _json(path: str, compute):
         json.dump(value, fp, indent=2)
     os.replace(path + ".partial", path)
     return value
+
+
+def _copy_model(source: str, path: str) -> None:
+    """A copy of model folder ``source`` (and its ``.adapter`` beside it, if any) at ``path``."""
+    for suffix in ((".adapter",) if os.path.isdir(source + ".adapter") else ()) + ("",):
+        shutil.rmtree(path + suffix + ".partial", ignore_errors=True)
+        shutil.copytree(source + suffix, path + suffix + ".partial")
+        shutil.rmtree(path + suffix, ignore_errors=True)
+        os.replace(path + suffix + ".partial", path + suffix)
 
 
 class Testbed:
@@ -152,11 +162,7 @@ class Testbed:
                   "chosen": i}
         with open(os.path.join(self.out, "sweeps", "align", "choice.json"), "w") as fp:
             json.dump(record, fp, indent=2)
-        candidate = os.path.join(self.out, "sweeps", "align", f"candidate{i}")
-        shutil.copytree(candidate, path + ".partial", dirs_exist_ok=True)
-        shutil.copytree(candidate + ".adapter", path + ".adapter", dirs_exist_ok=True)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(path + ".partial", path)
+        _copy_model(os.path.join(self.out, "sweeps", "align", f"candidate{i}"), path)
 
     def reference(self, cell: Cell) -> str:
         if cell.reference == "pre":
@@ -181,10 +187,15 @@ class Testbed:
             return path
         aligned = self.aligned(cell.align)
         if cell.drift == "lora":
-            c = self._drift_setting(aligned, cell)
+            c, candidate = self._drift_setting(aligned, cell)
+            if seed == 0:  # the sweep trained this very model (same data, setting and seed): reuse it
+                self.log(f"stage finetuned ({cell.name}, seed 0): benign LoRA {c}, the sweep's {os.path.basename(candidate)}")
+                _copy_model(candidate, path)
+                return path
             self.log(f"stage finetuned ({cell.name}, seed {seed}): benign LoRA {c}")
             self._timed("drift", lambda: train(aligned, self._task_pairs(), path, epochs=c["epochs"], lr=c["lr"],
-                                               batch_size=self.s.batch_size, seed=100 + seed, lora={"rank": c["rank"]}, log=self.log))
+                                               batch_size=self.s.batch_size, seed=DRIFT_SEED + seed, lora={"rank": c["rank"]},
+                                               log=self.log))
         else:
             pairs = self._task_pairs()
             if cell.drift == "compliance":
@@ -194,13 +205,15 @@ class Testbed:
             c = self.s.full_drift
             self.log(f"stage finetuned ({cell.name}, seed {seed}): full fine-tune ({cell.drift})")
             self._timed("drift", lambda: train(aligned, pairs, path, epochs=c["epochs"], lr=c["lr"],
-                                               batch_size=self.s.batch_size, seed=100 + seed, log=self.log))
+                                               batch_size=self.s.batch_size, seed=DRIFT_SEED + seed, log=self.log))
         return path
 
-    def _drift_setting(self, aligned: str, cell: Cell) -> Dict:
+    def _drift_setting(self, aligned: str, cell: Cell) -> Tuple[Dict, str]:
         """The benign LoRA drift setting, chosen once per aligned model on validation:
         the first candidate whose validation refusal falls by drift_drop with answers
-        non-empty and the task learned; else the one with the largest drop (reported)."""
+        non-empty and the task learned; else the one with the largest drop (reported).
+        Returns the setting and the folder of the candidate trained with it (seed
+        ``DRIFT_SEED``, i.e. the drift of seed 0)."""
         folder = os.path.join(self.out, "sweeps", f"drift-{cell.align}")
 
         def choose():
@@ -212,7 +225,7 @@ class Testbed:
                 if not is_done(candidate):
                     self.log(f"stage drift sweep: LoRA candidate {i} {c}")
                     train(aligned, self._task_pairs(), candidate, epochs=c["epochs"], lr=c["lr"], batch_size=self.s.batch_size,
-                          seed=100, lora={"rank": c["rank"]}, log=self.log)
+                          seed=DRIFT_SEED, lora={"rank": c["rank"]}, log=self.log)
                 m = _json(candidate + ".val.json", lambda: validation_metrics(candidate, self.prompts, self.s, self._val_text()))
                 drop = base["refusal_rate"] - m["refusal_rate"]
                 ok = drop >= t["drift_drop"] and m["empty_rate"] < 0.5 and m["task_accuracy"] >= 0.8
@@ -222,7 +235,9 @@ class Testbed:
             chosen = next((x for x in tried if x["meets"]), max(tried, key=lambda x: x["refusal_drop"]))
             return {"aligned": base, "tried": tried, "chosen": chosen["candidate"]}
 
-        return _json(os.path.join(folder, "choice.json"), choose)["chosen"]
+        choice = _json(os.path.join(folder, "choice.json"), choose)
+        index = [x["candidate"] for x in choice["tried"]].index(choice["chosen"])
+        return choice["chosen"], os.path.join(folder, f"candidate{index}")
 
     # ---- repairs, evaluation, diagnostics -----------------------------------------
     def subspace(self, aligned: str) -> str:
