@@ -82,7 +82,7 @@ def train(model_dir: str, pairs: List[Tuple[str, str]], out: str, *, epochs: int
             optimizer.zero_grad()
             step += 1
             if step % 10 == 0:
-                log(f"    epoch {epoch + 1} step {step}: loss {float(loss):.3f}")
+                log(f"    epoch {epoch + 1} step {step}: loss {loss.item():.3f}")
     model.eval()
     if lora is not None:
         adapter = out + ".adapter"
