@@ -154,6 +154,17 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
     assert rows and all(len(r) == 4 for r in rows)
     assert all(float(r[1]) > 0.5 for r in rows), rows  # lssf's term is delta's top-r part
+    # alignment_prose_check.py: every alignment candidate scored on the held-out prose, the testbed's own reused
+    import alignment_prose_check
+
+    trained = (tmp_path / "bed" / "sweeps" / "align" / "candidate0" / "model.safetensors").stat().st_mtime_ns
+    check = alignment_prose_check.main(["--out", str(tmp_path / "bed")], settings=settings)
+    assert [r["candidate"] for r in check["candidates"]] == list(range(len(settings.align_candidates)))
+    assert (tmp_path / "bed" / "sweeps" / "align" / "candidate0" / "model.safetensors").stat().st_mtime_ns == trained
+    for r in check["candidates"]:
+        assert r["perplexity_ratio"] == pytest.approx(r["validation"]["perplexity"] / check["unaligned"]["perplexity"])
+        assert r["targets_met"]["perplexity"] == (r["perplexity_ratio"] <= settings.targets["perplexity_ratio"])
+    assert "| 0 | rank 4" in capsys.readouterr().out
 
 
 def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):

@@ -101,3 +101,10 @@ class PromptSets:
         self.task_val = task[s.task_train: s.task_train + s.task_val]
         self.task_test = task[s.task_train + s.task_val:]
         assert not set(self.harmful_train) & set(self.harmful_val), "harmful train/val overlap"
+
+
+def validation_prose() -> str:
+    """Held-out plain prose for validation perplexity (``validation_prose.txt``, written
+    for this project: five paragraphs on topics the package's test prose does not cover)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "validation_prose.txt"), encoding="utf-8") as fp:
+        return fp.read()

@@ -137,6 +137,17 @@ class Testbed:
             self._timed("align-lora", lambda: self._choose_alignment(path))
         return path
 
+    def alignment_candidate(self, i: int) -> str:
+        """LoRA alignment candidate ``i`` of ``Settings.align_candidates``, trained once
+        into ``DIR/sweeps/align/candidate{i}``; its folder."""
+        c = self.s.align_candidates[i]
+        candidate = os.path.join(self.out, "sweeps", "align", f"candidate{i}")
+        if not is_done(candidate):
+            self.log(f"stage aligned: LoRA candidate {i} {c}")
+            train(self.unaligned(), self._alignment_pairs(c["benign_repeat"]), candidate, epochs=c["epochs"], lr=c["lr"],
+                  batch_size=self.s.batch_size, seed=0, lora={"rank": c["rank"]}, log=self.log)
+        return candidate
+
     def _choose_alignment(self, path: str) -> None:
         """Try the LoRA alignment candidates in order on validation splits; keep the
         first that meets every target, else the one meeting most (reported)."""
@@ -145,11 +156,7 @@ class Testbed:
                      lambda: validation_metrics(self.unaligned(), self.prompts, self.s, self._val_text()))
         tried = []
         for i, c in enumerate(self.s.align_candidates):
-            candidate = os.path.join(self.out, "sweeps", "align", f"candidate{i}")
-            if not is_done(candidate):
-                self.log(f"stage aligned: LoRA candidate {i} {c}")
-                train(self.unaligned(), self._alignment_pairs(c["benign_repeat"]), candidate, epochs=c["epochs"], lr=c["lr"],
-                      batch_size=self.s.batch_size, seed=0, lora={"rank": c["rank"]}, log=self.log)
+            candidate = self.alignment_candidate(i)
             m = _json(candidate + ".val.json", lambda: validation_metrics(candidate, self.prompts, self.s, self._val_text()))
             met = {"refusal": m["refusal_rate"] >= t["refusal"], "over_refusal": m["over_refusal_rate"] <= t["over_refusal"],
                    "perplexity": m["perplexity"] <= t["perplexity_ratio"] * base["perplexity"]}

@@ -1,0 +1,63 @@
+"""The LoRA alignment candidates judged on held-out validation prose: does any meet the
+perplexity target?
+
+    python benchmarks/alignment_prose_check.py --out testbed/
+    python benchmarks/alignment_prose_check.py --out t/ --tiny     # smoke test
+
+The testbed chooses its alignment with ``unaligned``'s own answers to benign validation
+prompts as the perplexity text, which the alignment's benign replay trains on. This check
+scores every candidate of ``Settings.align_candidates`` (trained once into
+``DIR/sweeps/align/``, reused when the testbed trained it) on the same validation splits
+with ``lssf_testbed/validation_prose.txt`` as the perplexity text instead. It chooses
+nothing: it prints a markdown table and writes ``DIR/sweeps/align-prose/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from lssf_testbed.data import validation_prose  # noqa: E402
+from lssf_testbed.evaluation import validation_metrics  # noqa: E402
+from lssf_testbed.pipeline import Testbed, _json  # noqa: E402
+from lssf_testbed.settings import Settings  # noqa: E402
+
+
+def main(argv=None, settings: Settings = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="the testbed's run folder")
+    parser.add_argument("--tiny", action="store_true", help="tiny settings on the generated model in DIR/toy (smoke test)")
+    args = parser.parse_args(argv)
+    if settings is None:
+        settings = Settings.tiny(os.path.join(args.out, "toy", "unaligned")) if args.tiny else Settings()
+    bed = Testbed(args.out, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
+    folder, text, t = os.path.join(args.out, "sweeps", "align-prose"), validation_prose(), settings.targets
+    base = _json(os.path.join(folder, "unaligned.json"), lambda: validation_metrics(bed.unaligned(), bed.prompts, settings, text))
+    rows = []
+    for i, c in enumerate(settings.align_candidates):
+        candidate = bed.alignment_candidate(i)
+        m = _json(os.path.join(folder, f"candidate{i}.json"), lambda: validation_metrics(candidate, bed.prompts, settings, text))
+        ratio = m["perplexity"] / base["perplexity"]
+        met = {"refusal": m["refusal_rate"] >= t["refusal"], "over_refusal": m["over_refusal_rate"] <= t["over_refusal"],
+               "perplexity": ratio <= t["perplexity_ratio"]}
+        rows.append({"candidate": i, "setting": c, "validation": m, "perplexity_ratio": ratio, "targets_met": met})
+    result = {"unaligned": base, "candidates": rows}
+    with open(os.path.join(folder, "results.json"), "w", encoding="utf-8") as fp:
+        json.dump(result, fp, indent=2)
+    print(f"unaligned: perplexity {base['perplexity']:.2f} on the validation prose\n")
+    print("| candidate | setting | refusal | over-refusal | perplexity | ratio | targets met |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        m, s = r["validation"], r["setting"]
+        setting = f"rank {s['rank']}, lr {s['lr']:g}, {s['epochs']} epochs, replay x{s['benign_repeat']}"
+        met = ", ".join(k for k, v in r["targets_met"].items() if v) or "none"
+        print(f"| {r['candidate']} | {setting} | {m['refusal_rate']:.2f} | {m['over_refusal_rate']:.2f} | {m['perplexity']:.2f} "
+              f"| {r['perplexity_ratio']:.3f} | {met} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()
