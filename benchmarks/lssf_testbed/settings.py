@@ -41,6 +41,10 @@ class Settings:
         dict(rank=16, lr=1.5e-4, epochs=2, benign_repeat=6),
         dict(rank=8, lr=3e-4, epochs=2, benign_repeat=6),
         dict(rank=16, lr=1e-4, epochs=3, benign_repeat=6),
+        # less training (added after the testbed's choice, which stops at candidate 0: for
+        # alignment_prose_check.py; both over-refuse on validation)
+        dict(rank=16, lr=5e-5, epochs=2, benign_repeat=6),
+        dict(rank=16, lr=2e-4, epochs=1, benign_repeat=4),
     ])
     # benign LoRA drift candidates, tried in order until validation refusal falls by drift_drop
     drift_candidates: List[Dict] = field(default_factory=lambda: [
