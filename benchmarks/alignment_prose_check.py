@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lssf_testbed.data import validation_prose  # noqa: E402
 from lssf_testbed.evaluation import validation_metrics  # noqa: E402
-from lssf_testbed.pipeline import Testbed, _json  # noqa: E402
+from lssf_testbed.pipeline import Testbed, _json, alignment_targets_met  # noqa: E402
 from lssf_testbed.settings import Settings  # noqa: E402
 
 
@@ -35,16 +35,14 @@ def main(argv=None, settings: Settings = None) -> dict:
     if settings is None:
         settings = Settings.tiny(os.path.join(args.out, "toy", "unaligned")) if args.tiny else Settings()
     bed = Testbed(args.out, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
-    folder, text, t = os.path.join(args.out, "sweeps", "align-prose"), validation_prose(), settings.targets
+    folder, text = os.path.join(args.out, "sweeps", "align-prose"), validation_prose()
     base = _json(os.path.join(folder, "unaligned.json"), lambda: validation_metrics(bed.unaligned(), bed.prompts, settings, text))
     rows = []
     for i, c in enumerate(settings.align_candidates):
         candidate = bed.alignment_candidate(i)
         m = _json(os.path.join(folder, f"candidate{i}.json"), lambda: validation_metrics(candidate, bed.prompts, settings, text))
-        ratio = m["perplexity"] / base["perplexity"]
-        met = {"refusal": m["refusal_rate"] >= t["refusal"], "over_refusal": m["over_refusal_rate"] <= t["over_refusal"],
-               "perplexity": ratio <= t["perplexity_ratio"]}
-        rows.append({"candidate": i, "setting": c, "validation": m, "perplexity_ratio": ratio, "targets_met": met})
+        rows.append({"candidate": i, "setting": c, "validation": m, "perplexity_ratio": m["perplexity"] / base["perplexity"],
+                     "targets_met": alignment_targets_met(m, base["perplexity"], settings.targets)})
     result = {"unaligned": base, "candidates": rows}
     with open(os.path.join(folder, "results.json"), "w", encoding="utf-8") as fp:
         json.dump(result, fp, indent=2)

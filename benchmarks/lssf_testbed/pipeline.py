@@ -51,6 +51,15 @@ def _json(path: str, compute):
     return value
 
 
+def alignment_targets_met(metrics: Dict, base_perplexity: float, targets: Dict) -> Dict[str, bool]:
+    """Which alignment targets (``Settings.targets``) the validation ``metrics`` of a
+    candidate meet; perplexity against the unaligned model's ``base_perplexity`` on the
+    same text."""
+    return {"refusal": metrics["refusal_rate"] >= targets["refusal"],
+            "over_refusal": metrics["over_refusal_rate"] <= targets["over_refusal"],
+            "perplexity": metrics["perplexity"] <= targets["perplexity_ratio"] * base_perplexity}
+
+
 def _copy_model(source: str, path: str) -> None:
     """A copy of model folder ``source`` (and its ``.adapter`` beside it, if any) at ``path``."""
     for suffix in ((".adapter",) if os.path.isdir(source + ".adapter") else ()) + ("",):
@@ -158,8 +167,7 @@ class Testbed:
         for i, c in enumerate(self.s.align_candidates):
             candidate = self.alignment_candidate(i)
             m = _json(candidate + ".val.json", lambda: validation_metrics(candidate, self.prompts, self.s, self._val_text()))
-            met = {"refusal": m["refusal_rate"] >= t["refusal"], "over_refusal": m["over_refusal_rate"] <= t["over_refusal"],
-                   "perplexity": m["perplexity"] <= t["perplexity_ratio"] * base["perplexity"]}
+            met = alignment_targets_met(m, base["perplexity"], t)
             tried.append((sum(met.values()), -m["over_refusal_rate"], i, c, m, met))
             if all(met.values()):
                 break
