@@ -1,15 +1,16 @@
-"""The LoRA alignment candidates judged on held-out validation prose: does any meet the
-perplexity target?
+"""The LoRA alignment sweep on record: every candidate scored on the validation splits,
+with the held-out validation prose as the perplexity text.
 
     python benchmarks/alignment_prose_check.py --out testbed/
     python benchmarks/alignment_prose_check.py --out t/ --tiny     # smoke test
 
-The testbed chooses its alignment with ``unaligned``'s own answers to benign validation
-prompts as the perplexity text, which the alignment's benign replay trains on. This check
-scores every candidate of ``Settings.align_candidates`` (trained once into
-``DIR/sweeps/align/``, reused when the testbed trained it) on the same validation splits
-with ``lssf_testbed/validation_prose.txt`` as the perplexity text instead. It chooses
-nothing: it prints a markdown table and writes ``DIR/sweeps/align-prose/results.json``.
+The testbed tries ``Settings.align_candidates`` in order and stops at the first that
+meets every target on the validation splits, with ``lssf_testbed/validation_prose.txt`` as
+the perplexity text. This check scores every candidate (trained once into
+``DIR/sweeps/align/NAME``, reused when the testbed trained it) on the same splits and the
+same text, so the whole sweep is on record, not only the candidates the testbed reached.
+It chooses nothing: it prints a markdown table and writes
+``DIR/sweeps/align-prose/results.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lssf_testbed.data import validation_prose  # noqa: E402
 from lssf_testbed.evaluation import validation_metrics  # noqa: E402
 from lssf_testbed.pipeline import Testbed, _json, alignment_targets_met  # noqa: E402
-from lssf_testbed.settings import Settings  # noqa: E402
+from lssf_testbed.settings import Settings, candidate_name  # noqa: E402
 
 
 def main(argv=None, settings: Settings = None) -> dict:
@@ -40,7 +41,7 @@ def main(argv=None, settings: Settings = None) -> dict:
     rows = []
     for i, c in enumerate(settings.align_candidates):
         candidate = bed.alignment_candidate(i)
-        m = _json(os.path.join(folder, f"candidate{i}.json"), lambda: validation_metrics(candidate, bed.prompts, settings, text))
+        m = _json(os.path.join(folder, candidate_name(c) + ".json"), lambda: validation_metrics(candidate, bed.prompts, settings, text))
         rows.append({"candidate": i, "setting": c, "validation": m, "perplexity_ratio": m["perplexity"] / base["perplexity"],
                      "targets_met": alignment_targets_met(m, base["perplexity"], settings.targets)})
     result = {"unaligned": base, "candidates": rows}
@@ -51,6 +52,7 @@ def main(argv=None, settings: Settings = None) -> dict:
     for r in rows:
         m, s = r["validation"], r["setting"]
         setting = f"rank {s['rank']}, lr {s['lr']:g}, {s['epochs']} epochs, replay x{s['benign_repeat']}"
+        setting += f", prose x{s['prose']}" if s.get("prose") else ""
         met = ", ".join(k for k, v in r["targets_met"].items() if v) or "none"
         print(f"| {r['candidate']} | {setting} | {m['refusal_rate']:.2f} | {m['over_refusal_rate']:.2f} | {m['perplexity']:.2f} "
               f"| {r['perplexity_ratio']:.3f} | {met} |")

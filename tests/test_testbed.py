@@ -8,9 +8,9 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 
-from lssf_testbed.data import PromptSets, sentiment_task, strongreject_prompts  # noqa: E402
+from lssf_testbed.data import PromptSets, replay_openings, sentiment_task, strongreject_prompts  # noqa: E402
 from lssf_testbed.pipeline import Testbed  # noqa: E402
-from lssf_testbed.settings import CELLS, Settings  # noqa: E402
+from lssf_testbed.settings import CELLS, Settings, candidate_name  # noqa: E402
 
 from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
 
@@ -35,6 +35,44 @@ def test_prompt_splits_are_disjoint_and_strongreject_is_the_published_file():
     assert not (set(sets.harmful_train) | set(sets.harmful_val)) & set(sets.harmful_test)
     assert not set(sets.benign_train) & set(sets.benign_val)
     assert len(strongreject_prompts()) == 313  # SHA-256 checked on load
+
+
+def test_alignment_candidates_have_distinct_cache_names_and_replay_openings_are_new_text():
+    """The sweeps' caches are keyed by setting: two candidates may never share a folder.
+    The prose-replay openings are written for the project and share no sentence with the
+    validation or test prose."""
+    from lssf_testbed.data import validation_prose
+    from mergekit_lssf import evaluate as ev
+
+    names = [candidate_name(c) for c in Settings().align_candidates]
+    assert len(set(names)) == len(names)
+    assert candidate_name(dict(rank=16, lr=2e-4, epochs=2, benign_repeat=4, prose=2)) == "r16-lr0.0002-e2-b4-p2"
+    openings = replay_openings()
+    assert len(openings) == len(set(openings)) == 48
+    held_out = validation_prose() + ev.benign_text()
+    assert not [o for o in openings if o in held_out]
+
+
+def test_prose_replay_examples_put_the_loss_on_the_sampled_continuation_only(tmp_path):
+    """``sample_continuations`` draws ``samples`` seeded continuations per context, in
+    context order; ``_text_examples`` masks the context (-100) and labels
+    every continuation token, so the loss is the continuation's alone."""
+    from lssf_testbed.training import _text_examples, sample_continuations
+    from transformers import AutoTokenizer
+
+    build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=5))
+    contexts = ["The lighthouse was built of stone", "Bees gather nectar"]
+    pairs = sample_continuations(str(tmp_path / "aligned"), contexts, samples=2, tokens=6, seed=3, batch_size=3)
+    assert [c for c, _ in pairs] == [contexts[0]] * 2 + [contexts[1]] * 2
+    again = lambda seed: sample_continuations(str(tmp_path / "aligned"), contexts, samples=2, tokens=6, seed=seed, batch_size=3)  # noqa: E731
+    assert pairs == again(3) and pairs != again(4)  # seeded
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "aligned"))
+    for (context, continuation), (ids, labels) in zip(pairs, _text_examples(tokenizer, pairs)):
+        head = tokenizer(context, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(labels) and ids[:len(head)] == head
+        assert labels[:len(head)] == [-100] * len(head)
+        assert labels[len(head):] == ids[len(head):] and -100 not in labels[len(head):]
+        assert labels[len(head):] == tokenizer(continuation, add_special_tokens=False)["input_ids"] != []
 
 
 def test_repair_recipes_name_their_fusion():
@@ -157,10 +195,15 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     # alignment_prose_check.py: every alignment candidate scored on the held-out prose, the testbed's own reused
     import alignment_prose_check
 
-    trained = (tmp_path / "bed" / "sweeps" / "align" / "candidate0" / "model.safetensors").stat().st_mtime_ns
+    first = tmp_path / "bed" / "sweeps" / "align" / candidate_name(settings.align_candidates[0])
+    trained = (first / "model.safetensors").stat().st_mtime_ns
     check = alignment_prose_check.main(["--out", str(tmp_path / "bed")], settings=settings)
     assert [r["candidate"] for r in check["candidates"]] == list(range(len(settings.align_candidates)))
-    assert (tmp_path / "bed" / "sweeps" / "align" / "candidate0" / "model.safetensors").stat().st_mtime_ns == trained
+    assert (first / "model.safetensors").stat().st_mtime_ns == trained
+    # the tiny second candidate has prose replay: one sampled continuation per opening, cached, trained on
+    replay = json.loads((tmp_path / "bed" / "sweeps" / "prose-replay-x1.json").read_text())
+    assert [c for c, _ in replay] == replay_openings() and all(t for _, t in replay)
+    assert (tmp_path / "bed" / "sweeps" / "align" / (candidate_name(settings.align_candidates[1]) + ".adapter")).is_dir()
     for r in check["candidates"]:
         assert r["perplexity_ratio"] == pytest.approx(r["validation"]["perplexity"] / check["unaligned"]["perplexity"])
         assert r["targets_met"]["perplexity"] == (r["perplexity_ratio"] <= settings.targets["perplexity_ratio"])

@@ -108,3 +108,11 @@ def validation_prose() -> str:
     for this project: five paragraphs on topics the package's test prose does not cover)."""
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "validation_prose.txt"), encoding="utf-8") as fp:
         return fp.read()
+
+
+def replay_openings() -> List[str]:
+    """Openings of plain prose for the alignment's prose replay (``replay_openings.txt``,
+    written for this project, one per line: 48 topics that neither the test prose nor
+    the validation prose covers); the unaligned model writes the rest."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "replay_openings.txt"), encoding="utf-8") as fp:
+        return [line.strip() for line in fp if line.strip()]

@@ -20,10 +20,10 @@ import torch
 from mergekit_lssf import evaluate as ev
 
 from . import diagnostics, repairs
-from .data import REFUSALS, PromptSets
+from .data import REFUSALS, PromptSets, replay_openings, validation_prose
 from .evaluation import evaluate_model, refusal_direction, validation_metrics
-from .settings import CELLS, Cell, Settings, aligned_path, cell_folder, model_path
-from .training import is_done, train
+from .settings import CELLS, Cell, Settings, aligned_path, candidate_name, cell_folder, model_path
+from .training import is_done, sample_continuations, train
 
 DRIFT_SEED = 100  # training seed of the drift sweep's candidates and of drift seed 0 (seed k: DRIFT_SEED + k)
 SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "strongreject_empty_rate", "over_refusal_rate", "task_accuracy",
@@ -123,10 +123,14 @@ class Testbed:
         return _json(path, lambda: ev.generate(*ev.load_model(model), prompts, max_new_tokens=tokens,
                                                 batch_size=self.s.eval_batch, progress=False))
 
-    def _val_text(self) -> str:
-        """Validation perplexity text: the unaligned model's own answers to the benign
-        validation prompts (no test text is used to choose settings)."""
-        return "\n\n".join(self._self_answers(self.unaligned(), self.prompts.benign_val, "unaligned-benign-val"))
+    @staticmethod
+    def _val_text() -> str:
+        """Validation perplexity text: the held-out prose ``data.validation_prose`` (no
+        test text is used to choose settings; no training text is drawn from it). Until
+        2026-11-25 it was ``unaligned``'s own answers to the benign validation prompts,
+        which the alignment's benign replay trains on, so it could not see the
+        alignment's cost on other prose."""
+        return validation_prose()
 
     def _alignment_pairs(self, benign_repeat: int):
         helpful = self._self_answers(self.unaligned(), self.prompts.benign_train, "unaligned-benign-train")
@@ -146,15 +150,24 @@ class Testbed:
             self._timed("align-lora", lambda: self._choose_alignment(path))
         return path
 
+    def _prose_replay(self, samples: int) -> List[Tuple[str, str]]:
+        """``samples`` continuations of each replay opening (``data.replay_openings``) by
+        the unaligned model, sampled at temperature 1, 96 tokens, seeded; cached."""
+        path = os.path.join(self.out, "sweeps", f"prose-replay-x{samples}.json")
+        return [tuple(p) for p in _json(path, lambda: sample_continuations(
+            self.unaligned(), replay_openings(), samples=samples, tokens=self.s.replay_tokens, seed=0,
+            batch_size=self.s.eval_batch))]
+
     def alignment_candidate(self, i: int) -> str:
         """LoRA alignment candidate ``i`` of ``Settings.align_candidates``, trained once
-        into ``DIR/sweeps/align/candidate{i}``; its folder."""
+        into ``DIR/sweeps/align/NAME`` (``settings.candidate_name``); its folder."""
         c = self.s.align_candidates[i]
-        candidate = os.path.join(self.out, "sweeps", "align", f"candidate{i}")
+        candidate = os.path.join(self.out, "sweeps", "align", candidate_name(c))
         if not is_done(candidate):
             self.log(f"stage aligned: LoRA candidate {i} {c}")
+            texts = self._prose_replay(c["prose"]) if c.get("prose") else ()
             train(self.unaligned(), self._alignment_pairs(c["benign_repeat"]), candidate, epochs=c["epochs"], lr=c["lr"],
-                  batch_size=self.s.batch_size, seed=0, lora={"rank": c["rank"]}, log=self.log)
+                  batch_size=self.s.batch_size, seed=0, lora={"rank": c["rank"]}, texts=texts, log=self.log)
         return candidate
 
     def _choose_alignment(self, path: str) -> None:
@@ -177,7 +190,7 @@ class Testbed:
                   "chosen": i}
         with open(os.path.join(self.out, "sweeps", "align", "choice.json"), "w") as fp:
             json.dump(record, fp, indent=2)
-        _copy_model(os.path.join(self.out, "sweeps", "align", f"candidate{i}"), path)
+        _copy_model(self.alignment_candidate(i), path)
 
     def reference(self, cell: Cell) -> str:
         if cell.reference == "pre":

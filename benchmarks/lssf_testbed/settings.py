@@ -34,17 +34,23 @@ class Settings:
     batch_size: int = 8
     max_new_tokens: int = 32
     eval_batch: int = 24
+    replay_tokens: int = 96  # length of each prose-replay continuation (alignment candidates with ``prose``)
     alphas: Tuple[float, ...] = (0.25, 0.5, 1.5, 2.0)  # alpha 1 is `lssf` itself
     # LoRA alignment candidates, tried in order until one meets the targets on validation
+    # (perplexity on the held-out validation prose). First: the one setting that met every
+    # target in the validation sweep of 2026-11-25 (alignment_prose_check.py): benign
+    # self-answer replay plus plain-prose replay (``prose``: 4 continuations of each
+    # replay opening sampled from the unaligned model, language-model loss). The rest,
+    # kept for that sweep's record, each missed a target on the held-out prose.
     align_candidates: List[Dict] = field(default_factory=lambda: [
-        dict(rank=16, lr=2e-4, epochs=2, benign_repeat=4),
+        dict(rank=16, lr=2e-4, epochs=2, benign_repeat=4, prose=4),
+        dict(rank=16, lr=2e-4, epochs=2, benign_repeat=4),  # the testbed's choice until 2026-11-25
         dict(rank=16, lr=1.5e-4, epochs=2, benign_repeat=6),
         dict(rank=8, lr=3e-4, epochs=2, benign_repeat=6),
         dict(rank=16, lr=1e-4, epochs=3, benign_repeat=6),
-        # less training (added after the testbed's choice, which stops at candidate 0: for
-        # alignment_prose_check.py; both over-refuse on validation)
         dict(rank=16, lr=5e-5, epochs=2, benign_repeat=6),
         dict(rank=16, lr=2e-4, epochs=1, benign_repeat=4),
+        dict(rank=16, lr=2e-4, epochs=2, benign_repeat=4, prose=2),
     ])
     # benign LoRA drift candidates, tried in order until validation refusal falls by drift_drop
     drift_candidates: List[Dict] = field(default_factory=lambda: [
@@ -72,10 +78,20 @@ class Settings:
         return cls(base=base, harmful_train=6, harmful_val=4, harmful_test=4, strongreject=4, benign_train=4,
                    benign_val=2, benign_test=4, task_train=8, task_val=4, task_test=4, batch_size=4,
                    max_new_tokens=4, eval_batch=8, alphas=(0.5,),
-                   align_candidates=[dict(rank=4, lr=1e-3, epochs=1, benign_repeat=1), dict(rank=4, lr=2e-3, epochs=1, benign_repeat=1)],
+                   replay_tokens=8,
+                   align_candidates=[dict(rank=4, lr=1e-3, epochs=1, benign_repeat=1), dict(rank=4, lr=2e-3, epochs=1, benign_repeat=1, prose=1)],
                    drift_candidates=[dict(rank=4, lr=1e-3, epochs=1)],
                    full_align=dict(lr=1e-4, epochs=1, benign_repeat=1), full_drift=dict(lr=1e-4, epochs=1),
                    inverse=dict(lr=1e-4, epochs=1), compliance_samples=2, main_seeds=(0, 1))
+
+
+def candidate_name(c: Dict) -> str:
+    """The folder name of a LoRA training setting ``c`` (rank, lr, epochs, and for
+    alignment the benign replay factor and prose samples per opening): the sweeps' caches
+    are keyed by setting, so reordering or adding candidates never reuses a wrong model."""
+    name = f"r{c['rank']}-lr{c['lr']:g}-e{c['epochs']}"
+    name += f"-b{c['benign_repeat']}" if "benign_repeat" in c else ""
+    return name + (f"-p{c['prose']}" if c.get("prose") else "")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """Supervised fine-tuning on (prompt, response) pairs: full-parameter or LoRA.
 
 Each pair is rendered with the model's chat template as one user and one assistant
-turn; the loss is on the response tokens only. A LoRA run saves its adapter (for the
-``patch-reapplied`` control) and the model with the adapter merged into the weights.
+turn; the loss is on the response tokens only. Optional plain-text replay examples
+(``(context, continuation)``, no chat template) add language-model loss on the
+continuation tokens. A LoRA run saves its adapter (for the ``patch-reapplied``
+control) and the model with the adapter merged into the weights.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,9 +45,49 @@ def _examples(tokenizer, pairs: List[Tuple[str, str]]):
     return examples
 
 
+def _text_examples(tokenizer, texts: Sequence[Tuple[str, str]]):
+    """Plain-text examples: loss on the continuation's tokens only (the context's are -100)."""
+    examples = []
+    for context, continuation in texts:
+        head = tokenizer(context, add_special_tokens=False)["input_ids"]
+        ids = (head + tokenizer(continuation, add_special_tokens=False)["input_ids"])[:192]
+        examples.append((ids, [-100] * min(len(head), len(ids)) + ids[len(head):]))
+    return examples
+
+
+def sample_continuations(model_dir: str, contexts: Sequence[str], *, samples: int, tokens: int, seed: int,
+                         batch_size: int = 24) -> List[Tuple[str, str]]:
+    """``samples`` continuations of each plain-text context (no chat template), drawn
+    from ``model_dir`` at temperature 1 with no top-k or top-p cut, ``tokens`` new tokens
+    each, seeded (the draws also depend on ``batch_size``): ``len(contexts) * samples`` pairs ``(context, continuation)``, the
+    continuation starting with its own leading space. Training on them with
+    language-model loss pulls a model towards ``model_dir``'s distribution on such text
+    (the expected loss is the cross-entropy to it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.manual_seed(seed)
+    queue = [c for c in contexts for _ in range(samples)]
+    pairs = []
+    for start in range(0, len(queue), batch_size):
+        batch = queue[start:start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
+                                 min_new_tokens=tokens, pad_token_id=tokenizer.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:]
+        pairs += [(c, tokenizer.decode(n, skip_special_tokens=True)) for c, n in zip(batch, new)]
+    return pairs
+
+
 def train(model_dir: str, pairs: List[Tuple[str, str]], out: str, *, epochs: int, lr: float, batch_size: int,
-          seed: int, lora: Optional[Dict] = None, log=print) -> None:
-    """Fine-tune ``model_dir`` on ``pairs`` with AdamW and save it to ``out``.
+          seed: int, lora: Optional[Dict] = None, texts: Sequence[Tuple[str, str]] = (), log=print) -> None:
+    """Fine-tune ``model_dir`` on ``pairs`` (and the plain-text replay ``texts``, see
+    ``_text_examples``; shuffled in with them) with AdamW and save it to ``out``.
 
     ``lora``: None for a full fine-tune, or ``{"rank": r}`` for a peft LoRA (lora_alpha
     = 2r, no dropout) on every attention and MLP projection; its adapter goes to
@@ -63,7 +105,7 @@ def train(model_dir: str, pairs: List[Tuple[str, str]], out: str, *, epochs: int
                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     model.train()
-    examples = _examples(tokenizer, pairs)
+    examples = _examples(tokenizer, pairs) + _text_examples(tokenizer, texts)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
