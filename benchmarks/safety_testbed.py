@@ -1,10 +1,10 @@
 """Real-model safety testbed v2: does LSSF give a fine-tune its refusals back, and why?
 
     python benchmarks/safety_testbed.py --out testbed/               # every cell and seed (hours on 2 cores)
-    python benchmarks/safety_testbed.py --out testbed/ --cell main   # main cell, seed 0 (66 min on 2 cores)
+    python benchmarks/safety_testbed.py --out testbed/ --cell main   # main cell, seed 0 (about 80 min on 2 cores)
     python benchmarks/safety_testbed.py --out testbed/ --cell main --seed 1
     python benchmarks/safety_testbed.py --out t/ --tiny              # generated tiny model (smoke test)
-    python benchmarks/safety_testbed.py --out testbed/ --report-only --publish benchmarks/testbed-v2
+    python benchmarks/safety_testbed.py --out testbed/ --report-only --publish benchmarks/testbed-v3
                                      # the report of what is evaluated so far, nothing built
 
 SmolLM2-135M-Instruct as shipped is ``unaligned``; cells vary one factor at a time
