@@ -7,8 +7,9 @@ with the held-out validation prose as the perplexity text.
 The testbed tries ``Settings.align_candidates`` in order and stops at the first that
 meets every target on the validation splits, with ``lssf_testbed/validation_prose.txt`` as
 the perplexity text. This check scores every candidate (trained once into
-``DIR/sweeps/align/NAME``, reused when the testbed trained it) on the same splits and the
-same text, so the whole sweep is on record, not only the candidates the testbed reached.
+``DIR/sweeps/align/NAME``, its metrics cached beside it; both reused when the testbed
+made them, ``Testbed.alignment_validation``), so the whole sweep is on record, not only
+the candidates the testbed reached.
 It chooses nothing: it prints a markdown table and writes
 ``DIR/sweeps/align-prose/results.json``.
 """
@@ -22,10 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lssf_testbed.data import validation_prose  # noqa: E402
-from lssf_testbed.evaluation import validation_metrics  # noqa: E402
-from lssf_testbed.pipeline import Testbed, _json, alignment_targets_met  # noqa: E402
-from lssf_testbed.settings import Settings, candidate_name  # noqa: E402
+from lssf_testbed.pipeline import Testbed  # noqa: E402
+from lssf_testbed.settings import Settings  # noqa: E402
 
 
 def main(argv=None, settings: Settings = None) -> dict:
@@ -36,15 +35,15 @@ def main(argv=None, settings: Settings = None) -> dict:
     if settings is None:
         settings = Settings.tiny(os.path.join(args.out, "toy", "unaligned")) if args.tiny else Settings()
     bed = Testbed(args.out, settings, log=lambda m: print(m, file=sys.stderr, flush=True))
-    folder, text = os.path.join(args.out, "sweeps", "align-prose"), validation_prose()
-    base = _json(os.path.join(folder, "unaligned.json"), lambda: validation_metrics(bed.unaligned(), bed.prompts, settings, text))
+    folder = os.path.join(args.out, "sweeps", "align-prose")
+    base = bed.alignment_base()
     rows = []
     for i, c in enumerate(settings.align_candidates):
-        candidate = bed.alignment_candidate(i)
-        m = _json(os.path.join(folder, candidate_name(c) + ".json"), lambda: validation_metrics(candidate, bed.prompts, settings, text))
+        m, met = bed.alignment_validation(i)
         rows.append({"candidate": i, "setting": c, "validation": m, "perplexity_ratio": m["perplexity"] / base["perplexity"],
-                     "targets_met": alignment_targets_met(m, base["perplexity"], settings.targets)})
+                     "targets_met": met})
     result = {"unaligned": base, "candidates": rows}
+    os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "results.json"), "w", encoding="utf-8") as fp:
         json.dump(result, fp, indent=2)
     print(f"unaligned: perplexity {base['perplexity']:.2f} on the validation prose\n")

@@ -103,16 +103,20 @@ class PromptSets:
         assert not set(self.harmful_train) & set(self.harmful_val), "harmful train/val overlap"
 
 
+def _beside(name: str) -> str:
+    """The text of file ``name`` in this package's folder."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), encoding="utf-8") as fp:
+        return fp.read()
+
+
 def validation_prose() -> str:
     """Held-out plain prose for validation perplexity (``validation_prose.txt``, written
     for this project: five paragraphs on topics the package's test prose does not cover)."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "validation_prose.txt"), encoding="utf-8") as fp:
-        return fp.read()
+    return _beside("validation_prose.txt")
 
 
 def replay_openings() -> List[str]:
     """Openings of plain prose for the alignment's prose replay (``replay_openings.txt``,
     written for this project, one per line: 48 topics that neither the test prose nor
     the validation prose covers); the unaligned model writes the rest."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "replay_openings.txt"), encoding="utf-8") as fp:
-        return [line.strip() for line in fp if line.strip()]
+    return [line.strip() for line in _beside("replay_openings.txt").splitlines() if line.strip()]

@@ -152,7 +152,8 @@ class Testbed:
 
     def _prose_replay(self, samples: int) -> List[Tuple[str, str]]:
         """``samples`` continuations of each replay opening (``data.replay_openings``) by
-        the unaligned model, sampled at temperature 1, 96 tokens, seeded; cached."""
+        the unaligned model, sampled at temperature 1, ``Settings.replay_tokens`` tokens
+        each, seed 0; cached."""
         path = os.path.join(self.out, "sweeps", f"prose-replay-x{samples}.json")
         return [tuple(p) for p in _json(path, lambda: sample_continuations(
             self.unaligned(), replay_openings(), samples=samples, tokens=self.s.replay_tokens, seed=0,
@@ -170,17 +171,26 @@ class Testbed:
                   batch_size=self.s.batch_size, seed=0, lora={"rank": c["rank"]}, texts=texts, log=self.log)
         return candidate
 
+    def alignment_base(self) -> Dict:
+        """``unaligned``'s validation metrics, the alignment sweep's reference; cached in
+        ``DIR/sweeps/align/unaligned.json``."""
+        return _json(os.path.join(self.out, "sweeps", "align", "unaligned.json"),
+                     lambda: validation_metrics(self.unaligned(), self.prompts, self.s, self._val_text()))
+
+    def alignment_validation(self, i: int) -> Tuple[Dict, Dict[str, bool]]:
+        """Alignment candidate ``i``'s validation metrics (cached beside its folder as
+        ``NAME.val.json``) and which targets they meet."""
+        candidate = self.alignment_candidate(i)
+        m = _json(candidate + ".val.json", lambda: validation_metrics(candidate, self.prompts, self.s, self._val_text()))
+        return m, alignment_targets_met(m, self.alignment_base()["perplexity"], self.s.targets)
+
     def _choose_alignment(self, path: str) -> None:
         """Try the LoRA alignment candidates in order on validation splits; keep the
         first that meets every target, else the one meeting most (reported)."""
-        t = self.s.targets
-        base = _json(os.path.join(self.out, "sweeps", "align", "unaligned.json"),
-                     lambda: validation_metrics(self.unaligned(), self.prompts, self.s, self._val_text()))
+        base = self.alignment_base()
         tried = []
         for i, c in enumerate(self.s.align_candidates):
-            candidate = self.alignment_candidate(i)
-            m = _json(candidate + ".val.json", lambda: validation_metrics(candidate, self.prompts, self.s, self._val_text()))
-            met = alignment_targets_met(m, base["perplexity"], t)
+            m, met = self.alignment_validation(i)
             tried.append((sum(met.values()), -m["over_refusal_rate"], i, c, m, met))
             if all(met.values()):
                 break

@@ -18,6 +18,8 @@ import torch
 
 from .settings import ATTENTION_AND_MLP
 
+MAX_TOKENS = 192  # every training example is cut to this many tokens
+
 
 def is_done(path: str) -> bool:
     """A complete model folder (written atomically by ``save``)."""
@@ -39,7 +41,7 @@ def _examples(tokenizer, pairs: List[Tuple[str, str]]):
         user = [{"role": "user", "content": prompt}]
         head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:192]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:MAX_TOKENS]
         start = len(tokenizer(head, add_special_tokens=False)["input_ids"])
         examples.append((ids, [-100] * min(start, len(ids)) + ids[start:]))
     return examples
@@ -50,7 +52,7 @@ def _text_examples(tokenizer, texts: Sequence[Tuple[str, str]]):
     examples = []
     for context, continuation in texts:
         head = tokenizer(context, add_special_tokens=False)["input_ids"]
-        ids = (head + tokenizer(continuation, add_special_tokens=False)["input_ids"])[:192]
+        ids = (head + tokenizer(continuation, add_special_tokens=False)["input_ids"])[:MAX_TOKENS]
         examples.append((ids, [-100] * min(len(head), len(ids)) + ids[len(head):]))
     return examples
 
@@ -63,13 +65,9 @@ def sample_continuations(model_dir: str, contexts: Sequence[str], *, samples: in
     continuation starting with its own leading space. Training on them with
     language-model loss pulls a model towards ``model_dir``'s distribution on such text
     (the expected loss is the cross-entropy to it)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from mergekit_lssf.evaluate import load_model
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model, tokenizer = load_model(model_dir)  # left padding, float32, eval mode
     torch.manual_seed(seed)
     queue = [c for c in contexts for _ in range(samples)]
     pairs = []
