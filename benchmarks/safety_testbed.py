@@ -1,11 +1,12 @@
-"""Real-model safety testbed v2: does LSSF give a fine-tune its refusals back, and why?
+"""Real-model safety testbed v3: does LSSF give a fine-tune its refusals back, and why?
 
     python benchmarks/safety_testbed.py --out testbed/               # every cell and seed (hours on 2 cores)
     python benchmarks/safety_testbed.py --out testbed/ --cell main   # main cell, seed 0 (about 80 min on 2 cores)
     python benchmarks/safety_testbed.py --out testbed/ --cell main --seed 1
     python benchmarks/safety_testbed.py --out t/ --tiny              # generated tiny model (smoke test)
     python benchmarks/safety_testbed.py --out testbed/ --report-only --publish benchmarks/testbed-v3
-                                     # the report of what is evaluated so far, nothing built
+                                     # the report of what is evaluated so far, nothing built; the runs
+                                     # published there before (other seeds or cells) are kept and summarised
 
 SmolLM2-135M-Instruct as shipped is ``unaligned``; cells vary one factor at a time
 from the main cell (LoRA refusal alignment, pre-alignment reference, benign LoRA
@@ -51,10 +52,13 @@ def main(argv=None):
         settings = Settings()
     seeds = args.seed if args.seed is not None else ([0] if args.cell else None)
     bed = Testbed(args.out, settings, log=lambda m: print(m, flush=True))
-    if args.report_only:
-        summary = bed.report_only(args.cell, args.seed, publish=args.publish)
-    else:
-        summary = bed.run(args.cell, seeds)
+    try:
+        if args.report_only:
+            summary = bed.report_only(args.cell, args.seed, publish=args.publish)
+        else:
+            summary = bed.run(args.cell, seeds)
+    except ValueError as error:  # a published run, or a testbed folder, built with other settings
+        parser.error(str(error))
     print(open(os.path.join(args.publish or args.out, "results.md")).read())
     print(f"{summary['seconds']} s; per stage: {summary['timings_seconds']}")
 

@@ -1,5 +1,6 @@
 """Smoke test of every safety-testbed v2 stage and cell on a generated tiny model."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -10,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmark
 
 from lssf_testbed.data import PromptSets, replay_openings, sentiment_task, strongreject_prompts  # noqa: E402
 from lssf_testbed.pipeline import Testbed  # noqa: E402
-from lssf_testbed.settings import CELLS, Settings, candidate_name  # noqa: E402
+from lssf_testbed.settings import CELLS, Settings, candidate_name, settings_digest  # noqa: E402
 
 from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
 
@@ -165,6 +166,10 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     assert cells["main"]["models"]["aligned"]["direction_recovery"]["mean"] == pytest.approx(1.0)
     assert cells["main"]["models"]["finetuned"]["direction_recovery"]["mean"] == pytest.approx(0.0)
     assert summary["sweeps"]["align"]["chosen"] in (0, 1) and "drift-lora" in summary["sweeps"]
+    full = summary["sweeps"]["align-full"]  # the full-SFT alignment's one setting, with prose replay, checked on validation
+    assert full["setting"]["prose"] == 1 and set(full["targets_met"]) == {"refusal", "over_refusal", "perplexity"}
+    missed = [k for k, ok in full["targets_met"].items() if not ok]
+    assert any(n.startswith("align-full: the full-SFT alignment misses") for n in summary["notes"]) == bool(missed)
     table = (tmp_path / "bed" / "results.md").read_text()
     assert table.count("## cell") == len(CELLS) and "lssf-restore" in table
     for png in ("safety_vs_utility.png", "diagnostics.png"):
@@ -175,6 +180,11 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     again = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).run(["main"], [0])
     assert again["cells"]["main"]["models"]["lssf"] == summary["cells"]["main"]["models"]["lssf"]
     assert "evaluate" not in again["timings_seconds"] and "merge" not in again["timings_seconds"]
+    # resumed with other settings: refused before anything is built (the cached models would be reused)
+    other = dataclasses.replace(settings, drift_candidates=[dict(rank=4, lr=5e-4, epochs=1)])
+    with pytest.raises(ValueError, match="cell main was built there with settings [0-9a-f]{12}, these are"):
+        Testbed(str(tmp_path / "bed"), other, log=lambda m: None).run(["main"], [0])
+    assert json.loads((tmp_path / "bed" / "digests.json").read_text())["main"] == settings_digest(settings, "main")
     # report only: the same tables from the cached evaluations, published elsewhere; a missing one is named
     os.remove(tmp_path / "bed" / "eval" / "lssf-alpha0.5.json")
     published = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).report_only(["main"], publish=str(tmp_path / "pub"))
@@ -184,6 +194,19 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     assert str(tmp_path / "bed") not in (tmp_path / "pub" / "results.md").read_text()
     assert (tmp_path / "pub" / "sweeps" / "align" / "choice.json").exists() and not (tmp_path / "pub" / "models").exists()
     assert sorted(p.name for p in (tmp_path / "pub" / "runs").iterdir()) == ["main-seed0.json", "main-seed1.json"]
+    assert sorted(p.name for p in (tmp_path / "pub" / "verdicts").iterdir()) == ["main-seed0.json", "main-seed1.json"]
+    # another session publishes seed 1 alone (seed 0's models and evaluations elsewhere): seed 0's published
+    # run and verdicts are kept, so the table and the paired contrasts over both seeds are unchanged
+    again = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).report_only(["main"], [1], publish=str(tmp_path / "pub"))
+    assert again["cells"]["main"]["contrasts"] == published["cells"]["main"]["contrasts"]
+    assert again["cells"]["main"]["models"] == published["cells"]["main"]["models"]
+    # a published run built with other settings is refused before anything is written
+    seed0 = tmp_path / "pub" / "runs" / "main-seed0.json"
+    record, before = json.loads(seed0.read_text()), (tmp_path / "pub" / "results.json").read_text()
+    seed0.write_text(json.dumps({**record, "settings_digest": "0123456789ab"}))
+    with pytest.raises(ValueError, match="runs/main-seed0.json was built with settings 0123456789ab"):
+        Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).report_only(["main"], [1], publish=str(tmp_path / "pub"))
+    assert (tmp_path / "pub" / "results.json").read_text() == before
     # control_cosine.py reads the built models by path alone: lssf's term points along delta
     import control_cosine
 
@@ -284,17 +307,18 @@ def test_term_cosines_are_per_module_means_of_the_flattened_cosine(tmp_path):
 
 
 def test_paired_contrast_is_the_mean_per_prompt_difference_with_a_bootstrap_interval(tmp_path):
-    from lssf_testbed.report import paired_contrast
+    from lssf_testbed.verdicts import eval_verdicts, load, paired_contrast, prompt_key, save
 
     def write(name, refused):  # refused: list of bools, prompt i -> "p{i}"
         path = tmp_path / f"{name}.json"
         rows = [{"prompt": f"p{i}", "response": "I'm sorry, no." if r else "Sure, here is"} for i, r in enumerate(refused)]
         path.write_text(json.dumps({"responses": {"harmful": rows}}))
-        return str(path)
+        return eval_verdicts(str(path))
 
     n = 40
     seed0 = {"a": write("a0", [True] * n), "b": write("b0", [i % 2 == 0 for i in range(n)])}
     seed1 = {"a": write("a1", [i < 30 for i in range(n)]), "b": write("b1", [i < 10 for i in range(n)])}
+    assert seed0["b"]["harmful"][prompt_key("p2")] is True and seed0["b"]["harmful"][prompt_key("p3")] is False
     c = paired_contrast([seed0, seed1], "a", "b", "harmful")
     # independent: per-seed rate differences 0.5 and 0.5, mean 0.5
     assert c["seeds"] == 2 and c["prompts"] == n and abs(c["difference"] - 0.5) < 1e-12
@@ -302,6 +326,23 @@ def test_paired_contrast_is_the_mean_per_prompt_difference_with_a_bootstrap_inte
     same = paired_contrast([seed0], "a", "a", "harmful")
     assert same["difference"] == same["low"] == same["high"] == 0.0
     assert paired_contrast([{"a": seed0["a"]}], "a", "b", "harmful") is None  # no seed has both
+    # the published form gives back the same verdicts, a prompt one model lacks included
+    seed1["c"] = {"harmful": {k: v for k, v in list(seed1["b"]["harmful"].items())[5:]}}
+    save(str(tmp_path / "v" / "main-seed1.json"), seed1)
+    assert load(str(tmp_path / "v" / "main-seed1.json")) == seed1
+    assert "p1" not in (tmp_path / "v" / "main-seed1.json").read_text()  # prompts are named by key only
+    assert paired_contrast([seed0, load(str(tmp_path / "v" / "main-seed1.json"))], "a", "b", "harmful") == c
+
+
+def test_a_cells_settings_digest_changes_with_the_settings_it_reads_only():
+    s = Settings()
+    digests = {cell: settings_digest(s, cell) for cell in CELLS}
+    assert len(set(digests.values())) == len(CELLS)  # every cell reads a different set of fields
+    changed = dataclasses.replace(s, full_align={**s.full_align, "lr": 1e-5})
+    assert settings_digest(changed, "align-full") != digests["align-full"]
+    assert all(settings_digest(changed, c) == digests[c] for c in CELLS if c != "align-full")
+    shared = dataclasses.replace(s, harmful_test=s.harmful_test - 1)  # every cell evaluates on it
+    assert all(settings_digest(shared, c) != digests[c] for c in CELLS)
 
 
 def test_report_only_flags_are_checked_before_anything_is_written(tmp_path, capsys):
@@ -313,3 +354,11 @@ def test_report_only_flags_are_checked_before_anything_is_written(tmp_path, caps
     with pytest.raises(SystemExit):
         safety_testbed.main(["--out", str(tmp_path), "--publish", str(tmp_path / "pub")])
     assert "--publish needs --report-only" in capsys.readouterr().err and not (tmp_path / "pub").exists()
+    (tmp_path / "bed" / "models").mkdir(parents=True)
+    (tmp_path / "old" / "runs").mkdir(parents=True)
+    (tmp_path / "old" / "runs" / "main-seed0.json").write_text(json.dumps({"cell": "main", "seed": 0, "models": {}}))
+    with pytest.raises(SystemExit):
+        safety_testbed.main(["--out", str(tmp_path / "bed"), "--report-only", "--publish", str(tmp_path / "old")])
+    err = capsys.readouterr().err
+    assert "runs/main-seed0.json was built with settings None" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["runs"]

@@ -1,8 +1,10 @@
 """results.json, results.md, safety_vs_utility.png and diagnostics.png.
 
-Every cell-and-seed run is kept as ``DIR/runs/CELL-seedK.json``; the report is rebuilt
-from all of them, so cells built in separate invocations add up. The main cell's
-seeds are summarised per model as mean and [min, max].
+Every cell-and-seed run is kept as ``DIR/runs/CELL-seedK.json`` (with the digest of
+the settings it was built with) and its per-prompt refusal verdicts as
+``DIR/verdicts/CELL-seedK.json``; the report is rebuilt from all of them, so cells and
+seeds built in separate invocations, or sessions publishing into the same folder, add
+up. The main cell's seeds are summarised per model as mean and [min, max].
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import os
 from dataclasses import asdict
 from typing import Dict, List, Optional
 
-from .settings import CELLS, cell_folder
+from .settings import CELLS, settings_digest
+from .verdicts import PROMPT_SETS, Verdicts, paired_contrast, seed_verdicts
+from .verdicts import load as load_verdicts
+from .verdicts import save as save_verdicts
 
 COLUMNS = [("refusal_rate", "HarmBench refusal"), ("strongreject_refusal_rate", "StrongREJECT refusal"),
            ("empty_rate", "HarmBench empty"), ("strongreject_empty_rate", "StrongREJECT empty"),
@@ -47,63 +52,36 @@ MARKERS = (("finetuned", "s"), ("aligned", "*"), ("task-arithmetic", "^"), ("pat
            ("lssf-calibrated", "<"), ("lssf-noise-floor", "v"), ("lssf-restore", "D"), ("lssf-noise-floor-restore", "h"),
            ("random-subspace", "o"), ("random-restore", "D"), ("random-noise-floor-restore", "h"), ("random-spectrum", "p"),
            ("random-spectrum-restore", "d"))
-PROMPT_SETS = (("harmful", "HarmBench"), ("strongreject", "StrongREJECT"))
-
-
-def eval_dir(out: str, cell: str, seed: int) -> str:
-    """Where the pipeline caches the evaluations of ``cell`` and ``seed``."""
-    return os.path.join(cell_folder(out, cell, seed), "eval")
-
-
-def _refusals(path: str, prompt_set: str) -> Dict[str, bool]:
-    """prompt -> the keyword detector's verdict on the stored answer (rows are
-    ``{"prompt", "response", ...}`` or, from older runs, ``[prompt, response]``)."""
-    from mergekit_lssf.evaluate import is_refusal
-
-    with open(path) as fp:
-        rows = json.load(fp)["responses"].get(prompt_set, [])
-    pairs = [(r["prompt"], r["response"]) if isinstance(r, dict) else (r[0], r[1]) for r in rows]
-    return {prompt: is_refusal(answer) for prompt, answer in pairs}
-
-
-def paired_contrast(evals: List[Dict[str, str]], a: str, b: str, prompt_set: str, draws: int = 2000, seed: int = 0):
-    """Refusal rate of ``a`` minus ``b`` on ``prompt_set``, averaged over the seeds that
-    evaluated both, with a 95% bootstrap interval over prompts (the same resampled
-    prompts for both models and every seed: a paired test). ``evals``: per seed,
-    model -> eval JSON path. None when no seed has both."""
-    import numpy as np
-
-    pairs = [(_refusals(e[a], prompt_set), _refusals(e[b], prompt_set)) for e in evals if a in e and b in e]
-    pairs = [(x, y) for x, y in pairs if x and y]
-    if not pairs:
-        return None
-    prompts = sorted(set.intersection(*(set(x) & set(y) for x, y in pairs)))
-    diff = np.array([[float(x[p]) - float(y[p]) for p in prompts] for x, y in pairs]).mean(0)  # per prompt
-    rng = np.random.default_rng(seed)
-    boot = diff[rng.integers(0, len(diff), size=(draws, len(diff)))].mean(1)
-    low, high = np.quantile(boot, [0.025, 0.975])
-    return {"difference": float(diff.mean()), "low": float(low), "high": float(high), "seeds": len(pairs), "prompts": len(prompts)}
-
-
-def contrasts(out: str, cell: str, seeds: List[int]) -> List[Dict]:
-    """``paired_contrast`` of every CONTRASTS pair on both harmful prompt sets."""
-    evals = []
-    shared = eval_dir(out, "main", 0)  # unaligned and aligned are evaluated once
-    for seed in seeds:
-        folder = eval_dir(out, cell, seed)
-        names = {f[:-5] for f in os.listdir(folder) if f.endswith(".json")} if os.path.isdir(folder) else set()
-        evals.append({n: os.path.join(folder, n + ".json") for n in names})
-        for n in ("unaligned", "aligned"):
-            if n not in evals[-1] and os.path.exists(os.path.join(shared, n + ".json")):
-                evals[-1][n] = os.path.join(shared, n + ".json")
+def contrasts(runs: List[Verdicts]) -> List[Dict]:
+    """``paired_contrast`` of every CONTRASTS pair on both harmful prompt sets, over
+    ``runs`` (one cell's seeds, their verdicts each)."""
     rows = []
     for a, b in CONTRASTS:
         for key, label in PROMPT_SETS:
-            c = paired_contrast(evals, a, b, key)
+            c = paired_contrast(runs, a, b, key)
             if c:
                 rows.append({"repair": a, "against": b, "prompts": label, **{k: v for k, v in c.items() if k != "prompts"},
                              "n_prompts": c["prompts"]})
     return rows
+
+
+def _run_verdicts(out: str, evals: str, every: List[Dict], fresh: set) -> Dict[tuple, Verdicts]:
+    """(cell, seed) -> verdicts of each run in ``every``: for the ``fresh`` runs (those
+    written now) from the evaluations cached under ``evals``, saved as
+    ``out/verdicts/CELL-seedK.json``; for the others, from that file when it exists."""
+    found = {}
+    for run in every:
+        key = (run["cell"], run["seed"])
+        path = os.path.join(out, "verdicts", f"{run['cell']}-seed{run['seed']}.json")
+        if key in fresh:
+            live = seed_verdicts(evals, *key)
+            if live:
+                save_verdicts(path, live)
+            elif os.path.exists(path):
+                os.remove(path)  # an earlier build's, not this run's
+        if os.path.exists(path):
+            found[key] = load_verdicts(path)
+    return found
 
 
 def _fmt(cell: Dict[str, float], key: str) -> str:
@@ -126,26 +104,31 @@ def _table(summary) -> List[str]:
 def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings: Dict[str, float], seconds: float,
                  evals: Optional[str] = None) -> Dict:
     """Write the report files under ``out`` from ``runs`` and every run already kept there;
-    ``evals``: the testbed folder whose cached evaluations the paired contrasts read
-    (default ``out``; another when the report is published apart from the models)."""
+    ``evals``: the testbed folder whose cached evaluations give the paired contrasts of
+    ``runs`` (default ``out``; another when the report is published apart from the
+    models). The runs kept from before take theirs from ``out/verdicts/``."""
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     for run in runs:
         with open(os.path.join(out, "runs", f"{run['cell']}-seed{run['seed']}.json"), "w") as fp:
-            json.dump(run, fp, indent=2)
+            json.dump({**run, "settings_digest": settings_digest(settings, run["cell"])}, fp, indent=2)
     every = []
     for path in glob.glob(os.path.join(out, "runs", "*.json")):
         with open(path) as fp:
             every.append(json.load(fp))
     every.sort(key=lambda run: (list(CELLS).index(run["cell"]), run["seed"]))  # main first, as in CELLS
+    notes = notes + [f"runs/{r['cell']}-seed{r['seed']}.json was built with other settings ({r.get('settings_digest')}; "
+                     f"these are {settings_digest(settings, r['cell'])})"
+                     for r in every if r.get("settings_digest") != settings_digest(settings, r["cell"])]
     by_cell: Dict[str, List[Dict]] = {}
     for run in every:
         by_cell.setdefault(run["cell"], []).append(run)
+    verdicts = _run_verdicts(out, evals or out, every, {(r["cell"], r["seed"]) for r in runs})
     cells = {name: {"note": CELLS[name].note, "seeds": sorted(r["seed"] for r in rs), "models": seed_summary(rs),
-                    "contrasts": contrasts(evals or out, name, sorted(r["seed"] for r in rs)),
+                    "contrasts": contrasts([verdicts[(name, r["seed"])] for r in rs if (name, r["seed"]) in verdicts]),
                     "diagnostics": next((r.get("diagnostics") for r in rs if r["seed"] == 0), None)}
              for name, rs in by_cell.items()}
     choices = {}
-    for name in ("align/choice.json", "drift-lora/choice.json", "drift-full/choice.json"):
+    for name in ("align/choice.json", "align-full/validation.json", "drift-lora/choice.json", "drift-full/choice.json"):
         path = os.path.join(out, "sweeps", name)
         if os.path.exists(path):
             with open(path) as fp:
@@ -187,14 +170,23 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
 
 
 def publish_report(out: str, dest: str, settings, runs: List[Dict], notes: List[str]) -> Dict:
-    """``write_report`` of ``runs`` into ``dest`` (its earlier runs dropped) with the
-    paired contrasts read from the testbed folder ``out``, plus the JSON records of
-    ``out/sweeps/*/`` (how the training settings were chosen); ``out``'s absolute path
-    is written as ``DIR`` (only the absolute form: a short relative name such as ``t``
-    would also match unrelated text)."""
+    """``write_report`` of ``runs`` into ``dest`` with the paired contrasts read from the
+    testbed folder ``out``, plus the JSON records of ``out/sweeps/*/`` (how the training
+    settings were chosen). The runs published in ``dest`` before (another session's
+    seeds or cells, with their ``verdicts/``) are kept unless ``runs`` replaces them;
+    ValueError, before anything is written, when one of them was built with other
+    settings. ``out``'s absolute path is written as ``DIR`` (only the absolute form: a
+    short relative name such as ``t`` would also match unrelated text)."""
     import shutil
 
-    shutil.rmtree(os.path.join(dest, "runs"), ignore_errors=True)
+    replaced = {f"{r['cell']}-seed{r['seed']}.json" for r in runs}
+    for path in sorted(glob.glob(os.path.join(dest, "runs", "*.json"))):
+        with open(path) as fp:
+            theirs = json.load(fp)
+        ours = settings_digest(settings, theirs["cell"])
+        if os.path.basename(path) not in replaced and theirs.get("settings_digest") != ours:
+            raise ValueError(f"--publish {dest}: {os.path.relpath(path, dest)} was built with settings "
+                             f"{theirs.get('settings_digest')}, these are {ours}; publish elsewhere or remove it")
     for path in sorted(glob.glob(os.path.join(out, "sweeps", "*", "*.json"))):
         folder = os.path.join(dest, "sweeps", os.path.basename(os.path.dirname(path)))
         os.makedirs(folder, exist_ok=True)

@@ -58,7 +58,9 @@ class Settings:
         dict(rank=16, lr=5e-4, epochs=2),
         dict(rank=16, lr=5e-4, epochs=4),
     ])
-    full_align: Dict = field(default_factory=lambda: dict(lr=5e-5, epochs=2, benign_repeat=2))
+    # the align-full cell's one setting; ``prose``: the same plain-prose replay as the LoRA
+    # alignment (main), so that the cell differs from main in LoRA against full SFT alone
+    full_align: Dict = field(default_factory=lambda: dict(lr=5e-5, epochs=2, benign_repeat=2, prose=4))
     full_drift: Dict = field(default_factory=lambda: dict(lr=5e-5, epochs=2))
     inverse: Dict = field(default_factory=lambda: dict(lr=5e-5, epochs=2))
     compliance_samples: int = 24
@@ -81,7 +83,7 @@ class Settings:
                    replay_tokens=8,
                    align_candidates=[dict(rank=4, lr=1e-3, epochs=1, benign_repeat=1), dict(rank=4, lr=2e-3, epochs=1, benign_repeat=1, prose=1)],
                    drift_candidates=[dict(rank=4, lr=1e-3, epochs=1)],
-                   full_align=dict(lr=1e-4, epochs=1, benign_repeat=1), full_drift=dict(lr=1e-4, epochs=1),
+                   full_align=dict(lr=1e-4, epochs=1, benign_repeat=1, prose=1), full_drift=dict(lr=1e-4, epochs=1),
                    inverse=dict(lr=1e-4, epochs=1), compliance_samples=2, main_seeds=(0, 1))
 
 
@@ -115,11 +117,44 @@ class Cell:
 
 CELLS = {
     "main": Cell("main", "lora", "pre", "lora", "LoRA alignment, pre-alignment reference, benign LoRA drift"),
-    "align-full": Cell("align-full", "full", "pre", "lora", "full-parameter SFT alignment (v1's) instead of LoRA"),
+    "align-full": Cell("align-full", "full", "pre", "lora", "full-parameter SFT alignment instead of LoRA (same data and prose replay)"),
     "reference-inverse": Cell("reference-inverse", "lora", "inverse", "lora", "unaligned reference = aligned model fine-tuned to comply (inverse safety vector)"),
     "drift-full": Cell("drift-full", "lora", "pre", "full", "benign full fine-tune instead of benign LoRA"),
     "attack": Cell("attack", "lora", "pre", "compliance", "harmful fine-tuning attack: task + compliance-only samples (v1's fine-tune); reported apart"),
 }
+
+
+# the settings one arm alone reads: a cell that does not use the arm does not depend on them
+ARM_SETTINGS = {"full_align": lambda c: c.align == "full", "full_drift": lambda c: c.drift == "full",
+                "compliance_samples": lambda c: c.drift == "compliance", "inverse": lambda c: c.reference == "inverse"}
+
+
+def cell_settings(settings: Settings, cell: Cell) -> Dict:
+    """Every field of ``settings`` that ``cell``'s models depend on (``ARM_SETTINGS``
+    of the arms it does not use left out), as a dict."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(settings).items() if k not in ARM_SETTINGS or ARM_SETTINGS[k](cell)}
+
+
+# the project's own texts the models and the choice of settings depend on (lssf_testbed/)
+TEXTS = ("validation_prose.txt", "replay_openings.txt")
+
+
+def settings_digest(settings: Settings, cell: str) -> str:
+    """The first 12 hex digits of the SHA-256 of what ``cell``'s models depend on:
+    ``cell_settings`` and the ``TEXTS``. Runs with different digests must not be
+    summarised together, nor a testbed folder resumed with other settings."""
+    import hashlib
+    import json
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    texts = {}
+    for name in TEXTS:
+        with open(os.path.join(here, name), "rb") as fp:
+            texts[name] = hashlib.sha256(fp.read()).hexdigest()
+    text = json.dumps({"settings": cell_settings(settings, CELLS[cell]), "texts": texts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
 def cell_folder(out: str, cell: str, seed: int) -> str:
