@@ -1,7 +1,7 @@
 """Real-model safety testbed v3: does LSSF give a fine-tune its refusals back, and why?
 
     python benchmarks/safety_testbed.py --out testbed/               # every cell and seed (hours on 2 cores)
-    python benchmarks/safety_testbed.py --out testbed/ --cell main   # main cell, seed 0 (about 80 min on 2 cores)
+    python benchmarks/safety_testbed.py --out testbed/ --cell main   # main cell, seed 0 (about 1 h on 2 cores)
     python benchmarks/safety_testbed.py --out testbed/ --cell main --seed 1
     python benchmarks/safety_testbed.py --out t/ --tiny              # generated tiny model (smoke test)
     python benchmarks/safety_testbed.py --out testbed/ --report-only --publish benchmarks/testbed-v3
