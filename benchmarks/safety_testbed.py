@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lssf_testbed.pipeline import Testbed  # noqa: E402
-from lssf_testbed.settings import CELLS, Settings  # noqa: E402
+from lssf_testbed.settings import CELLS, Settings, SettingsMismatch  # noqa: E402
 
 
 def main(argv=None):
@@ -57,7 +57,7 @@ def main(argv=None):
             summary = bed.report_only(args.cell, args.seed, publish=args.publish)
         else:
             summary = bed.run(args.cell, seeds)
-    except ValueError as error:  # a published run, or a testbed folder, built with other settings
+    except SettingsMismatch as error:  # a published run, or a testbed folder, built with other settings
         parser.error(str(error))
     print(open(os.path.join(args.publish or args.out, "results.md")).read())
     print(f"{summary['seconds']} s; per stage: {summary['timings_seconds']}")

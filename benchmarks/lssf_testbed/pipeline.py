@@ -22,7 +22,8 @@ from mergekit_lssf import evaluate as ev
 from . import diagnostics, repairs
 from .data import REFUSALS, PromptSets, replay_openings, validation_prose
 from .evaluation import evaluate_model, refusal_direction, validation_metrics
-from .settings import CELLS, Cell, Settings, aligned_path, candidate_name, cell_folder, model_path, settings_digest
+from .settings import (CELLS, Cell, Settings, SettingsMismatch, aligned_path, candidate_name, cell_folder, model_path,
+                       settings_digest)
 from .training import is_done, sample_continuations, train
 
 DRIFT_SEED = 100  # training seed of the drift sweep's candidates and of drift seed 0 (seed k: DRIFT_SEED + k)
@@ -132,6 +133,11 @@ class Testbed:
         alignment's cost on other prose."""
         return validation_prose()
 
+    def _validation(self, model: str, cache: str) -> Dict:
+        """``model``'s validation metrics (``evaluation.validation_metrics`` with
+        ``_val_text``), cached at ``cache``."""
+        return _json(cache, lambda: validation_metrics(model, self.prompts, self.s, self._val_text()))
+
     def _alignment_pairs(self, benign_repeat: int):
         helpful = self._self_answers(self.unaligned(), self.prompts.benign_train, "unaligned-benign-train")
         pairs = [(p, REFUSALS[i % len(REFUSALS)]) for i, p in enumerate(self.prompts.harmful_train)]
@@ -147,7 +153,6 @@ class Testbed:
                 self._timed("align-full", lambda: train(self.unaligned(), self._alignment_pairs(c["benign_repeat"]), path,
                                                         epochs=c["epochs"], lr=c["lr"], batch_size=self.s.batch_size, seed=0,
                                                         texts=texts, log=self.log))
-            self._check_full_alignment(path)
             return path
         if not is_done(path):
             self._timed("align-lora", lambda: self._choose_alignment(path))
@@ -177,15 +182,17 @@ class Testbed:
     def alignment_base(self) -> Dict:
         """``unaligned``'s validation metrics, the alignment sweep's reference; cached in
         ``DIR/sweeps/align/unaligned.json``."""
-        return _json(os.path.join(self.out, "sweeps", "align", "unaligned.json"),
-                     lambda: validation_metrics(self.unaligned(), self.prompts, self.s, self._val_text()))
+        return self._validation(self.unaligned(), os.path.join(self.out, "sweeps", "align", "unaligned.json"))
+
+    def _alignment_check(self, model: str) -> Tuple[Dict, Dict[str, bool]]:
+        """An aligned ``model``'s validation metrics (cached beside its folder as
+        ``model.val.json``) and which alignment targets they meet."""
+        m = self._validation(model, model + ".val.json")
+        return m, alignment_targets_met(m, self.alignment_base()["perplexity"], self.s.targets)
 
     def alignment_validation(self, i: int) -> Tuple[Dict, Dict[str, bool]]:
-        """Alignment candidate ``i``'s validation metrics (cached beside its folder as
-        ``NAME.val.json``) and which targets they meet."""
-        candidate = self.alignment_candidate(i)
-        m = _json(candidate + ".val.json", lambda: validation_metrics(candidate, self.prompts, self.s, self._val_text()))
-        return m, alignment_targets_met(m, self.alignment_base()["perplexity"], self.s.targets)
+        """``_alignment_check`` of alignment candidate ``i`` (``NAME.val.json``)."""
+        return self._alignment_check(self.alignment_candidate(i))
 
     def _choose_alignment(self, path: str) -> None:
         """Try the LoRA alignment candidates in order on validation splits; keep the
@@ -206,14 +213,15 @@ class Testbed:
         _copy_model(self.alignment_candidate(i), path)
 
     def _check_full_alignment(self, path: str) -> None:
-        """The full-SFT alignment has one setting, not a sweep: its validation metrics
-        and the targets they meet are recorded (``DIR/sweeps/align-full/validation.json``,
-        cached) and a missed target is named in the report's notes."""
-        def compute():
-            base, m = self.alignment_base(), validation_metrics(path, self.prompts, self.s, self._val_text())
-            return {"setting": self.s.full_align, "unaligned": base, "validation": m,
-                    "targets_met": alignment_targets_met(m, base["perplexity"], self.s.targets)}
-        met = _json(os.path.join(self.out, "sweeps", "align-full", "validation.json"), compute)["targets_met"]
+        """The full-SFT alignment ``path`` has one setting, not a sweep: its
+        ``_alignment_check`` is recorded in ``DIR/sweeps/align-full/validation.json`` and
+        a missed target is named in the report's notes."""
+        m, met = self._alignment_check(path)
+        folder = os.path.join(self.out, "sweeps", "align-full")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "validation.json"), "w") as fp:
+            json.dump({"setting": self.s.full_align, "unaligned": self.alignment_base(), "validation": m, "targets_met": met},
+                      fp, indent=2)
         missed = [k for k, ok in met.items() if not ok]
         note = f"align-full: the full-SFT alignment misses the validation target(s) {', '.join(missed)}"
         if missed and note not in self.notes:
@@ -273,7 +281,7 @@ class Testbed:
 
         def choose():
             t = self.s.targets
-            base = _json(os.path.join(folder, "aligned.json"), lambda: validation_metrics(aligned, self.prompts, self.s, self._val_text()))
+            base = self._validation(aligned, os.path.join(folder, "aligned.json"))
             tried = []
             for i, c in enumerate(self.s.drift_candidates):
                 candidate = os.path.join(folder, f"candidate{i}")
@@ -281,7 +289,7 @@ class Testbed:
                     self.log(f"stage drift sweep: LoRA candidate {i} {c}")
                     train(aligned, self._task_pairs(), candidate, epochs=c["epochs"], lr=c["lr"], batch_size=self.s.batch_size,
                           seed=DRIFT_SEED, lora={"rank": c["rank"]}, log=self.log)
-                m = _json(candidate + ".val.json", lambda: validation_metrics(candidate, self.prompts, self.s, self._val_text()))
+                m = self._validation(candidate, candidate + ".val.json")
                 drop = base["refusal_rate"] - m["refusal_rate"]
                 ok = drop >= t["drift_drop"] and m["empty_rate"] < 0.5 and m["task_accuracy"] >= 0.8
                 tried.append({"candidate": c, "validation": m, "refusal_drop": drop, "meets": ok})
@@ -327,6 +335,8 @@ class Testbed:
         folder = self.models_dir(cell.name, seed)
         os.makedirs(folder, exist_ok=True)
         aligned, reference, finetuned = self.aligned(cell.align), self.reference(cell), self.finetuned(cell, seed)
+        if cell.align == "full":
+            self._check_full_alignment(aligned)
         from transformers import AutoConfig
 
         layers = AutoConfig.from_pretrained(aligned).num_hidden_layers
@@ -371,7 +381,7 @@ class Testbed:
 
     def _check_digests(self, cells) -> None:
         """A testbed folder is resumed only with what built it: ``DIR/digests.json``
-        records each cell's ``settings_digest`` when it is first built here; ValueError,
+        records each cell's ``settings_digest`` when it is first built here; SettingsMismatch,
         before anything is built, for a cell whose digest differs (its cached models and
         sweeps would be reused silently)."""
         path = os.path.join(self.out, "digests.json")
@@ -379,7 +389,7 @@ class Testbed:
         ours = {name: settings_digest(self.s, name) for name in sorted(cells)}
         for name, digest in ours.items():
             if seen.get(name, digest) != digest:
-                raise ValueError(f"--out {self.out}: cell {name} was built there with settings {seen[name]}, these are "
+                raise SettingsMismatch(f"--out {self.out}: cell {name} was built there with settings {seen[name]}, these are "
                                  f"{digest}; use a new --out folder")
         with open(path, "w") as fp:
             json.dump({**seen, **ours}, fp, indent=2)

@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict
 from typing import Dict, List, Optional
 
-from .settings import CELLS, settings_digest
+from .settings import CELLS, SettingsMismatch, settings_digest
 from .verdicts import PROMPT_SETS, Verdicts, paired_contrast, seed_verdicts
 from .verdicts import load as load_verdicts
 from .verdicts import save as save_verdicts
@@ -77,9 +77,10 @@ def _run_verdicts(out: str, evals: str, every: List[Dict], fresh: set) -> Dict[t
             live = seed_verdicts(evals, *key)
             if live:
                 save_verdicts(path, live)
+                found[key] = live
             elif os.path.exists(path):
                 os.remove(path)  # an earlier build's, not this run's
-        if os.path.exists(path):
+        elif os.path.exists(path):
             found[key] = load_verdicts(path)
     return found
 
@@ -108,17 +109,17 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
     ``runs`` (default ``out``; another when the report is published apart from the
     models). The runs kept from before take theirs from ``out/verdicts/``."""
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    digests = {cell: settings_digest(settings, cell) for cell in CELLS}
     for run in runs:
         with open(os.path.join(out, "runs", f"{run['cell']}-seed{run['seed']}.json"), "w") as fp:
-            json.dump({**run, "settings_digest": settings_digest(settings, run["cell"])}, fp, indent=2)
+            json.dump({**run, "settings_digest": digests[run["cell"]]}, fp, indent=2)
     every = []
     for path in glob.glob(os.path.join(out, "runs", "*.json")):
         with open(path) as fp:
             every.append(json.load(fp))
     every.sort(key=lambda run: (list(CELLS).index(run["cell"]), run["seed"]))  # main first, as in CELLS
     notes = notes + [f"runs/{r['cell']}-seed{r['seed']}.json was built with other settings ({r.get('settings_digest')}; "
-                     f"these are {settings_digest(settings, r['cell'])})"
-                     for r in every if r.get("settings_digest") != settings_digest(settings, r["cell"])]
+                     f"these are {digests[r['cell']]})" for r in every if r.get("settings_digest") != digests[r["cell"]]]
     by_cell: Dict[str, List[Dict]] = {}
     for run in every:
         by_cell.setdefault(run["cell"], []).append(run)
@@ -174,7 +175,7 @@ def publish_report(out: str, dest: str, settings, runs: List[Dict], notes: List[
     testbed folder ``out``, plus the JSON records of ``out/sweeps/*/`` (how the training
     settings were chosen). The runs published in ``dest`` before (another session's
     seeds or cells, with their ``verdicts/``) are kept unless ``runs`` replaces them;
-    ValueError, before anything is written, when one of them was built with other
+    SettingsMismatch, before anything is written, when one of them was built with other
     settings. ``out``'s absolute path is written as ``DIR`` (only the absolute form: a
     short relative name such as ``t`` would also match unrelated text)."""
     import shutil
@@ -185,7 +186,7 @@ def publish_report(out: str, dest: str, settings, runs: List[Dict], notes: List[
             theirs = json.load(fp)
         ours = settings_digest(settings, theirs["cell"])
         if os.path.basename(path) not in replaced and theirs.get("settings_digest") != ours:
-            raise ValueError(f"--publish {dest}: {os.path.relpath(path, dest)} was built with settings "
+            raise SettingsMismatch(f"--publish {dest}: {os.path.relpath(path, dest)} was built with settings "
                              f"{theirs.get('settings_digest')}, these are {ours}; publish elsewhere or remove it")
     for path in sorted(glob.glob(os.path.join(out, "sweeps", "*", "*.json"))):
         folder = os.path.join(dest, "sweeps", os.path.basename(os.path.dirname(path)))

@@ -141,6 +141,11 @@ def cell_settings(settings: Settings, cell: Cell) -> Dict:
 TEXTS = ("validation_prose.txt", "replay_openings.txt")
 
 
+class SettingsMismatch(ValueError):
+    """A published run or a testbed folder was built with other settings (another
+    ``settings_digest``); the command line reports it in one line."""
+
+
 def settings_digest(settings: Settings, cell: str) -> str:
     """The first 12 hex digits of the SHA-256 of what ``cell``'s models depend on:
     ``cell_settings`` and the ``TEXTS``. Runs with different digests must not be
@@ -148,11 +153,9 @@ def settings_digest(settings: Settings, cell: str) -> str:
     import hashlib
     import json
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    texts = {}
-    for name in TEXTS:
-        with open(os.path.join(here, name), "rb") as fp:
-            texts[name] = hashlib.sha256(fp.read()).hexdigest()
+    from .data import _beside
+
+    texts = {name: hashlib.sha256(_beside(name).encode("utf-8")).hexdigest() for name in TEXTS}
     text = json.dumps({"settings": cell_settings(settings, CELLS[cell]), "texts": texts}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
