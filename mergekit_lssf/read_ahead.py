@@ -220,6 +220,7 @@ class ReadAhead:
         self.closed = False
         self.cond = threading.Condition()
         self.blas_limit = None
+        self.threads: List[threading.Thread] = []
         if jobs and workers > 0:
             from threadpoolctl import threadpool_limits
 
@@ -227,7 +228,9 @@ class ReadAhead:
 
             self.blas_limit = threadpool_limits(limits=1, user_api="blas")
             for i in range(min(workers, len(jobs))):
-                threading.Thread(target=self._work, name=f"lssf-read-ahead-{i}", daemon=True).start()
+                thread = threading.Thread(target=self._work, name=f"lssf-read-ahead-{i}", daemon=True)
+                thread.start()
+                self.threads.append(thread)
             LOG.info("lssf: computing spectra of %d tensors ahead on %d threads (%s)",
                      len(jobs), min(workers, len(jobs)), ENV_VAR)
 
@@ -255,8 +258,8 @@ class ReadAhead:
                 LOG.debug("lssf read-ahead of %s failed: %s", job.name, error)
                 result = None
             with self.cond:
-                if job.state == "running":
-                    job.result, job.state = result, "done"
+                if job.state == "running":  # after close: "done" with no result
+                    job.result, job.state = (None if self.closed else result), "done"
             job.done.set()
 
     # mergekit's side
@@ -287,6 +290,11 @@ class ReadAhead:
         return result
 
     def close(self) -> None:
+        """Stop the workers and wait for them: a worker still inside a spectrum (LAPACK,
+        GIL released) when the interpreter exits is killed there, and glibc's forced
+        unwinding through C++ frames aborts the process ("terminate called without an
+        active exception", exit -6) after the merge was written. A running job is at
+        most one spectrum of a Gram matrix up to ``MAX_GRAM``, about 2 s."""
         with self.cond:
             if self.closed:
                 return
@@ -294,6 +302,9 @@ class ReadAhead:
             for job in self.jobs:
                 job.result = None
             self.cond.notify_all()
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join()
         if self.blas_limit is not None:
             self.blas_limit.restore_original_limits()
         if self.jobs:

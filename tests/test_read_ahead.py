@@ -164,6 +164,39 @@ def test_a_failing_worker_leaves_the_tensor_to_the_caller(monkeypatch):
         session.close()
 
 
+def _workers_alive():
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("lssf-read-ahead-")]
+
+
+def test_close_waits_for_a_worker_inside_a_spectrum(monkeypatch):
+    """A worker left running a spectrum when the interpreter exits aborts the process
+    (seen once in CI: exit -6, "terminate called without an active exception", after
+    the merge was written); close() returns only when every worker has stopped."""
+    import threading
+    import time
+
+    a, u = _pair(6)
+    started, real = threading.Event(), read_ahead.safety_factors
+
+    def slow(*args, **kwargs):
+        started.set()
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(read_ahead, "safety_factors", slow)
+    jobs = [_job(0, a, u), _job(1, a, u), _job(2, a, u)]
+    session = ReadAhead(None, jobs, workers=1)
+    assert started.wait(10)
+    begin = time.perf_counter()
+    session.close()
+    assert time.perf_counter() - begin > 0.1  # it waited for the running spectrum
+    assert not any(t.is_alive() for t in session.threads) and _workers_alive() == []
+    assert jobs[0].result is None  # finished after close: not kept
+    assert [job.state for job in jobs[1:]] == ["pending", "pending"]  # and nothing new started
+
+
 def test_the_running_executor_is_found_from_inside_a_task():
     from mergekit.graph import Executor, Task
 
@@ -227,4 +260,5 @@ def test_run_merge_stops_the_workers_and_restores_blas_threads(toy_dir, tmp_path
         assert ahead == (13 if max_gram >= 64 else 0)  # all fused tensors but the first, or none
         assert len(STATS.records) == 14
     assert read_ahead.SCOPE.session is None and read_ahead.SCOPE.workers == 0
+    assert _workers_alive() == []
     assert _limits() == before
