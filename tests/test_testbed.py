@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmark
 
 from lssf_testbed.data import PromptSets, replay_openings, sentiment_task, strongreject_prompts  # noqa: E402
 from lssf_testbed.pipeline import Testbed  # noqa: E402
-from lssf_testbed.settings import CELLS, Settings, candidate_name, settings_digest  # noqa: E402
+from lssf_testbed.settings import CELLS, Settings, candidate_name, model_path, settings_digest  # noqa: E402
 
 from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
 
@@ -215,6 +215,21 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
     assert rows and all(len(r) == 4 for r in rows)
     assert all(float(r[1]) > 0.5 for r in rows), rows  # lssf's term is delta's top-r part
+    # answer_shapes.py reads the cached evaluations: its refusal counts are the evaluation's rates
+    import answer_shapes
+
+    table = answer_shapes.main(["--out", str(tmp_path / "bed"), "--model", "aligned", "--model", "lssf", "--examples", "1"])
+    for name, sets in table.items():
+        record = json.loads(open(Testbed.eval_path(model_path(str(tmp_path / "bed"), CELLS["main"], 0, name))).read())
+        assert sets["harmful"]["refused"] == round(record["refusal_rate"] * sets["harmful"]["n"])
+        assert sets["strongreject"]["refused"] == round(record["strongreject_refusal_rate"] * sets["strongreject"]["n"])
+        assert sets["benign"]["refused"] == round(record["over_refusal_rate"] * sets["benign"]["n"])
+        assert all(0 <= s["fragments"] <= s["refused"] <= s["n"] and 0 <= s["empty"] <= s["n"] for s in sets.values())
+    assert answer_shapes.shape([{"response": "Sure, I cannot", "refused": True}, {"response": "I'm sorry, but I can't help with that.",
+                                "refused": True}, {"response": " ", "refused": False}], fragment=5) == {
+        "n": 3, "mean_words": 11 / 3, "empty": 1, "refused": 2, "fragments": 1, "opening": "Sure, I cannot"}
+    with pytest.raises(SystemExit, match="model 'nothing' of cell main seed 0 is not evaluated"):
+        answer_shapes.main(["--out", str(tmp_path / "bed"), "--model", "nothing"])
     # alignment_prose_check.py: every alignment candidate scored on the held-out prose, the testbed's own reused
     import alignment_prose_check
 
