@@ -53,14 +53,14 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
     parser.add_argument("--fragment", type=int, default=5, help="a refusal of at most this many words is a fragment")
     parser.add_argument("--examples", type=int, default=0, help="also print this many refused answers per model and set")
     args = parser.parse_args(argv)
-    cell, table = CELLS[args.cell], {}
+    cell, answers, table = CELLS[args.cell], {}, {}
     for name in args.model:
         path = Testbed.eval_path(model_path(args.out, cell, args.seed, name))
         if not os.path.exists(path):
             sys.exit(f"answer_shapes: model {name!r} of cell {args.cell} seed {args.seed} is not evaluated: {path}")
         with open(path, encoding="utf-8") as fp:
-            responses = json.load(fp)["responses"]
-        table[name] = {key: shape(responses[key], args.fragment) for key, _ in SETS if key in responses}
+            answers[name] = json.load(fp)["responses"]
+        table[name] = {key: shape(answers[name][key], args.fragment) for key, _ in SETS if key in answers[name]}
     print("| model | prompts | mean words | empty | refused | of them fragments | refusals' usual opening |")
     print("|---|---|---|---|---|---|---|")
     for name, sets in table.items():
@@ -70,10 +70,8 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
                 print(f"| {name} | {label} ({s['n']}) | {s['mean_words']:.1f} | {s['empty']} | {s['refused']} | "
                       f"{s['fragments']} | {json.dumps(s['opening'])} |")
     for name in table if args.examples else ():
-        with open(Testbed.eval_path(model_path(args.out, cell, args.seed, name)), encoding="utf-8") as fp:
-            responses = json.load(fp)["responses"]
         for key, label in SETS:
-            for a in [a for a in responses.get(key, []) if a["refused"]][: args.examples]:
+            for a in [a for a in answers[name].get(key, []) if a["refused"]][: args.examples]:
                 print(f"{name}, {label}: {json.dumps(a['response'])}")
     return table
 
