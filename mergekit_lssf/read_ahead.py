@@ -302,9 +302,8 @@ class ReadAhead:
             for job in self.jobs:
                 job.result = None
             self.cond.notify_all()
-        for thread in self.threads:
-            if thread is not threading.current_thread():
-                thread.join()
+        for thread in self.threads:  # close() runs on mergekit's thread, never a worker's
+            thread.join()
         if self.blas_limit is not None:
             self.blas_limit.restore_original_limits()
         if self.jobs:

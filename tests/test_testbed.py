@@ -220,7 +220,8 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
 
     table = answer_shapes.main(["--out", str(tmp_path / "bed"), "--model", "aligned", "--model", "lssf", "--examples", "1"])
     for name, sets in table.items():
-        record = json.loads(open(Testbed.eval_path(model_path(str(tmp_path / "bed"), CELLS["main"], 0, name))).read())
+        with open(Testbed.eval_path(model_path(str(tmp_path / "bed"), CELLS["main"], 0, name))) as fp:
+            record = json.load(fp)
         assert sets["harmful"]["refused"] == round(record["refusal_rate"] * sets["harmful"]["n"])
         assert sets["strongreject"]["refused"] == round(record["strongreject_refusal_rate"] * sets["strongreject"]["n"])
         assert sets["benign"]["refused"] == round(record["over_refusal_rate"] * sets["benign"]["n"])
