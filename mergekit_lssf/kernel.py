@@ -12,6 +12,11 @@ Conventions (equation numbers follow the paper, see README):
   safety subspace only.
 * The rank ``r``: the paper's entropy rule (Eq. 5-7, ``rank_rule="entropy"``) or,
   beyond the paper, the Gavish-Donoho hard threshold (``rank_rule="noise_floor"``).
+  On 16-bit inputs the rounding edge (``precision.py``) is reported, and beyond the
+  paper ``spectrum="signal"`` applies Eq. 5-7 to the singular values above it only.
+* The written weight: in a 16-bit output, ``rounding="subspace"`` (default) keeps the
+  term's component inside its subspace through the cast (``precision.subspace_round``);
+  ``"nearest"`` is the plain cast.
 
 Everything here runs on the device of the input tensors (CPU or CUDA) and never in
 less than float32, whatever the dtype of the stored weights. On the CPU the spectrum
@@ -27,11 +32,25 @@ from typing import Callable, Literal, Optional, Tuple
 
 import torch
 
+from mergekit_lssf.precision import (
+    SIXTEEN_BIT,
+    RoundingResult,
+    kept_share,
+    rounding_edge,
+    signal_rank,
+    stored_precision,
+    subspace_round,
+)
+
 Side = Literal["output", "input"]
 RankRule = Literal["entropy", "noise_floor"]
 Fusion = Literal["add", "restore"]
+Spectrum = Literal["full", "signal"]
+Rounding = Literal["subspace", "nearest"]
 RANK_RULES = ("entropy", "noise_floor")
 FUSIONS = ("add", "restore")
+SPECTRA = ("full", "signal")
+ROUNDINGS = ("subspace", "nearest")
 
 #: Singular values closer than this, relative to sigma_1, count as tied (Eq. 10).
 TIE_RTOL = 1e-6
@@ -79,6 +98,11 @@ class RankChoice:
     entropy_share: ``H_r / H_n`` (1.0 when ``H_n == 0`` and ``r >= 1``).
     energy_share: ``sum_{i<=r} sigma_i^2 / sum_i sigma_i^2``.
     entropy_total: ``H_n`` in nats.
+    rounding_edge: the expected top singular value of the 16-bit rounding error of
+        ``delta`` (``precision.rounding_edge``), None for inputs not stored in 16 bits;
+        signal_rank: how many singular values lie above it.
+    spectrum: ``"full"`` (Eq. 5-7 over every singular value) or ``"signal"`` (over
+        the ``signal_rank`` values above the edge; the same as full without an edge).
     """
 
     rank: int
@@ -90,6 +114,9 @@ class RankChoice:
     rule: str = "entropy"
     noise_floor_rank: Optional[int] = None
     tau: Optional[float] = None
+    rounding_edge: Optional[float] = None
+    signal_rank: Optional[int] = None
+    spectrum: str = "full"
 
 
 @dataclass(frozen=True)
@@ -209,6 +236,8 @@ def select_rank(
     rank: Optional[int] = None,
     rule: RankRule = "entropy",
     shape: Optional[Tuple[int, int]] = None,
+    edge: Optional[float] = None,
+    spectrum: Spectrum = "full",
 ) -> RankChoice:
     """The safety-critical rank ``r``.
 
@@ -219,23 +248,28 @@ def select_rank(
     matrix's), capped by ``max_rank``; 0 is allowed, and ``eta`` is not used. A fixed
     ``rank`` replaces either rule (and ``max_rank``), limited to the number of nonzero
     values. Both rules' ranks are reported in the result whatever the rule.
+
+    ``edge``: the rounding edge of 16-bit inputs (None: none); ``signal_rank`` counts
+    the values above it. ``spectrum="signal"`` (beyond the paper) applies Eq. 5-7 to
+    those values only, so the entropy rank is at most the signal rank, and 0 when no
+    value rises above the rounding error.
     """
     if not 0 < eta <= 1:
         raise ValueError(f"eta must satisfy 0 < eta <= 1, got {eta}")
     if rule not in RANK_RULES:
         raise ValueError(f"rank_rule must be one of {', '.join(RANK_RULES)}, got {rule!r}")
+    if spectrum not in SPECTRA:
+        raise ValueError(f"spectrum must be one of {', '.join(SPECTRA)}, got {spectrum!r}")
     cum, p = spectral_entropy(sigma)
     nonzero = int((p > 0).sum())
     entropy_total = float(cum[-1]) if cum.numel() else 0.0
     used = "fixed" if rank is not None else rule
+    signal = signal_rank(sigma, edge)
+    precision = dict(rounding_edge=edge, signal_rank=signal, spectrum=spectrum)
     if nonzero == 0:
-        return RankChoice(0, None if rank else 0, False, 0.0, 0.0, 0.0, used, 0, 0.0)
+        return RankChoice(0, None if rank else 0, False, 0.0, 0.0, 0.0, used, 0, 0.0, **precision)
     floor_rank, tau = noise_floor(sigma, shape)
-    if entropy_total <= 0:
-        entropy_rank = 1
-    else:
-        reached = torch.nonzero(cum >= eta * entropy_total)
-        entropy_rank = max(int(reached[0]) + 1, 1)
+    entropy_rank = _entropy_rank(sigma if spectrum == "full" or signal is None else sigma[:signal], eta)
 
     if rank is not None:
         r, capped, entropy_rank = min(int(rank), nonzero), False, None
@@ -244,29 +278,45 @@ def select_rank(
         capped = max_rank is not None and r > max_rank
         if capped:
             r = int(max_rank)
-    return _choice(r, entropy_rank, capped, cum, p, used, floor_rank, tau)
+    return _choice(r, entropy_rank, capped, cum, p, used, floor_rank, tau, **precision)
+
+
+def _entropy_rank(sigma: torch.Tensor, eta: float) -> int:
+    """Eq. 7 over ``sigma``: the smallest ``rho`` with ``H_rho / H_n >= eta``; 1 when
+    only one value is nonzero, 0 when none is (an empty signal spectrum)."""
+    cum, p = spectral_entropy(sigma)
+    if not bool((p > 0).any()):
+        return 0
+    total = float(cum[-1])
+    if total <= 0:
+        return 1
+    reached = torch.nonzero(cum >= eta * total)
+    return max(int(reached[0]) + 1, 1)
 
 
 def rank_rule(
     *, eta: float, max_rank: Optional[int] = None, rank: Optional[int] = None,
     rule: RankRule = "entropy", shape: Optional[Tuple[int, int]] = None,
+    edge: Optional[float] = None, spectrum: Spectrum = "full",
 ) -> Callable[[torch.Tensor], int]:
     """``sigma -> r`` by ``select_rank``: how many basis vectors a weight needs."""
 
     def rank_of(sigma: torch.Tensor) -> int:
-        return select_rank(sigma, eta=eta, max_rank=max_rank, rank=rank, rule=rule, shape=shape).rank
+        return select_rank(sigma, eta=eta, max_rank=max_rank, rank=rank, rule=rule, shape=shape,
+                           edge=edge, spectrum=spectrum).rank
 
     return rank_of
 
 
-def _choice(r, entropy_rank, capped, cum, p, rule="entropy", floor_rank=None, tau=None) -> RankChoice:
-    """A RankChoice for rank ``r`` from the cumulative entropy and probabilities."""
+def _choice(r, entropy_rank, capped, cum, p, rule="entropy", floor_rank=None, tau=None, **precision) -> RankChoice:
+    """A RankChoice for rank ``r`` from the cumulative entropy and probabilities;
+    ``precision``: ``rounding_edge``, ``signal_rank`` and ``spectrum``."""
     total = float(cum[-1])
     if r == 0:
         share = 0.0
     else:
         share = float(cum[r - 1] / total) if total > 0 else 1.0
-    return RankChoice(r, entropy_rank, capped, share, float(p[:r].sum()), total, rule, floor_rank, tau)
+    return RankChoice(r, entropy_rank, capped, share, float(p[:r].sum()), total, rule, floor_rank, tau, **precision)
 
 
 def projection_weights(sigma_r: torch.Tensor, weight_max: float) -> torch.Tensor:
@@ -299,7 +349,9 @@ class SafetyFactors:
     ``right = U'^T (W_aligned - W_ft)``.
     left: ``(d_out, r)``; right: ``(r, d_in)``. Both are None when the rank is 0.
     sigma: the full spectrum (float64). aligned: ``W_aligned`` in the work dtype, kept
-    only for ``restore``.
+    only for ``restore``. side: where the term's subspace lies: ``"output"`` (the
+    columns of ``left`` span it) or ``"input"`` (the rows of ``right``; ``add`` with an
+    input-side basis).
     """
 
     left: Optional[torch.Tensor]
@@ -308,15 +360,25 @@ class SafetyFactors:
     sigma: torch.Tensor
     fusion: str = "add"
     aligned: Optional[torch.Tensor] = None
+    side: Side = "output"
 
     def with_finetune(self, w_ft: torch.Tensor) -> "SafetyFactors":
         """The factors for this fine-tune: ``restore`` gets its ``right``; ``add`` and
-        rank 0 are returned as they are (they do not depend on ``W_ft``)."""
-        if self.fusion != "restore" or self.left is None:
+        rank 0 are returned as they are (they do not depend on ``W_ft``), and so are
+        ``restore`` factors already bound to a fine-tune (``aligned`` is None)."""
+        if self.fusion != "restore" or self.left is None or self.aligned is None:
             return self
         work = self.left.dtype
         right = self.left.T @ (self.aligned - w_ft.to(work))
-        return SafetyFactors(self.left, right, self.info, self.sigma, self.fusion, None)
+        return SafetyFactors(self.left, right, self.info, self.sigma, self.fusion, None, self.side)
+
+    def subspace_basis(self) -> Tuple[torch.Tensor, Side]:
+        """The orthonormal basis of the term's subspace, ``(d, r)``, and its side:
+        ``U_r`` from ``left``'s columns or ``V_r`` from ``right``'s rows, each
+        ``a_i``-scaled direction normalized back to unit length."""
+        if self.side == "output":
+            return self.left / self.left.norm(dim=0), "output"
+        return (self.right / self.right.norm(dim=1, keepdim=True)).T, "input"
 
 
 def output_basis(subspace: SafetySubspace, r: int, delta: torch.Tensor) -> torch.Tensor:
@@ -344,20 +406,25 @@ def safety_factors(
     subspace: Optional[SafetySubspace] = None,
     work_dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype = torch.float64,
+    spectrum: Spectrum = "full",
 ) -> SafetyFactors:
     """Spectrum, rank and factors of the fused term of one weight.
 
     Weights are ``(d_out, d_in)``; factors come in ``work_dtype`` (at least float32)
     on the weights' device. ``subspace`` is a calibrated basis for this weight;
     without it the data-free subspace (SVD of delta) is used. With
-    ``fusion="restore"`` the result still needs ``with_finetune(W_ft)``.
+    ``fusion="restore"`` the result still needs ``with_finetune(W_ft)``. When the
+    aligned or unaligned weight holds 16-bit values (``precision.stored_precision``,
+    also after an upcast) the rounding edge of ``delta`` is computed and reported,
+    and ``spectrum="signal"`` ranks the spectrum above it only.
     """
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     work = torch.promote_types(work_dtype, torch.float32)
-    delta = w_aligned.to(work) - w_unaligned.to(work)
     started = time.perf_counter()
-    settings = dict(eta=eta, max_rank=max_rank, rank=rank, rule=rank_rule)
+    edge = rounding_edge(w_aligned, w_unaligned, stored_precision(w_aligned), stored_precision(w_unaligned))
+    delta = w_aligned.to(work) - w_unaligned.to(work)
+    settings = dict(eta=eta, max_rank=max_rank, rank=rank, rule=rank_rule, edge=edge, spectrum=spectrum)
     if subspace is None:
         subspace = data_free_subspace(
             delta, compute_dtype=compute_dtype, vectors=_rank_of(settings, tuple(delta.shape))
@@ -370,6 +437,7 @@ def safety_factors(
                          choice.rule, choice.noise_floor_rank, choice.tau)
     sigma_1 = float(subspace.sigma[0]) if subspace.sigma.numel() else 0.0
     left = right = aligned = None
+    side: Side = "output"
     if choice.rank > 0:
         weights = projection_weights(subspace.sigma[: choice.rank], weight_max).to(work)
         if fusion == "restore":
@@ -377,14 +445,15 @@ def safety_factors(
             aligned = w_aligned.to(work)
         else:
             basis = subspace.basis[:, : choice.rank].to(work) * weights
-            if subspace.side == "output":
+            side = subspace.side
+            if side == "output":
                 left, right = basis, basis.T @ delta
             else:
                 left, right = delta @ basis, basis.T
         if delta.device.type == "cuda":
             torch.cuda.synchronize(delta.device)
     info = FusionInfo(choice, sigma_1, time.perf_counter() - started)
-    return SafetyFactors(left, right, info, subspace.sigma, fusion, aligned)
+    return SafetyFactors(left, right, info, subspace.sigma, fusion, aligned, side)
 
 
 def _rank_of(settings, shape) -> Callable[[torch.Tensor], int]:
@@ -422,35 +491,79 @@ def lssf_fuse(
     fusion: Fusion = "add",
     subspace: Optional[SafetySubspace] = None,
     compute_dtype: torch.dtype = torch.float64,
+    spectrum: Spectrum = "full",
+    out_dtype: Optional[torch.dtype] = None,
+    rounding: Rounding = "subspace",
 ) -> Tuple[torch.Tensor, FusionInfo]:
     """Fuse one 2-D weight: ``W_ft + alpha * P' (W_aligned - W_unaligned)`` (Eq. 13,
     ``fusion="add"``) or ``W_ft + alpha * P' (W_aligned - W_ft)`` (``"restore"``).
 
-    All three weights are ``(d_out, d_in)`` on one device. The result has ``w_ft``'s
-    dtype; rank 0 (a zero ``delta``, or nothing above the noise floor) returns ``w_ft``
-    itself. See ``safety_factors``.
+    All three weights are ``(d_out, d_in)`` on one device. The result has
+    ``out_dtype`` (default ``w_ft``'s dtype), written with ``rounding`` (see
+    ``write_fused``); rank 0 (a zero ``delta``, or nothing above the noise floor)
+    returns ``w_ft`` itself. See ``safety_factors``.
     """
     factors = safety_factors(
         w_aligned, w_unaligned, eta=eta, max_rank=max_rank, weight_max=weight_max,
         rank=rank, rank_rule=rank_rule, fusion=fusion, subspace=subspace,
-        work_dtype=w_ft.dtype, compute_dtype=compute_dtype,
+        work_dtype=w_ft.dtype, compute_dtype=compute_dtype, spectrum=spectrum,
     )
-    return apply_factors(w_ft, factors, alpha), factors.info
+    fused, _written = write_fused(w_ft, factors, alpha, out_dtype=out_dtype, rounding=rounding)
+    return fused, factors.info
+
+
+@dataclass(frozen=True)
+class Written:
+    """How the fused weight was written: ``kept`` is the share of the intended term
+    left along its direction in the written dtype (``precision.kept_share``; 1.0 when
+    the output is not narrower than float32); ``rounding`` the subspace-preserving
+    rounding's record (None for a plain cast or a wide output)."""
+
+    kept: float = 1.0
+    rounding: Optional[RoundingResult] = None
+
+
+def write_fused(
+    w_ft: torch.Tensor,
+    factors: SafetyFactors,
+    alpha: float,
+    *,
+    out_dtype: Optional[torch.dtype] = None,
+    rounding: Rounding = "subspace",
+) -> Tuple[torch.Tensor, Written]:
+    """``W_ft + alpha * left @ right`` in ``out_dtype`` (default ``w_ft``'s dtype), and
+    how much of the term survived; ``w_ft`` itself (cast) at rank 0.
+
+    ``w_ft``: ``(d_out, d_in)``; the sum is formed in ``promote(w_ft.dtype, float32)``.
+    ``restore`` factors get their ``right`` from this ``w_ft`` (``with_finetune``).
+    A 16-bit ``out_dtype`` is written with ``rounding="subspace"``
+    (``precision.subspace_round`` on the term's basis) or ``"nearest"`` (plain cast).
+    """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    out_dtype = out_dtype or w_ft.dtype
+    if factors.left is None:
+        return w_ft.to(out_dtype), Written()
+    factors = factors.with_finetune(w_ft)
+    work = torch.promote_types(w_ft.dtype, torch.float32)
+    left, right = factors.left.to(work), factors.right.to(work)
+    fused = torch.addmm(w_ft.to(work), left, right, alpha=alpha)
+    if out_dtype not in SIXTEEN_BIT:
+        return fused.to(out_dtype), Written()
+    record = None
+    if rounding == "subspace":
+        basis, side = factors.subspace_basis()
+        written, record = subspace_round(fused, basis.to(work), side, out_dtype)
+    else:
+        written = fused.to(out_dtype)
+    del fused
+    return written, Written(kept_share(written, w_ft, left, right, alpha), record)
 
 
 def apply_factors(w_ft: torch.Tensor, factors: SafetyFactors, alpha: float) -> torch.Tensor:
-    """``W_ft + alpha * left @ right`` in ``w_ft``'s dtype; ``w_ft`` itself at rank 0.
-
-    ``w_ft``: ``(d_out, d_in)``; the sum is formed in ``promote(w_ft.dtype, float32)``,
-    the dtype of factors made by ``safety_factors(..., work_dtype=w_ft.dtype)``.
-    ``restore`` factors get their ``right`` from this ``w_ft`` (``with_finetune``).
-    """
-    if factors.left is None:
-        return w_ft
-    factors = factors.with_finetune(w_ft)
-    work = torch.promote_types(w_ft.dtype, torch.float32)
-    fused = torch.addmm(w_ft.to(work), factors.left.to(work), factors.right.to(work), alpha=alpha)
-    return fused.to(w_ft.dtype)
+    """``W_ft + alpha * left @ right`` in ``w_ft``'s dtype (``write_fused`` with its
+    defaults); ``w_ft`` itself at rank 0."""
+    return write_fused(w_ft, factors, alpha)[0]
 
 
 def calibrated_subspace(

@@ -22,13 +22,15 @@ from mergekit.merge_methods.base import (
 )
 from mergekit.merge_methods.easy_define import merge_method
 
-from mergekit_lssf.kernel import apply_factors, safety_factors
+from mergekit_lssf.kernel import safety_factors, write_fused
 from mergekit_lssf.parameters import (
     DEFAULT_ALPHA,
     DEFAULT_ETA,
     DEFAULT_FUSION,
     DEFAULT_MAX_RANK,
     DEFAULT_RANK_RULE,
+    DEFAULT_ROUNDING,
+    DEFAULT_SPECTRUM,
     DEFAULT_WEIGHT_MAX,
     Alpha,
     Eta,
@@ -38,6 +40,8 @@ from mergekit_lssf.parameters import (
     MaxRank,
     Rank,
     Role,
+    RoundingName,
+    SpectrumName,
     Subspace,
     WeightMax,
 )
@@ -131,6 +135,8 @@ def lssf_kernel(
     rank_rule: RankRuleName = DEFAULT_RANK_RULE,
     fusion: FusionName = DEFAULT_FUSION,
     subspace: Subspace = None,
+    spectrum: SpectrumName = DEFAULT_SPECTRUM,
+    rounding: RoundingName = DEFAULT_ROUNDING,
 ) -> torch.Tensor:
     name = group.metadata.name or "<unnamed tensor>"
     finetuned, aligned, unaligned = checked_inputs(group, role, name)
@@ -138,7 +144,7 @@ def lssf_kernel(
         STATS.add_passthrough()
         return finetuned.tensor
     settings = dict(eta=eta, max_rank=max_rank, rank=rank, weight_max=weight_max,
-                    rank_rule=rank_rule, fusion=fusion)
+                    rank_rule=rank_rule, fusion=fusion, spectrum=spectrum)
     ahead = None
     if subspace is None:  # data-free: a read-ahead worker may have done this already
         ahead = precomputed(name, aligned.tensor, unaligned.tensor, settings)
@@ -153,7 +159,8 @@ def lssf_kernel(
             )
         else:
             factors = ahead.factors
-        fused = apply_factors(finetuned.tensor, factors, alpha)
+        fused, written = write_fused(finetuned.tensor, factors, alpha,
+                                     out_dtype=STATS.output_dtype, rounding=rounding)
     except RuntimeError as error:  # e.g. an eigensolver that did not converge
         raise RuntimeError(
             f"lssf: computing tensor {name} {tuple(finetuned.tensor.shape)} failed: {error}"
@@ -168,10 +175,13 @@ def lssf_kernel(
             choice.entropy_share,
             info.spectral_seconds,
             read_ahead=ahead is not None,
+            rounding_edge=choice.rounding_edge,
+            signal_rank=choice.signal_rank,
+            kept=written.kept,
         )
     )
     LOG.info(
-        "lssf %s %s: rank %d by %s%s, entropy share %.3f, energy share %.3f; fusion %s",
+        "lssf %s %s: rank %d by %s%s, entropy share %.3f, energy share %.3f; fusion %s%s%s",
         name,
         tuple(finetuned.tensor.shape),
         choice.rank,
@@ -180,8 +190,26 @@ def lssf_kernel(
         choice.entropy_share,
         choice.energy_share,
         fusion,
+        _edge_words(choice),
+        _written_words(written, fused.dtype) if choice.rank else "",
     )
     return fused
+
+
+def _edge_words(choice) -> str:
+    """The rounding edge and signal rank of 16-bit inputs, for the per-tensor log."""
+    if choice.rounding_edge is None:
+        return ""
+    return f"; rounding edge {choice.rounding_edge:.3g}, signal rank {choice.signal_rank}"
+
+
+def _written_words(written, dtype: torch.dtype) -> str:
+    """What the output cast left of the term, for the per-tensor log."""
+    if written.rounding is None and written.kept == 1.0:
+        return ""
+    how = "subspace-preserving rounding" if written.rounding is not None else "round to nearest"
+    steps = f", {written.rounding.iterations} feedback steps" if written.rounding is not None else ""
+    return f"; written in {str(dtype).removeprefix('torch.')} by {how}{steps}: {written.kept:.3f} of the term kept"
 
 
 def _rule_words(choice, eta: float) -> str:

@@ -20,20 +20,26 @@ DEFAULT_MAX_RANK: Optional[int] = 256
 DEFAULT_WEIGHT_MAX = 1.0
 DEFAULT_RANK_RULE = "entropy"  # the paper's Eq. 7
 DEFAULT_FUSION = "restore"  # beyond the paper, chosen on the safety testbed; "add" is the paper's Eq. 13
+DEFAULT_SPECTRUM = "full"  # Eq. 5-7 over every singular value, as the paper; "signal": above the rounding edge
+DEFAULT_ROUNDING = "subspace"  # 16-bit outputs keep the term's subspace through the cast; "nearest": plain cast
 RANK_RULES = ("entropy", "noise_floor")
 FUSIONS = ("add", "restore")
+SPECTRA = ("full", "signal")
+ROUNDINGS = ("subspace", "nearest")
 
 #: Every recipe-level parameter with its default, for summaries and model cards.
 DEFAULTS = {
     "alpha": DEFAULT_ALPHA, "eta": DEFAULT_ETA, "max_rank": DEFAULT_MAX_RANK,
     "weight_max": DEFAULT_WEIGHT_MAX, "rank": None, "rank_rule": DEFAULT_RANK_RULE,
-    "fusion": DEFAULT_FUSION, "subspace": None,
+    "fusion": DEFAULT_FUSION, "subspace": None, "spectrum": DEFAULT_SPECTRUM,
+    "rounding": DEFAULT_ROUNDING,
 }
-#: The parameters a weight's factors depend on (all but alpha and subspace).
-FACTOR_PARAMETERS = ("eta", "max_rank", "rank", "weight_max", "rank_rule", "fusion")
+#: The parameters a weight's factors depend on (all but alpha, subspace and rounding).
+FACTOR_PARAMETERS = ("eta", "max_rank", "rank", "weight_max", "rank_rule", "fusion", "spectrum")
 
 #: Recipe-level parameters (``parameters:``), in the kernel's order.
-SHARED_PARAMETERS = ("alpha", "eta", "max_rank", "weight_max", "rank", "rank_rule", "fusion", "subspace")
+SHARED_PARAMETERS = ("alpha", "eta", "max_rank", "weight_max", "rank", "rank_rule", "fusion", "subspace",
+                     "spectrum", "rounding")
 #: Per-model parameters (``models: - parameters:``).
 PER_MODEL_PARAMETERS = ("role",)
 ROLES = ("aligned", "unaligned")
@@ -128,4 +134,6 @@ Rank = Annotated[Optional[int], BeforeValidator(_rank_validator("rank"))]
 Subspace = Annotated[Optional[str], BeforeValidator(_subspace)]
 RankRuleName = Annotated[str, BeforeValidator(_choice("rank_rule", RANK_RULES))]
 FusionName = Annotated[str, BeforeValidator(_choice("fusion", FUSIONS))]
+SpectrumName = Annotated[str, BeforeValidator(_choice("spectrum", SPECTRA))]
+RoundingName = Annotated[str, BeforeValidator(_choice("rounding", ROUNDINGS))]
 Role = Annotated[Literal["aligned", "unaligned"], BeforeValidator(_role)]

@@ -79,7 +79,9 @@ def _run_lssf(original, merge_config, out_path, options, config_source):
     check_output_folder(out_path)
     refs = check_recipe(merge_config, trust_remote_code=options.trust_remote_code)
     merge_config = prepare_recipe(merge_config, trust_remote_code=options.trust_remote_code, refs=refs)
-    STATS.reset()
+    from mergekit.common import dtype_from_name
+
+    STATS.reset(output_dtype=dtype_from_name(merge_config.out_dtype))
     SCOPE.open()  # checks MERGEKIT_LSSF_READ_AHEAD before anything is written
     try:
         result = original(

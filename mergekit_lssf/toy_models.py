@@ -50,9 +50,12 @@ class ToySpec:
     drift_scale: float = 0.05
     extra_tokens: int = 0
     seed: int = 0
+    #: how the three checkpoints are stored: "float32", or "bfloat16" / "float16" as
+    #: released checkpoints are (each model rounded from its float32 values on save)
+    dtype: str = "float32"
 
 
-def llama_config(size: str, vocab_extra: int = 0):
+def llama_config(size: str, vocab_extra: int = 0, dtype: str = "float32"):
     from transformers import LlamaConfig
 
     hidden, inter, layers, heads, kv, vocab = SIZES[size]
@@ -65,7 +68,7 @@ def llama_config(size: str, vocab_extra: int = 0):
         vocab_size=vocab + vocab_extra,
         max_position_embeddings=256,
         tie_word_embeddings=False,
-        torch_dtype="float32",
+        torch_dtype=dtype,
         architectures=["LlamaForCausalLM"],
     )
 
@@ -137,7 +140,9 @@ def build_toy_models(out_dir: str, spec: Optional[ToySpec] = None) -> Dict[str, 
     spec = spec or ToySpec()
     gen = torch.Generator().manual_seed(spec.seed)
     torch.manual_seed(spec.seed)
-    config = llama_config(spec.size)
+    if spec.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"ToySpec.dtype must be float32, bfloat16 or float16, got {spec.dtype!r}")
+    config = llama_config(spec.size, dtype=spec.dtype)
     with torch.no_grad():
         unaligned = {k: v.detach().clone() for k, v in LlamaForCausalLM(config).state_dict().items()}
     aligned, finetuned, planted = {}, {}, {}
@@ -160,14 +165,15 @@ def build_toy_models(out_dir: str, spec: Optional[ToySpec] = None) -> Dict[str, 
     for role, state in (("unaligned", unaligned), ("aligned", aligned), ("finetuned", finetuned)):
         cfg, tok_size = config, config.vocab_size
         if role == "finetuned" and spec.extra_tokens:
-            cfg = llama_config(spec.size, spec.extra_tokens)
+            cfg = llama_config(spec.size, spec.extra_tokens, spec.dtype)
             tok_size = cfg.vocab_size
             state = dict(state)
             for name in ("model.embed_tokens.weight", "lm_head.weight"):
                 extra = torch.randn(spec.extra_tokens, state[name].shape[1], generator=gen) * 0.02
                 state[name] = torch.cat([state[name], extra])
         paths[role] = os.path.join(out_dir, role)
-        _save(state, cfg, _tokenizer(tok_size), paths[role])
+        stored = {k: v.to(getattr(torch, spec.dtype)) for k, v in state.items()}
+        _save(stored, cfg, _tokenizer(tok_size), paths[role])
     from safetensors.torch import save_file
 
     save_file(planted, os.path.join(out_dir, "planted.safetensors"))

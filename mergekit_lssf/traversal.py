@@ -91,7 +91,8 @@ class FactorTask(Task[Optional[FusedTensor]]):
             **{k: params[k] for k in FACTOR_PARAMETERS},
         ).with_finetune(finetuned.tensor)  # restore: the term for this fine-tune
         cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32)  # noqa: E731
-        factors = SafetyFactors(cpu(factors.left), cpu(factors.right), factors.info, factors.sigma.cpu(), factors.fusion)
+        factors = SafetyFactors(cpu(factors.left), cpu(factors.right), factors.info, factors.sigma.cpu(),
+                                factors.fusion, side=factors.side)
         return FusedTensor(name, tuple(group.base.tensor.shape), params, factors)
 
 

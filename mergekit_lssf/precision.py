@@ -1,0 +1,229 @@
+"""16-bit storage: the rounding edge of a safety vector, and rounding that keeps a term.
+
+Pure torch, no mergekit import (the math layer, beside ``kernel.py``).
+
+Shapes: weights are ``(d_out, d_in)``; a basis is ``(d, k)`` with orthonormal
+columns, ``d = d_out`` on the output side and ``d = d_in`` on the input side.
+Singular values and edges are in the weights' units.
+
+**Rounding edge** (beyond the paper; a **decision**, see docs/method.md). A weight
+stored in a 16-bit format carries a rounding error of at most half a unit in the
+last place (ulp) of each entry. Modelled as independent and uniform, the error of
+``delta = W_aligned - W_unaligned`` has entry variances
+``v_ij = (ulp(A_ij)^2 + ulp(B_ij)^2) / 12``. For an ``m x n`` matrix of independent
+entries with one variance ``v`` the largest singular value tends to
+``sqrt(v) (sqrt(m) + sqrt(n))`` (the Marchenko-Pastur / Bai-Yin edge). With a
+variance profile the leading term of the Latala / Bandeira-van Handel bound is
+
+    edge = sqrt(max_i sum_j v_ij) + sqrt(max_j sum_i v_ij),
+
+which equals the Marchenko-Pastur edge when the variances are equal and is never
+below the largest column or row norm of the error. Singular values of ``delta``
+above it are signal; their count is the *signal rank*.
+
+**Subspace-preserving rounding** (beyond the paper). Round-to-nearest of
+``W' = W_ft + T`` into bfloat16, when ``W_ft`` itself is bfloat16 and ``T`` is
+smaller than half an ulp, returns ``W_ft``: the term is lost, not blurred.
+``subspace_round`` feeds the rounding error's component inside the term's
+subspace back before casting again (error feedback):
+
+    Z_0 = W',  Y_k = cast(Z_k),  E_k = Y_k - W',  Z_{k+1} = Z_k - P E_k,
+
+with ``P`` the orthogonal projector on the subspace (``U U^T .`` or ``. V V^T``).
+``Z_k - W'`` stays inside the subspace, so each entry of ``Y_k`` stays within
+about one ulp of ``W'`` and the error outside the subspace stays at rounding
+level, while the integrator drives ``P E_k`` towards zero. See ``subspace_round``
+for the step count and gains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+#: Significand bits (implicit bit included) and smallest normal exponent of frexp
+#: (``|x| = m 2^e`` with ``m`` in [0.5, 1)) of the 16-bit formats.
+_FORMATS = {torch.bfloat16: (8, -125), torch.float16: (11, -13)}
+SIXTEEN_BIT = tuple(_FORMATS)
+
+#: Rows per block when a whole-tensor pass would need a full-size temporary.
+_BLOCK_ELEMENTS = 1 << 24
+
+#: ``subspace_round``'s feedback gains, one per cast: three steps at each of 1, 1/2,
+#: 1/4 and 1/8. It stops early once the in-subspace error is below
+#: ``ROUNDING_TOLERANCE`` times the plain cast's.
+ROUNDING_GAINS = (1.0,) * 3 + (0.5,) * 3 + (0.25,) * 3 + (0.125,) * 3
+ROUNDING_TOLERANCE = 1e-3
+
+
+def _row_blocks(t: torch.Tensor):
+    rows = max(1, _BLOCK_ELEMENTS // max(1, t.shape[-1])) if t.ndim == 2 else t.shape[0]
+    for start in range(0, t.shape[0], rows):
+        yield t[start:start + rows]
+
+
+def stored_precision(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The 16-bit format whose grid holds every value of ``t``, or None.
+
+    A bfloat16 or float16 tensor is its own format. A float32 tensor whose every
+    value is exactly representable in bfloat16 (then in float16) was stored in that
+    format and upcast, e.g. by mergekit's recipe ``dtype: float32``. Anything else
+    (float32 training output, float64) is None: no rounding edge.
+    """
+    if t.dtype in _FORMATS:
+        return t.dtype
+    if t.dtype != torch.float32 or t.numel() == 0:
+        return None
+    for fmt in SIXTEEN_BIT:
+        if all(torch.equal(b, b.to(fmt).to(torch.float32)) for b in _row_blocks(t)):
+            return fmt
+    return None
+
+
+def ulp(t: torch.Tensor, fmt: torch.dtype) -> torch.Tensor:
+    """Spacing of ``fmt``'s grid at each value of ``t`` (float32, same shape).
+
+    ``2^(e - p)`` for ``|x| = m 2^e`` (frexp, ``m`` in [0.5, 1)) with ``p`` the
+    significand bits; subnormals and zero get the smallest spacing ``2^(e_min - p)``.
+    """
+    bits, e_min = _FORMATS[fmt]
+    x = t.to(torch.float32)
+    _m, e = torch.frexp(x)
+    e = torch.where(x == 0, torch.full_like(e, e_min), e.clamp(min=e_min))
+    return torch.ldexp(torch.ones_like(x), e - bits)
+
+
+def rounding_edge(
+    a: torch.Tensor, b: torch.Tensor, fmt_a: Optional[torch.dtype], fmt_b: Optional[torch.dtype]
+) -> Optional[float]:
+    """The largest singular value expected of the rounding error of ``a - b``.
+
+    ``a``, ``b``: ``(m, n)``, stored in ``fmt_a`` / ``fmt_b`` (``stored_precision``;
+    None: not rounded, no share of the error). Returns the edge in the weights'
+    units (see the module docstring for the model and the formula), or None when
+    neither input is 16-bit.
+    """
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"rounding_edge needs two matrices of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+    if fmt_a is None and fmt_b is None:
+        return None
+    row_sums = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    col_sums = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
+    start = 0
+    for block_a, block_b in zip(_row_blocks(a), _row_blocks(b)):
+        v = torch.zeros(block_a.shape, dtype=torch.float32, device=a.device)
+        for block, fmt in ((block_a, fmt_a), (block_b, fmt_b)):
+            if fmt is not None:
+                v += ulp(block, fmt).square()
+        v = v.to(torch.float64) / 12.0
+        row_sums[start:start + v.shape[0]] = v.sum(dim=1)
+        col_sums += v.sum(dim=0)
+        start += v.shape[0]
+    return math.sqrt(float(row_sums.max())) + math.sqrt(float(col_sums.max()))
+
+
+def signal_rank(sigma: torch.Tensor, edge: Optional[float]) -> Optional[int]:
+    """How many singular values lie above the rounding edge (None without an edge)."""
+    if edge is None:
+        return None
+    return int((sigma.to(torch.float64) > edge).sum())
+
+
+@dataclass(frozen=True)
+class RoundingResult:
+    """What ``subspace_round`` did.
+
+    iterations: the feedback step whose cast was kept (0: the plain cast).
+    in_subspace_plain / in_subspace: ``||P (Y - W')||_F`` of the plain cast and of
+        the result; outside_plain / outside: ``||(I - P)(Y - W')||_F`` of each.
+    """
+
+    iterations: int
+    in_subspace_plain: float
+    in_subspace: float
+    outside_plain: float
+    outside: float
+
+
+def _projector(basis: torch.Tensor, side: str):
+    if side == "output":
+        return lambda e: basis @ (basis.T @ e)
+    return lambda e: (e @ basis) @ basis.T
+
+
+def subspace_round(
+    target: torch.Tensor,
+    basis: torch.Tensor,
+    side: str,
+    fmt: torch.dtype,
+    *,
+    gains: Tuple[float, ...] = ROUNDING_GAINS,
+    tolerance: float = ROUNDING_TOLERANCE,
+) -> Tuple[torch.Tensor, RoundingResult]:
+    """``target`` (``(d_out, d_in)``, float32 or wider) cast to ``fmt`` so that its
+    component inside the subspace of ``basis`` (orthonormal ``(d, k)``, ``side``
+    "output" or "input") keeps the target's: ``P cast(W') ~ P W'``.
+
+    The iteration ``Z_{k+1} = Z_k - g_k P E_k`` integrates the in-subspace error.
+    Why a few steps, and why the gain falls:
+
+    * Dead zone. With ``W_ft`` on the grid and a term of ``t < 1/2`` ulp per entry,
+      the plain cast returns ``W_ft``; each step at gain 1 adds the lost term again,
+      so entries start to move after about ``1 / (2 t)`` steps (2-3 for the terms
+      seen on real models, ``t`` of 0.2-0.5).
+    * Noise floor. Once entries move, a step's correction ``c`` (about
+      ``ulp sqrt(k / d) / sqrt(12)`` per entry) flips an entry with probability
+      ``|c| / ulp``: the flips act like stochastic rounding of ``c``, whose noise puts
+      a share of about ``g * 2.8 sqrt(k / d)`` of the previous in-subspace error
+      energy back into the subspace. At gain 1 this stalls at a floor; halving the
+      gain every three steps lowers it.
+
+    Twelve steps (``ROUNDING_GAINS``) leave 0.1-0.5 of the plain cast's in-subspace
+    error on bf16 test matrices (benchmarks/RESULTS.md). The best iterate is kept,
+    so the result is never worse than the plain cast inside the subspace; with a
+    full-rank basis the plain cast is optimal and is returned unchanged. Returns the
+    ``fmt`` tensor and a ``RoundingResult``.
+    """
+    work = torch.promote_types(target.dtype, torch.float32)
+    target = target.to(work)
+    project = _projector(basis.to(work), side)
+    best = target.to(fmt)
+    error = best.to(work) - target
+    inside = project(error)
+    plain_in = float(inside.norm())
+    plain_out = float((error - inside).norm())
+    best_in, best_out, used = plain_in, plain_out, 0
+    z = target
+    for step, gain in enumerate(gains, start=1):
+        if best_in <= tolerance * plain_in:
+            break
+        z = z - gain * inside
+        y = z.to(fmt)
+        error = y.to(work) - target
+        inside = project(error)
+        now = float(inside.norm())
+        if now < best_in:
+            best, best_in, best_out, used = y, now, float((error - inside).norm()), step
+    return best, RoundingResult(used, plain_in, best_in, plain_out, best_out)
+
+
+def kept_share(
+    written: torch.Tensor, w_ft: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: float
+) -> float:
+    """Share of the intended term ``T = alpha * left @ right`` that ``written`` keeps
+    along ``T``'s direction: ``<written - W_ft, T> / ||T||^2`` (1.0: all of it;
+    0.0: the written weight is the fine-tune's). ``left`` ``(d_out, r)``, ``right``
+    ``(r, d_in)``; sums in float64 through the factors, no full-size product.
+    """
+    if left is None or alpha == 0:
+        return 1.0
+    l64, r64 = left.to(torch.float64), right.to(torch.float64)
+    norm2 = float(torch.sum((l64.T @ l64) * (r64 @ r64.T))) * alpha * alpha
+    if norm2 == 0.0:
+        return 1.0
+    change = written.to(torch.float32) - w_ft.to(torch.float32)
+    inner = float(torch.sum((left.to(torch.float32).T @ change).to(torch.float64) * r64)) * alpha
+    return inner / norm2
