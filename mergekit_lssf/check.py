@@ -16,7 +16,7 @@ from mergekit.options import MergeOptions
 
 from mergekit_lssf.merge_method import might_be_fused
 from mergekit_lssf.parameters import FACTOR_PARAMETERS, PER_MODEL_PARAMETERS
-from mergekit_lssf.recipe import safetensors_index, check_recipe, prepare_recipe, role_check
+from mergekit_lssf.recipe import check_recipe, dtype_warning, prepare_recipe, role_check, safetensors_index
 from mergekit_lssf.traversal import planned_tensors
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -31,7 +31,7 @@ def check(config: MergeConfiguration) -> Dict[str, List]:
     options = MergeOptions(quiet=True)
     config = prepare_recipe(config, trust_remote_code=options.trust_remote_code, warn=False)
     refs = check_recipe(config, trust_remote_code=options.trust_remote_code)
-    warnings = [w for w in [role_check(config, refs)] if w]
+    warnings = [w for w in [role_check(config, refs), dtype_warning(config, refs)] if w]
     headers: Dict[str, Tuple[List[int], str]] = safetensors_index(config.base_model) or {}
     if not headers:
         warnings.append(f"lssf: {config.base_model} is not a local safetensors folder: shapes are not known "

@@ -196,6 +196,12 @@ def report(recipe: str, out_dir: str, device: str, cuda: bool) -> None:
         f"max {s['rank_max']}, {s['capped']} capped, {s['rank_zero']} at rank 0; patch size "
         f"{s['patch_parameters']:,} parameters. Written to {out_dir}/ ({', '.join(OUTPUTS)})"
     )
+    if s["sixteen_bit_inputs"]:
+        click.echo(
+            f"{s['sixteen_bit_inputs']} tensors from 16-bit inputs: signal rank (above the rounding edge) "
+            f"mean {s['signal_rank_mean']:.1f}; {s['capped_above_signal']} capped by max_rank at more than "
+            "twice their signal rank (the entropy rule measured rounding noise there; see `spectrum: signal`)"
+        )
 
 
 @main.command("extract-patch")

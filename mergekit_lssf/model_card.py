@@ -40,8 +40,19 @@ def append_card(out_path: str, config, refs: Dict[str, Any], stats) -> None:
 - applied: {fusion_words(parameters)}
 - effective parameters (defaults included): `{json.dumps(parameters, sort_keys=True)}`
 - ranks: {rank_line}
+- 16-bit precision: {_precision_line(stats)}
 - versions: {', '.join(f'{k} {x}' for k, x in v.items())}
 """
+    for warning in stats.warnings():
+        section += f"- {warning.removeprefix('lssf: ')}\n"
     mode = "a" if os.path.exists(path) else "w"
     with open(path, mode, encoding="utf-8") as fp:
         fp.write(section)
+
+
+def _precision_line(stats) -> str:
+    """The card's line on 16-bit inputs (signal ranks) and on the written term's survival."""
+    parts = [w.removeprefix("lssf: ") for w in (stats.precision_words(), stats.kept_words()) if w]
+    if stats.output_dtype is not None:
+        parts.append(f"written as {str(stats.output_dtype).removeprefix('torch.')}")
+    return "; ".join(parts) if parts else "inputs not stored in 16 bits, output not narrower than float32"

@@ -50,10 +50,12 @@ def fusion_words(parameters: Dict[str, Any]) -> str:
     elif rule == "noise_floor":
         rank = f"rank by the noise floor (Gavish-Donoho), max_rank {parameters['max_rank']}"
     else:
-        rank = f"rank by the entropy rule, eta {parameters['eta']}, max_rank {parameters['max_rank']}"
+        above = " over the singular values above the rounding edge" if parameters.get("spectrum") == "signal" else ""
+        rank = f"rank by the entropy rule{above}, eta {parameters['eta']}, max_rank {parameters['max_rank']}"
     subspace = parameters["subspace"] or "data-free (SVD of W_aligned - W_unaligned)"
     return (f"W' = W_finetuned + {term}; alpha {parameters['alpha']}, {rank}, "
-            f"weight_max {parameters['weight_max']}; subspace: {subspace}")
+            f"weight_max {parameters['weight_max']}; subspace: {subspace}; "
+            f"16-bit output rounding: {parameters.get('rounding', 'subspace')}")
 
 
 def versions() -> Dict[str, str]:

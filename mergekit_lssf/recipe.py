@@ -251,11 +251,12 @@ def prepare_recipe(
     """
     if refs is None:
         refs = check_recipe(config, trust_remote_code=trust_remote_code)
-    warning = role_check(config, refs) if warn else None
-    if warning:
+    if warn:
         import sys
 
-        print(warning, file=sys.stderr)
+        for warning in (role_check(config, refs), dtype_warning(config, refs)):
+            if warning:
+                print(warning, file=sys.stderr)
     if config.tokenizer is None and config.tokenizer_source is None:
         differing = vocabulary_differs(config.base_model, refs)
         if differing:
@@ -266,6 +267,28 @@ def prepare_recipe(
             )
             config = config.model_copy(update={"tokenizer_source": "base"})
     return config
+
+
+#: Bits of the dtypes a recipe's ``dtype`` may name, and of safetensors' names for them.
+_BITS = {"float64": 64, "float32": 32, "bfloat16": 16, "float16": 16,
+         "F64": 64, "F32": 32, "BF16": 16, "F16": 16}
+
+
+def dtype_warning(config: MergeConfiguration, refs: Dict[str, Any]) -> Optional[str]:
+    """The warning for a recipe ``dtype`` narrower than float32 or than what the three
+    models store (mergekit casts every input to it before lssf sees it), with the
+    lines to write instead; None when the recipe computes in float32 or wider."""
+    if not config.dtype or _BITS.get(str(config.dtype).removeprefix("torch."), 32) >= 32:
+        return None
+    stored = set()
+    for model in [config.base_model, *refs.values()]:
+        stored |= {dtype for _shape, dtype in (safetensors_index(model) or {}).values() if dtype in _BITS}
+    wider = sorted(d for d in stored if _BITS[d] > _BITS[str(config.dtype)])
+    also = f" and than the {'/'.join(wider)} the models store" if wider else ""
+    out = config.out_dtype or config.dtype
+    return (f"lssf: warning: recipe `dtype: {config.dtype}` is narrower than float32{also}: mergekit "
+            "casts every input to it before lssf computes W_aligned - W_unaligned and the term. "
+            f"Compute in float32 and write {out}: `dtype: float32` with `out_dtype: {out}`")
 
 
 def role_check(config: MergeConfiguration, refs: Dict[str, Any]) -> Optional[str]:

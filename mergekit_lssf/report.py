@@ -3,7 +3,8 @@
 Writes ``report.json`` (``{"tensors": [...], "summary": {...}}``), ``report.csv``,
 ``rank_heatmap.png`` (rank by layer and module) and ``entropy_curves.png`` (the
 retained-entropy curve ``H_rho / H_n`` of a few representative tensors, with eta
-and the chosen rank marked). No model is written.
+and the chosen rank marked). For 16-bit inputs each row also has the rounding edge
+of delta and the signal rank (singular values above it). No model is written.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from mergekit.config import MergeConfiguration
 
 from mergekit_lssf.kernel import spectral_entropy
+from mergekit_lssf.stats import SIGNAL_SHARE_WARNING
 from mergekit_lssf.traversal import FusedTensor, fused_factors
 
 #: The files ``build_report`` writes (an output folder holding any of them is refused).
@@ -24,7 +26,8 @@ OUTPUTS = ("report.json", "report.csv", "rank_heatmap.png", "entropy_curves.png"
 FIELDS = [
     "name", "layer", "module", "shape", "rank", "rank_rule", "fusion", "entropy_rank",
     "noise_floor_rank", "noise_floor_tau", "capped", "max_rank", "eta",
-    "entropy_total", "entropy_share", "energy_share", "sigma_1",
+    "entropy_total", "entropy_share", "energy_share", "sigma_1", "spectrum", "rounding_edge",
+    "signal_rank",
 ]
 
 
@@ -38,6 +41,7 @@ def _row(t: FusedTensor) -> Dict:
         "max_rank": t.parameters["max_rank"], "eta": t.parameters["eta"],
         "entropy_total": c.entropy_total, "entropy_share": c.entropy_share,
         "energy_share": c.energy_share, "sigma_1": t.factors.info.sigma_1,
+        "spectrum": c.spectrum, "rounding_edge": c.rounding_edge, "signal_rank": c.signal_rank,
     }
 
 
@@ -61,6 +65,10 @@ def build_report(config: MergeConfiguration, out_dir: str, *, cuda: bool = False
         "rank_rules": sorted({r["rank_rule"] for r in rows}),
         "fusions": sorted({r["fusion"] for r in rows}),
         "patch_parameters": sum(r["rank"] * sum(r["shape"]) for r in rows),
+        "sixteen_bit_inputs": sum(r["signal_rank"] is not None for r in rows),
+        "signal_rank_mean": _mean([r["signal_rank"] for r in rows if r["signal_rank"] is not None]),
+        "capped_above_signal": sum(bool(r["capped"] and r["signal_rank"] is not None
+                                        and r["signal_rank"] < SIGNAL_SHARE_WARNING * r["rank"]) for r in rows),
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as fp:
@@ -74,6 +82,10 @@ def build_report(config: MergeConfiguration, out_dir: str, *, cuda: bool = False
         _plot_heatmap(rows, os.path.join(out_dir, "rank_heatmap.png"))
         _plot_curves(rows, curves, os.path.join(out_dir, "entropy_curves.png"))
     return {"tensors": rows, "summary": summary}
+
+
+def _mean(values: List) -> Optional[float]:
+    return sum(values) / len(values) if values else None
 
 
 def representative(rows: List[Dict], count: int = 4) -> List[Dict]:
