@@ -8,7 +8,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 
 from mergekit_lssf import LSSFConfigError
-from mergekit_lssf.recipe import check_recipe
+from mergekit_lssf.recipe import check_recipe, dtype_warning
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 # examples in recipes/, the demo recipes inside the package (the demo reads them from there)
@@ -82,6 +82,20 @@ def test_shipped_recipe_validates(path):
     for config in stages:
         refs = check_recipe(config)
         assert set(refs) == {"aligned", "unaligned"}
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=os.path.basename)
+def test_shipped_recipes_compute_in_float32(path):
+    """Every stage of every shipped recipe computes in float32; the examples for real
+    (bf16) checkpoints write bf16 with `out_dtype`, so no stage draws the dtype warning."""
+    with open(path, encoding="utf-8") as fp:
+        docs = [d for d in yaml.safe_load_all(fp) if d]
+    for doc in docs:
+        assert doc.get("dtype") == "float32", (path, doc.get("dtype"))
+        if "/recipes/" in path.replace(os.sep, "/") and "mergekit_lssf" not in path:
+            assert doc.get("out_dtype") == "bfloat16", path
+    for config in _lssf_stages(path) if path in RECIPES else []:  # demo-calibrated: test_end_to_end
+        assert dtype_warning(config, check_recipe(config)) is None
 
 
 def test_lora_recipe_references_an_adapter():
