@@ -126,3 +126,18 @@ def test_patch_from_bf16_models_keeps_float32_factors_and_the_whole_term(bf16_mo
         term = (scale * b @ a).numpy()
         np.testing.assert_allclose(term, target - ft, atol=1e-6 * np.abs(target).max())
         assert _share(ft + term, target, ft) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bf16_rounding_benchmark_tiny(tmp_path):
+    """benchmarks/bf16_rounding.py end to end on generated models (its --tiny smoke test)."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bf16_rounding.py")
+    subprocess.run([sys.executable, script, "--tiny", "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    results = json.loads((tmp_path / "bf16_rounding.json").read_text())["results"]
+    rows = [r for r in results["noise_floor + restore"] if "kept_nearest" in r]
+    assert rows and all(r["signal_rank"] is not None and r["rounding_edge"] > 0 for r in rows)
+    assert min(r["kept_subspace"] for r in rows) > min(r["kept_nearest"] for r in rows)
+    assert "| noise_floor + restore |" in (tmp_path / "bf16_rounding.md").read_text()
