@@ -46,6 +46,8 @@ RECIPES = {
     },
 }
 RECIPES["lssf-add"] = {**RECIPES["lssf"], "parameters": {**RECIPES["lssf"]["parameters"], "fusion": "add"}}
+#: --nearest: the defaults with the plain output cast instead of subspace-preserving rounding
+NEAREST = {**RECIPES["lssf"], "parameters": {**RECIPES["lssf"]["parameters"], "rounding": "nearest"}}
 
 
 def timed(command, cwd, env=None):
@@ -62,7 +64,7 @@ def timed(command, cwd, env=None):
     return float(wall), int(rss_kib) / 1024
 
 
-def bench_merges(sizes, repeats, cuda, workdir, sequential=False):
+def bench_merges(sizes, repeats, cuda, workdir, sequential=False, nearest=False):
     from mergekit_lssf.toy_models import ToySpec, build_toy_models, count_parameters
 
     rows = []
@@ -74,11 +76,13 @@ def bench_merges(sizes, repeats, cuda, workdir, sequential=False):
         runs = [(m, m, {}) for m in RECIPES]
         if sequential:  # lssf again with read-ahead off (mergekit_lssf/read_ahead.py)
             runs.append(("lssf-sequential", "lssf", {"MERGEKIT_LSSF_READ_AHEAD": "0"}))
+        if nearest:
+            runs.append(("lssf-nearest", "lssf-nearest", {}))
         results = {}
         for _ in range(repeats):
             for label, method, env in runs:  # alternate, so drift hits all
                 with open(os.path.join(directory, f"{method}.yml"), "w") as fp:
-                    yaml.safe_dump(RECIPES[method], fp)
+                    yaml.safe_dump(NEAREST if method == "lssf-nearest" else RECIPES[method], fp)
                 # mergekit-lssf refuses to write over a model: clear the last repeat's output
                 shutil.rmtree(os.path.join(directory, f"out-{label}"), ignore_errors=True)
                 command = [os.path.join(BIN, "mergekit-yaml"), f"{method}.yml", f"out-{label}"]
@@ -93,6 +97,10 @@ def bench_merges(sizes, repeats, cuda, workdir, sequential=False):
         if sequential:
             seq = results["lssf-sequential"]
             row += (seq[0], seq[0] / ta[0])
+            line += " %.2f | %.2fx |" % row[-2:]
+        if nearest:
+            plain = results["lssf-nearest"]
+            row += (plain[0], plain[0] / ta[0])
             line += " %.2f | %.2fx |" % row[-2:]
         rows.append(row)
         print(line, flush=True)
@@ -173,6 +181,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cuda", action="store_true")
     parser.add_argument("--sequential", action="store_true", help="also time lssf with read-ahead off")
+    parser.add_argument("--nearest", action="store_true", help="also time lssf with `rounding: nearest` (the plain output cast)")
     parser.add_argument("--workdir", default=os.path.join(HERE, "_work"))
     parser.add_argument("--kernel", action="store_true")
     parser.add_argument("--kernel-shapes", nargs="*", default=["4096x4096", "1024x4096", "14336x4096"])
@@ -185,8 +194,9 @@ def main():
         header = ("| size | params | task_arithmetic s | lssf s | time ratio | task_arithmetic MiB | lssf MiB | RSS ratio |"
                   " lssf-add s | its time ratio | its RSS ratio |")
         header += " lssf, read-ahead off s | its time ratio |" if args.sequential else ""
+        header += " lssf, rounding nearest s | its time ratio |" if args.nearest else ""
         print(header)
-        bench_merges(args.sizes, args.repeats, args.cuda, args.workdir, args.sequential)
+        bench_merges(args.sizes, args.repeats, args.cuda, args.workdir, args.sequential, args.nearest)
     if args.kernel:
         header = "| shape | lssf kernel s | rank | float64 Gram + torch.linalg.eigh s |"
         header += "" if args.no_svd else " float64 full SVD s | speed-up vs SVD |"
