@@ -103,6 +103,28 @@ def test_wheel_mergekit_yaml_matches_reference(wheel_venv, toy_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_wheel_merges_bf16_checkpoints_as_users_have_them(wheel_venv, tmp_path):
+    """bf16 toy checkpoints, the recommended recipe (compute float32, write bf16), the
+    installed wheel: bf16 output within rounding of the float64 reference, edge reported."""
+    from mergekit_lssf.toy_models import ToySpec, build_toy_models
+
+    _, bin_dir = wheel_venv
+    build_toy_models(str(tmp_path), ToySpec(size="tiny", dtype="bfloat16", seed=4))
+    recipe = write_lssf_recipe(tmp_path, "bf16.yml", {}, out_dtype="bfloat16")
+    result = _run([str(bin_dir / "mergekit-yaml"), recipe, str(tmp_path / "merged")], cwd=tmp_path)
+    assert "weights from 16-bit inputs; signal rank" in result.stderr
+    assert "the written weights keep min" in result.stderr
+    merged, ft = load_state(tmp_path / "merged"), load_state(tmp_path / "finetuned")
+    al, un = load_state(tmp_path / "aligned"), load_state(tmp_path / "unaligned")
+    for name, tensor in merged.items():
+        assert tensor.dtype == ft[name].dtype == torch.bfloat16, name
+        if tensor.ndim == 2 and "embed" not in name and "lm_head" not in name:
+            ref, _ = reference_fuse(*(x[name].double().numpy() for x in (ft, al, un)), alpha=1.0, eta=0.9,
+                                    max_rank=256, fusion="restore")
+            assert np.abs(tensor.double().numpy() - ref).max() <= 1.5 * np.abs(ref).max() * 2.0 ** -8, name
+
+
+@pytest.mark.slow
 def test_wheel_demo_reads_its_packaged_recipe(wheel_venv, tmp_path):
     _, bin_dir = wheel_venv
     out = _run([str(bin_dir / "mergekit-lssf"), "demo", "--size", "tiny", "--workdir", str(tmp_path / "demo")], cwd=tmp_path)
