@@ -114,6 +114,7 @@ def check_recipe(
                     f"{', '.join(SHARED_PARAMETERS)}; per model: role)"
                 )
         _check_values(where, settings, validators)
+        _check_spectrum(where, settings or {})
 
     roles: Dict[Any, str] = {}
     for where, model, settings in _model_inputs(config):
@@ -164,6 +165,18 @@ def check_recipe(
             if value is not None:
                 _check_subspace(f"{where}.subspace", value, refs["aligned"])
     return refs
+
+
+def _check_spectrum(where: str, settings: Dict[str, Any]) -> None:
+    """``spectrum: signal`` changes the entropy rule only: refuse it beside a fixed
+    ``rank`` or ``rank_rule: noise_floor`` in the same scope, where it would do nothing."""
+    if "signal" not in set(_leaves(settings.get("spectrum"))):
+        return
+    if any(v is not None for v in _leaves(settings.get("rank"))) or "noise_floor" in set(_leaves(settings.get("rank_rule"))):
+        raise LSSFConfigError(
+            f"{where}.spectrum: `spectrum: signal` applies the entropy rule above the rounding edge; "
+            "it does nothing with a fixed `rank` or `rank_rule: noise_floor` set here"
+        )
 
 
 def _check_subspace(where: str, path: str, aligned: Any) -> None:
