@@ -3,6 +3,7 @@ precision-aware options give back.
 
     python benchmarks/bf16_rounding.py --aligned A --unaligned U --finetuned F --out DIR
     python benchmarks/bf16_rounding.py --tiny --out DIR        # generated toy models (CI smoke test)
+    python benchmarks/bf16_rounding.py --planted --out DIR     # planted bf16 matrices, Llama-like shapes
 
 The three model folders hold float32 safetensors (the testbed's models). Each weight
 is cast to bfloat16, as a released checkpoint is stored, and upcast exactly, as a
@@ -17,6 +18,8 @@ settings (the package defaults, and ``rank_rule: noise_floor``, both ``restore``
   uniform rounding), and the seconds the rounding took.
 
 Writes DIR/bf16_rounding.json and DIR/bf16_rounding.md (a summary table per setting).
+``--planted`` writes DIR/planted.md instead: bf16 fine-tune / aligned / unaligned
+matrices whose restore term is a set number of ulps per entry, at fixed ranks.
 """
 
 from __future__ import annotations
@@ -123,6 +126,30 @@ def table(results: Dict[str, List[Dict]]) -> str:
     return "\n".join(lines)
 
 
+def planted(out: str) -> str:
+    """Subspace rounding against round-to-nearest on planted bf16 matrices."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from test_precision import _bf16_triplet  # the test suite's generator: one definition
+
+    lines = ["| shape | rank | term (ulp per entry) | kept, round to nearest | kept, subspace rounding | "
+             "in-subspace error left | kept step | rounding s |", "|---|---|---|---|---|---|---|---|"]
+    for (m, n), rank in (((1024, 4096), 16), ((1024, 4096), 64), ((4096, 1024), 16), ((4096, 4096), 32)):
+        for term in (0.15, 0.4, 1.5):
+            ft, al, un = _bf16_triplet(m, n, term)
+            factors = safety_factors(al, un, eta=0.9, rank=rank, fusion="restore").with_finetune(ft)
+            _y, plain = write_fused(ft, factors, 1.0, out_dtype=BF16, rounding="nearest")
+            started = time.perf_counter()
+            _y, written = write_fused(ft, factors, 1.0, out_dtype=BF16)
+            seconds = time.perf_counter() - started
+            r = written.rounding
+            lines.append(f"| {m}x{n} | {rank} | {term} | {plain.kept:.3f} | {written.kept:.3f} | "
+                         f"{r.in_subspace / r.in_subspace_plain:.3f} | {r.iterations} | {seconds:.2f} |")
+    text = "\n".join(lines)
+    with open(os.path.join(out, "planted.md"), "w", encoding="utf-8") as fp:
+        fp.write(text + "\n")
+    return text
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--aligned")
@@ -130,8 +157,12 @@ def main(argv=None):
     parser.add_argument("--finetuned")
     parser.add_argument("--out", required=True)
     parser.add_argument("--tiny", action="store_true", help="Generated toy models (float32), for the smoke test.")
+    parser.add_argument("--planted", action="store_true", help="Planted bf16 matrices instead of models.")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.planted:
+        print(planted(args.out))
+        return
     if args.tiny:
         paths = build_toy_models(os.path.join(args.out, "toy"), ToySpec(size="tiny", safety_scale=0.002,
                                                                           noise_scale=0.0001, drift_scale=0.0005, erosion=0.7))

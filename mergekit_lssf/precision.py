@@ -6,7 +6,7 @@ Shapes: weights are ``(d_out, d_in)``; a basis is ``(d, k)`` with orthonormal
 columns, ``d = d_out`` on the output side and ``d = d_in`` on the input side.
 Singular values and edges are in the weights' units.
 
-**Rounding edge** (beyond the paper; a **decision**, see docs/method.md). A weight
+**Rounding edge** (beyond the paper; a **decision**, see the README, "Decisions"). A weight
 stored in a 16-bit format carries a rounding error of at most half a unit in the
 last place (ulp) of each entry. Modelled as independent and uniform, the error of
 ``delta = W_aligned - W_unaligned`` has entry variances
