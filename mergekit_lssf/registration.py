@@ -93,6 +93,8 @@ def _run_lssf(original, merge_config, out_path, options, config_source):
         append_card(out_path, merge_config, refs, STATS)
     if not options.quiet:
         print(summary_words(merge_config, refs, STATS), file=sys.stderr)
+    for warning in STATS.warnings():  # printed even with --quiet
+        print(warning, file=sys.stderr)
     return result
 
 

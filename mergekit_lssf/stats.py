@@ -65,7 +65,9 @@ class MergeStats:
             return list(self._records)
 
     def summary(self) -> str:
-        """One line: tensors fused, min/mean/max rank, seconds of spectral work."""
+        """Tensors fused, min/mean/max rank, seconds of spectral work; with 16-bit inputs
+        or outputs also the signal ranks and the share of the term kept (``warnings``
+        are apart: they print even with --quiet)."""
         records = self.records
         if not records:
             return f"lssf: fused 0 tensors ({self.passed_through} kept from the fine-tune)"
@@ -85,7 +87,7 @@ class MergeStats:
         for words in (self.precision_words(), self.kept_words()):
             if words:
                 lines.append(words)
-        return "\n".join(lines + self.warnings())
+        return "\n".join(lines)
 
     def precision_words(self) -> Optional[str]:
         """The rounding edge's line: how many weights came from 16-bit inputs and

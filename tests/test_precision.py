@@ -209,3 +209,24 @@ def test_subspace_round_keeps_the_plain_cast_when_it_cannot_help():
     written, record = subspace_round(target, basis, "output", BF16)
     assert torch.equal(written, target.to(BF16)) and record.iterations == 0
     assert record.in_subspace == record.in_subspace_plain
+
+
+def test_merge_warnings_name_ranks_set_by_rounding_noise_and_lost_terms():
+    from mergekit_lssf.stats import MergeStats, TensorRecord
+
+    stats = MergeStats()
+    stats.reset(output_dtype=BF16)
+    for i in range(3):  # 2 of 3 capped at 256 with a signal rank of 12: more than half
+        stats.add(TensorRecord(f"w{i}", 256 if i < 2 else 20, i < 2, 0.9, 0.1, rounding_edge=1e-3, signal_rank=12,
+                               kept=0.95 if i else 0.55))
+    warnings = stats.warnings()
+    assert len(warnings) == 2
+    assert "2 of 3 fused weights are capped by max_rank" in warnings[0] and "`spectrum: signal`" in warnings[0]
+    assert "1 written weights keep less than 0.8" in warnings[1] and "w0 (0.55)" in warnings[1] and "w1" not in warnings[1]
+    summary = stats.summary()
+    assert "signal rank (singular values above the rounding edge) min 12 / mean 12.0 / max 12" in summary
+    assert "keep min 0.550 / mean 0.817" in summary
+    stats.reset()
+    stats.add(TensorRecord("w", 256, True, 0.9, 0.1, rounding_edge=1e-3, signal_rank=200))  # capped, but signal is high
+    stats.add(TensorRecord("v", 8, False, 0.9, 0.1))  # float32 inputs: no edge
+    assert stats.warnings() == [] and stats.kept_words() is None
