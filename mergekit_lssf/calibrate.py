@@ -30,7 +30,14 @@ import torch
 from mergekit_lssf.kernel import calibrated_subspace
 from mergekit_lssf.parameters import LSSFConfigError
 from mergekit_lssf.safetensors_io import read_header
-from mergekit_lssf.subspace_file import FORMAT, NORMALIZATION, SubspaceWriter, model_files, model_fingerprint
+from mergekit_lssf.subspace_file import (
+    FINGERPRINT_SCHEME,
+    FORMAT,
+    NORMALIZATION,
+    SubspaceWriter,
+    model_files,
+    model_fingerprint,
+)
 
 
 @dataclass
@@ -277,6 +284,7 @@ def calibrate(model_dir: str, out_path: str, *, anchors_path: Optional[str] = No
         metadata = {
             "format": FORMAT,
             "fingerprint": model_fingerprint(model_dir),
+            "fingerprint_scheme": FINGERPRINT_SCHEME,
             "model": os.path.abspath(model_dir),
             "architecture": ",".join(config.architectures or []),
             "anchors_sha256": anchors_sha256(anchors),

@@ -4,7 +4,7 @@ A safetensors file with, for every linear weight the merge fuses,
 ``{weight_name}.U`` (``d_out x k``, float32, orthonormal columns) and
 ``{weight_name}.S`` (every nonzero singular value of ``Z = W_safe X_hat``, float64,
 descending), and string metadata: ``format``, ``fingerprint`` (of the aligned
-model), ``architecture``, ``anchors_sha256``, ``tokens``, ``normalization``,
+model) and ``fingerprint_scheme``, ``architecture``, ``anchors_sha256``, ``tokens``, ``normalization``,
 ``max_rank``, ``version``.
 
 The writer takes one decoder block at a time (each block goes to a part file) and
@@ -31,7 +31,10 @@ from mergekit_lssf.safetensors_io import read_header
 
 FORMAT = "mergekit-lssf-subspace/1"
 NORMALIZATION = "unit-l2-per-token"
-_HASH_BYTES = 1 << 20
+#: The fingerprint hashes this many evenly spaced blocks of every tensor's bytes.
+FINGERPRINT_SCHEME = "tensor-samples/1"
+_SAMPLE_BLOCKS = 8
+_BLOCK_BYTES = 4096
 
 
 def model_files(model_dir: str) -> List[str]:
@@ -42,20 +45,34 @@ def model_files(model_dir: str) -> List[str]:
 
 
 def model_fingerprint(model_dir: str) -> str:
-    """SHA-256 over the architecture, every tensor's name, dtype and shape, and the
-    first MiB of each weight file's data: cheap, and it tells the aligned model from
-    the unaligned one of the same architecture."""
+    """SHA-256 over the architecture, every tensor's name, dtype and shape, and
+    ``_SAMPLE_BLOCKS`` evenly spaced ``_BLOCK_BYTES`` blocks of every tensor's data
+    (all of it when smaller): a few hundred KiB read for a 70B model, and a safety tune
+    that changes one projection weight changes the fingerprint (scheme
+    ``FINGERPRINT_SCHEME``)."""
     digest = hashlib.sha256()
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fp:
         digest.update(json.dumps(json.load(fp).get("architectures"), sort_keys=True).encode())
     for path in model_files(model_dir):
         header, start = read_header(path)
-        index = sorted((k, v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__")
-        digest.update(json.dumps(index).encode())
+        tensors = sorted((k, v) for k, v in header.items() if k != "__metadata__")
+        digest.update(json.dumps([(k, v["dtype"], v["shape"]) for k, v in tensors]).encode())
         with open(path, "rb") as fp:
-            fp.seek(start)
-            digest.update(fp.read(_HASH_BYTES))
+            for _name, info in tensors:
+                begin, end = info["data_offsets"]
+                for offset in _sample_offsets(end - begin):
+                    fp.seek(start + begin + offset)
+                    digest.update(fp.read(min(_BLOCK_BYTES, end - begin - offset)))
     return digest.hexdigest()
+
+
+def _sample_offsets(size: int) -> List[int]:
+    """Offsets of the blocks hashed in a tensor of ``size`` bytes: every block when the
+    tensor holds at most ``_SAMPLE_BLOCKS`` of them, else that many evenly spaced."""
+    if size <= _SAMPLE_BLOCKS * _BLOCK_BYTES:
+        return list(range(0, size, _BLOCK_BYTES))
+    step = (size - _BLOCK_BYTES) / (_SAMPLE_BLOCKS - 1)
+    return [int(i * step) for i in range(_SAMPLE_BLOCKS)]
 
 
 class SubspaceWriter:
@@ -153,6 +170,12 @@ class SubspaceFile:
         return SafetySubspace(sigma.to(device, torch.float64), basis.to(device), "output", z_shape)
 
     def check_fingerprint(self, model_dir: str, label: str) -> None:
+        if self.metadata.get("fingerprint_scheme") != FINGERPRINT_SCHEME:
+            raise LSSFConfigError(
+                f"lssf parameter `subspace`: {self.path} was made by an older mergekit-lssf, whose "
+                "fingerprint read only the start of each weight file and cannot tell the aligned model "
+                "from another model of the same architecture; calibrate again with `mergekit-lssf calibrate`"
+            )
         expected = self.metadata.get("fingerprint")
         actual = model_fingerprint(model_dir)
         if expected != actual:
@@ -165,13 +188,19 @@ class SubspaceFile:
             )
 
 
-_OPEN: Dict[str, SubspaceFile] = {}
+_OPEN: Dict[tuple, SubspaceFile] = {}
 _OPEN_LOCK = threading.Lock()
 
 
 def open_subspace(path: str) -> SubspaceFile:
-    """The process-wide SubspaceFile for ``path`` (opened on first use)."""
-    key = os.path.realpath(path)
+    """The process-wide SubspaceFile for ``path``, opened on first use and again when
+    the file was replaced or rewritten since (keyed on path, inode, mtime and size)."""
+    real = os.path.realpath(path)
+    try:
+        stat = os.stat(real)
+        key = (real, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        key = (real,)  # no such file: SubspaceFile names it
     with _OPEN_LOCK:
         if key not in _OPEN:
             _OPEN[key] = SubspaceFile(path)

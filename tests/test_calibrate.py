@@ -140,6 +140,7 @@ def _edited_file(root, name, edit):
          "weight model.layers.1.mlp.up_proj.weight of the aligned model (./aligned) is missing from subspace file"),
         (lambda t, m: m.update(fingerprint="0" * 64), "fingerprint 000000000000), not on the recipe's aligned model ./aligned"),
         (lambda t, m: m.update(format="something-else"), "is not an lssf subspace file"),
+        (lambda t, m: m.pop("fingerprint_scheme"), "was made by an older mergekit-lssf"),
     ],
 )
 def test_subspace_errors_stop_before_writing(toy, tmp_path, edit, message):
@@ -241,3 +242,42 @@ def test_shared_inputs_are_grouped(toy):
         side = {k.removeprefix(prefix).removesuffix(".weight"): v for k, v in stats.output_side.items()}
         assert side == {"self_attn.q_proj": False, "self_attn.k_proj": False, "self_attn.v_proj": False, "self_attn.o_proj": False,
                         "mlp.gate_proj": False, "mlp.up_proj": False, "mlp.down_proj": True}
+
+
+def test_fingerprint_tells_models_that_differ_in_one_projection_weight(tmp_path):
+    """Tensors are stored in name order, so the first MiB of a shard is embeddings and
+    early layers; a safety tune of one late projection must still change the fingerprint."""
+    from mergekit_lssf.safetensors_io import read_header
+    from mergekit_lssf.toy_models import ToySpec, build_toy_models
+
+    build_toy_models(str(tmp_path / "toy"), ToySpec(size="small", seed=2))
+    source = tmp_path / "toy" / "aligned"
+    state = load_file(source / "model.safetensors")
+    name = "model.layers.3.self_attn.o_proj.weight"
+    changed = dict(state)
+    changed[name] = state[name].clone()
+    changed[name][7, 11] += 1e-3
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in os.listdir(source):
+        if f != "model.safetensors":
+            (other / f).write_bytes((source / f).read_bytes())
+    save_file(changed, other / "model.safetensors", metadata={"format": "pt"})
+    header, start = read_header(str(other / "model.safetensors"))
+    begin = header[name]["data_offsets"][0]
+    assert start + begin > 1 << 20  # past the first MiB: the old scheme could not see it
+    with open(source / "model.safetensors", "rb") as a, open(other / "model.safetensors", "rb") as b:
+        assert a.read(start + (1 << 20)) == b.read(start + (1 << 20))
+    assert model_fingerprint(str(source)) != model_fingerprint(str(other))
+
+
+def test_subspace_file_rewritten_in_the_same_process_is_read_again(toy, tmp_path):
+    from mergekit_lssf.subspace_file import open_subspace
+
+    root, _ = toy
+    path = root / _edited_file(root, "rewritten.safetensors", lambda t, m: None)
+    first = open_subspace(str(path))
+    assert open_subspace(str(path)) is first
+    _edited_file(root, "rewritten.safetensors", lambda t, m: m.update(tokens="1"))
+    again = open_subspace(str(path))
+    assert again is not first and again.metadata["tokens"] == "1"
