@@ -1,7 +1,7 @@
 """Benchmarks: lssf against mergekit's task_arithmetic on the same inputs, same run.
 
-    python benchmarks/bench_merge.py --sizes 10m 50m 200m --repeats 3 [--sequential] [--cuda]
-    python benchmarks/bench_merge.py --kernel [--threads] # spectral kernel vs float64 SVD
+    python benchmarks/bench_merge.py --sizes 10m 50m 200m --repeats 3 [--nearest] [--threads N] [--cuda]
+    python benchmarks/bench_merge.py --kernel            # spectral kernel vs float64 SVD
     python benchmarks/bench_merge.py --startup           # cost of the start-up hook
 
 task_arithmetic gets weights [+1, -1] on (aligned, unaligned) with the fine-tune as
@@ -64,7 +64,7 @@ def timed(command, cwd, env=None):
     return float(wall), int(rss_kib) / 1024
 
 
-def bench_merges(sizes, repeats, cuda, workdir, sequential=False, nearest=False):
+def bench_merges(sizes, repeats, cuda, workdir, nearest=False, threads=None):
     from mergekit_lssf.toy_models import ToySpec, build_toy_models, count_parameters
 
     rows = []
@@ -74,8 +74,6 @@ def bench_merges(sizes, repeats, cuda, workdir, sequential=False, nearest=False)
             print(f"building {size} toy models ...", flush=True)
             build_toy_models(directory, ToySpec(size=size))
         runs = [(m, m, {}) for m in RECIPES]
-        if sequential:  # lssf again with read-ahead off (mergekit_lssf/read_ahead.py)
-            runs.append(("lssf-sequential", "lssf", {"MERGEKIT_LSSF_READ_AHEAD": "0"}))
         if nearest:
             runs.append(("lssf-nearest", "lssf-nearest", {}))
         results = {}
@@ -87,6 +85,7 @@ def bench_merges(sizes, repeats, cuda, workdir, sequential=False, nearest=False)
                 shutil.rmtree(os.path.join(directory, f"out-{label}"), ignore_errors=True)
                 command = [os.path.join(BIN, "mergekit-yaml"), f"{method}.yml", f"out-{label}"]
                 command += ["--cuda"] if cuda else []
+                command += ["--num-threads", str(threads)] if threads else []
                 wall, rss = timed(command, directory, env)
                 best = results.get(label, (float("inf"), float("inf")))
                 results[label] = (min(best[0], wall), min(best[1], rss))
@@ -94,10 +93,6 @@ def bench_merges(sizes, repeats, cuda, workdir, sequential=False, nearest=False)
         row = (size, count_parameters(size) / 1e6, ta[0], ls[0], ls[0] / ta[0], ta[1], ls[1], ls[1] / ta[1],
                add[0], add[0] / ta[0], add[1] / ta[1])
         line = "| %s | %.1fM | %.2f | %.2f | %.2fx | %.0f | %.0f | %.2fx | %.2f | %.2fx | %.2fx |" % row
-        if sequential:
-            seq = results["lssf-sequential"]
-            row += (seq[0], seq[0] / ta[0])
-            line += " %.2f | %.2fx |" % row[-2:]
         if nearest:
             plain = results["lssf-nearest"]
             row += (plain[0], plain[0] / ta[0])
@@ -107,7 +102,7 @@ def bench_merges(sizes, repeats, cuda, workdir, sequential=False, nearest=False)
     return rows
 
 
-def bench_kernel(shapes, svd, threads):
+def bench_kernel(shapes, svd):
     import torch
 
     from mergekit_lssf.kernel import lssf_fuse
@@ -134,32 +129,7 @@ def bench_kernel(shapes, svd, threads):
             torch.linalg.svd((aligned - unaligned).double(), full_matrices=False)
             full = time.perf_counter() - t
             line += f" {full:.2f} | {full / fast:.1f}x |"
-        if threads:
-            line += " %.2f | %.2f |" % two_on_threads(ft, aligned, unaligned)
         print(line, flush=True)
-
-
-def two_on_threads(ft, aligned, unaligned):
-    """Seconds for two such weights one after the other, then on two threads with one
-    BLAS thread each: what read_ahead.py does during a merge."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_limits
-
-    from mergekit_lssf.kernel import lssf_fuse
-
-    def one(_):
-        return lssf_fuse(ft, aligned, unaligned, alpha=1.0, eta=0.9, max_rank=256)
-
-    t = time.perf_counter()
-    for i in range(2):
-        one(i)
-    sequential = time.perf_counter() - t
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(2) as pool:
-        t = time.perf_counter()
-        list(pool.map(one, range(2)))
-        parallel = time.perf_counter() - t
-    return sequential, parallel
 
 
 def bench_startup():
@@ -180,30 +150,27 @@ def main():
     parser.add_argument("--sizes", nargs="*", default=[])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cuda", action="store_true")
-    parser.add_argument("--sequential", action="store_true", help="also time lssf with read-ahead off")
+    parser.add_argument("--threads", type=int, help="mergekit's own --num-threads N for every run")
     parser.add_argument("--nearest", action="store_true", help="also time lssf with `rounding: nearest` (the plain output cast)")
     parser.add_argument("--workdir", default=os.path.join(HERE, "_work"))
     parser.add_argument("--kernel", action="store_true")
     parser.add_argument("--kernel-shapes", nargs="*", default=["4096x4096", "1024x4096", "14336x4096"])
     parser.add_argument("--no-svd", action="store_true", help="skip the float64 SVD comparison")
-    parser.add_argument("--threads", action="store_true", help="also time two weights on two read-ahead threads")
     parser.add_argument("--startup", action="store_true")
     args = parser.parse_args()
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     if args.sizes:
         header = ("| size | params | task_arithmetic s | lssf s | time ratio | task_arithmetic MiB | lssf MiB | RSS ratio |"
                   " lssf-add s | its time ratio | its RSS ratio |")
-        header += " lssf, read-ahead off s | its time ratio |" if args.sequential else ""
         header += " lssf, rounding nearest s | its time ratio |" if args.nearest else ""
         print(header)
-        bench_merges(args.sizes, args.repeats, args.cuda, args.workdir, args.sequential, args.nearest)
+        bench_merges(args.sizes, args.repeats, args.cuda, args.workdir, args.nearest, args.threads)
     if args.kernel:
         header = "| shape | lssf kernel s | rank | float64 Gram + torch.linalg.eigh s |"
         header += "" if args.no_svd else " float64 full SVD s | speed-up vs SVD |"
-        header += " 2 weights in sequence s | 2 weights on 2 threads s |" if args.threads else ""
         print(header)
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.kernel_shapes]
-        bench_kernel(shapes, not args.no_svd, args.threads)
+        bench_kernel(shapes, not args.no_svd)
     if args.startup:
         bench_startup()
 

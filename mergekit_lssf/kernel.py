@@ -32,6 +32,7 @@ from typing import Callable, Literal, Optional, Tuple
 
 import torch
 
+from mergekit_lssf.leading_eigh import LeadingEigh, gram_lower
 from mergekit_lssf.precision import (
     SIXTEEN_BIT,
     RoundingResult,
@@ -156,8 +157,6 @@ def data_free_subspace(
     side: Side = "output" if rows <= cols else "input"
     size = min(rows, cols)
     if d.device.type == "cpu" and compute_dtype == torch.float64 and size >= LEADING_EIGH_MIN_SIZE:
-        from mergekit_lssf.leading_eigh import LeadingEigh, gram_lower
-
         eig = LeadingEigh(gram_lower(d, side))
         del d
         sigma = _singular_values(eig.values, compute_dtype)

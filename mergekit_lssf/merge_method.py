@@ -45,7 +45,6 @@ from mergekit_lssf.parameters import (
     Subspace,
     WeightMax,
 )
-from mergekit_lssf.read_ahead import precomputed
 from mergekit_lssf.stats import STATS, TensorRecord
 
 LOG = logging.getLogger("mergekit_lssf")
@@ -145,20 +144,14 @@ def lssf_kernel(
         return finetuned.tensor
     settings = dict(eta=eta, max_rank=max_rank, rank=rank, weight_max=weight_max,
                     rank_rule=rank_rule, fusion=fusion, spectrum=spectrum)
-    ahead = None
-    if subspace is None:  # data-free: a read-ahead worker may have done this already
-        ahead = precomputed(name, aligned.tensor, unaligned.tensor, settings)
     try:
-        if ahead is None:
-            factors = safety_factors(
-                aligned.tensor,
-                unaligned.tensor,
-                subspace=load_subspace(subspace, name, finetuned.tensor),
-                work_dtype=finetuned.tensor.dtype,
-                **settings,
-            )
-        else:
-            factors = ahead.factors
+        factors = safety_factors(
+            aligned.tensor,
+            unaligned.tensor,
+            subspace=load_subspace(subspace, name, finetuned.tensor),
+            work_dtype=finetuned.tensor.dtype,
+            **settings,
+        )
         fused, written = write_fused(finetuned.tensor, factors, alpha,
                                      out_dtype=STATS.output_dtype, rounding=rounding)
     except RuntimeError as error:  # e.g. an eigensolver that did not converge
@@ -174,7 +167,6 @@ def lssf_kernel(
             choice.capped,
             choice.entropy_share,
             info.spectral_seconds,
-            read_ahead=ahead is not None,
             rounding_edge=choice.rounding_edge,
             signal_rank=choice.signal_rank,
             kept=written.kept,

@@ -72,7 +72,6 @@ def on_cli_loaded(module: ModuleType) -> None:
 def _run_lssf(original, merge_config, out_path, options, config_source):
     from mergekit_lssf.guards import check_output_folder
     from mergekit_lssf.model_card import append_card, summary_words
-    from mergekit_lssf.read_ahead import SCOPE
     from mergekit_lssf.recipe import check_recipe, prepare_recipe
     from mergekit_lssf.stats import STATS
 
@@ -82,13 +81,7 @@ def _run_lssf(original, merge_config, out_path, options, config_source):
     from mergekit.common import dtype_from_name
 
     STATS.reset(output_dtype=dtype_from_name(merge_config.out_dtype))
-    SCOPE.open()  # checks MERGEKIT_LSSF_READ_AHEAD before anything is written
-    try:
-        result = original(
-            merge_config, out_path, options=options, config_source=config_source
-        )
-    finally:
-        SCOPE.close()
+    result = original(merge_config, out_path, options=options, config_source=config_source)
     if options.write_model_card:
         append_card(out_path, merge_config, refs, STATS)
     if not options.quiet:

@@ -18,8 +18,7 @@ SIGNAL_SHARE_WARNING = 0.5
 @dataclass(frozen=True)
 class TensorRecord:
     """One fused tensor: its name, rank, entropy share kept and spectral seconds
-    (wall time of the thread that computed them); ``read_ahead``: the spectrum came
-    from a read-ahead worker (``read_ahead.py``). ``rounding_edge`` / ``signal_rank``:
+    (wall time of the thread that computed them). ``rounding_edge`` / ``signal_rank``:
     the 16-bit rounding edge of delta and the count of singular values above it
     (None for inputs not stored in 16 bits); ``kept``: the share of the term the
     written weight keeps (1.0 for a float32 output)."""
@@ -29,7 +28,6 @@ class TensorRecord:
     capped: bool
     entropy_share: float
     spectral_seconds: float
-    read_ahead: bool = False
     rounding_edge: Optional[float] = None
     signal_rank: Optional[int] = None
     kept: float = 1.0
@@ -74,7 +72,6 @@ class MergeStats:
         ranks = [r.rank for r in records]
         capped = sum(r.capped for r in records)
         seconds = sum(r.spectral_seconds for r in records)
-        ahead = sum(r.read_ahead for r in records)
         zero = sum(r == 0 for r in ranks)
         lines = [
             f"lssf: fused {len(records)} tensors ({self.passed_through} kept from the "
@@ -82,7 +79,6 @@ class MergeStats:
             f"max {max(ranks)}; {capped} capped by max_rank; "
             + (f"{zero} at rank 0 (left as the fine-tune's); " if zero else "")
             + f"{seconds:.2f} s in spectral work"
-            + (f" ({ahead} spectra computed ahead on worker threads)" if ahead else "")
         ]
         for words in (self.precision_words(), self.kept_words()):
             if words:

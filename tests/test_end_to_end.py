@@ -43,20 +43,12 @@ def test_mergekit_yaml_filters_and_gradients_match_reference(toy_dir, tmp_path):
     }
     recipe = write_lssf_recipe(toy_dir, "filters.yml", params)
     out = tmp_path / "merged"
-    # two read-ahead workers (the default on 2 or more cores) compute every spectrum but
-    # the first; the output must be the reference and bit-identical to a run without them
-    result = run_cli(["mergekit-yaml", recipe, str(out), "-v"], cwd=toy_dir, env={"MERGEKIT_LSSF_READ_AHEAD": "2"})
+    result = run_cli(["mergekit-yaml", recipe, str(out), "-v"], cwd=toy_dir)
     assert "lssf: fused 14 tensors (7 kept from the fine-tune)" in result.stderr
-    assert "(13 spectra computed ahead on worker threads)" in result.stderr
     assert "entropy share" in result.stderr  # per-tensor log at -v
-    alone = tmp_path / "alone"
-    result = run_cli(["mergekit-yaml", recipe, str(alone)], cwd=toy_dir, env={"MERGEKIT_LSSF_READ_AHEAD": "0"})
-    assert "lssf: fused 14 tensors" in result.stderr and "computed ahead" not in result.stderr
-    without = load_state(alone)
     merged, ft = load_state(out), load_state(toy_dir / "finetuned")
     al, un = load_state(toy_dir / "aligned"), load_state(toy_dir / "unaligned")
-    assert set(merged) == set(ft) == set(without)
-    assert all(torch.equal(merged[name], without[name]) for name in merged)
+    assert set(merged) == set(ft)
     fused = 0
     for name, tensor in merged.items():
         if tensor.ndim == 2 and "embed" not in name and "lm_head" not in name:
@@ -106,15 +98,6 @@ def test_bad_recipe_exits_nonzero_before_writing(toy_dir, tmp_path, mutate, mess
     result = run_cli(["mergekit-yaml", name, str(out)], cwd=toy_dir, check=False)
     assert result.returncode != 0
     assert message in result.stderr
-    assert not out.exists() or not any(f.endswith(".safetensors") for f in os.listdir(out))
-
-
-def test_bad_read_ahead_setting_exits_before_writing(toy_dir, tmp_path):
-    recipe = write_lssf_recipe(toy_dir, "r.yml", {"alpha": 1.0})
-    out = tmp_path / "merged"
-    result = run_cli(["mergekit-yaml", recipe, str(out)], cwd=toy_dir, check=False, env={"MERGEKIT_LSSF_READ_AHEAD": "two"})
-    assert result.returncode != 0
-    assert "MERGEKIT_LSSF_READ_AHEAD must be a whole number of worker threads >= 0 (0: off), got 'two'" in result.stderr
     assert not out.exists() or not any(f.endswith(".safetensors") for f in os.listdir(out))
 
 

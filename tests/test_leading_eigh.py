@@ -85,7 +85,7 @@ def test_smallest_sizes(n):
 
 
 def test_threads_get_the_same_answers_as_one_thread():
-    """The ctypes calls release the GIL; concurrent calls must not disturb each other."""
+    """Concurrent calls (mergekit's executor may use threads) must not disturb each other."""
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(5)

@@ -129,12 +129,12 @@ def test_count_non_finite_matches_isfinite(dtype):
 
 
 def test_solver_failure_names_the_tensor(monkeypatch):
-    import mergekit_lssf.lapack as lapack
+    import mergekit_lssf.leading_eigh as leading_eigh
 
     def failing(info, routine):
         raise RuntimeError(f"LAPACK {routine} failed with info=7")
 
-    monkeypatch.setattr(lapack, "_check", failing)
+    monkeypatch.setattr(leading_eigh, "_check", failing)
     sds = _state_dicts()
     sds = {k: {n: t.repeat(3, 3) if t.ndim == 2 else t.repeat(3) for n, t in sd.items()} for k, sd in sds.items()}
     with pytest.raises(RuntimeError, match=r"lssf: computing tensor model\.layers\.0\..* failed: LAPACK dsytrd failed"):
