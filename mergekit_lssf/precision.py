@@ -52,11 +52,17 @@ SIXTEEN_BIT = tuple(_FORMATS)
 #: Rows per block when a whole-tensor pass would need a full-size temporary.
 _BLOCK_ELEMENTS = 1 << 24
 
-#: ``subspace_round``'s feedback gains, one per cast: three steps at each of 1, 1/2,
-#: 1/4 and 1/8. It stops early once the in-subspace error is below
-#: ``ROUNDING_TOLERANCE`` times the plain cast's.
-ROUNDING_GAINS = (1.0,) * 3 + (0.5,) * 3 + (0.25,) * 3 + (0.125,) * 3
+#: ``subspace_round``'s schedule: ``ROUNDING_LEVELS`` levels of ``ROUNDING_STEPS`` casts,
+#: the gain halving from one level to the next, from ``first_gain(k, d)``. It stops
+#: early once the in-subspace error is below ``ROUNDING_TOLERANCE`` times the plain
+#: cast's, or when a level lowers it by less than ``ROUNDING_MIN_GAIN``.
+ROUNDING_LEVELS = 4
+ROUNDING_STEPS = 3
 ROUNDING_TOLERANCE = 1e-3
+ROUNDING_MIN_GAIN = 0.02
+#: A step's flips put back about ``2.8 g sqrt(k / d)`` of the in-subspace error energy
+#: (see ``subspace_round``); the first gain keeps that share at or below this.
+ROUNDING_NOISE_SHARE = 0.5
 
 
 def _row_blocks(t: torch.Tensor):
@@ -154,13 +160,18 @@ def _projector(basis: torch.Tensor, side: str):
     return lambda e: (e @ basis) @ basis.T
 
 
+def first_gain(k: int, d: int) -> float:
+    """The first level's gain: 1, or less where ``k / d`` is large enough that a step at
+    gain 1 would put back more error than it removes (``ROUNDING_NOISE_SHARE``)."""
+    return min(1.0, ROUNDING_NOISE_SHARE / (2.8 * math.sqrt(k / d))) if k and d else 1.0
+
+
 def subspace_round(
     target: torch.Tensor,
     basis: torch.Tensor,
     side: str,
     fmt: torch.dtype,
     *,
-    gains: Tuple[float, ...] = ROUNDING_GAINS,
     tolerance: float = ROUNDING_TOLERANCE,
 ) -> Tuple[torch.Tensor, RoundingResult]:
     """``target`` (``(d_out, d_in)``, float32 or wider) cast to ``fmt`` so that its
@@ -178,11 +189,15 @@ def subspace_round(
       ``ulp sqrt(k / d) / sqrt(12)`` per entry) flips an entry with probability
       ``|c| / ulp``: the flips act like stochastic rounding of ``c``, whose noise puts
       a share of about ``g * 2.8 sqrt(k / d)`` of the previous in-subspace error
-      energy back into the subspace. At gain 1 this stalls at a floor; halving the
-      gain every three steps lowers it.
+      energy back into the subspace. So the first gain is
+      ``min(1, 0.5 / (2.8 sqrt(k / d)))`` (``first_gain``): 1 for the small ranks where
+      the dead zone matters most, less for a basis that spans much of the space, where
+      a step at gain 1 puts back more than it removes. Each level stalls at a floor
+      set by its gain; halving the gain every three steps lowers it.
 
-    Twelve steps (``ROUNDING_GAINS``) leave 0.1-0.5 of the plain cast's in-subspace
-    error on bf16 test matrices (benchmarks/RESULTS.md). The best iterate is kept,
+    Up to four levels of three steps leave 0.02-0.4 of the plain cast's in-subspace
+    error on bf16 test matrices at small ``k / d`` and 0.5-0.9 near ``k / d = 1/2``
+    (benchmarks/RESULTS.md); a level that gains under 2% ends the loop. The best iterate is kept,
     so the result is never worse than the plain cast inside the subspace; with a
     full-rank basis the plain cast is optimal and is returned unchanged. Returns the
     ``fmt`` tensor and a ``RoundingResult``.
@@ -196,17 +211,23 @@ def subspace_round(
     plain_in = float(inside.norm())
     plain_out = float((error - inside).norm())
     best_in, best_out, used = plain_in, plain_out, 0
-    z = target
-    for step, gain in enumerate(gains, start=1):
-        if best_in <= tolerance * plain_in:
+    z, gain, step = target, first_gain(basis.shape[1], basis.shape[0]), 0
+    for _level in range(ROUNDING_LEVELS):
+        level_start = best_in
+        for _ in range(ROUNDING_STEPS):
+            if best_in <= tolerance * plain_in:
+                break
+            step += 1
+            z = z - gain * inside
+            y = z.to(fmt)
+            error = y.to(work) - target
+            inside = project(error)
+            now = float(inside.norm())
+            if now < best_in:
+                best, best_in, best_out, used = y, now, float((error - inside).norm()), step
+        if best_in <= tolerance * plain_in or best_in > (1 - ROUNDING_MIN_GAIN) * level_start:
             break
-        z = z - gain * inside
-        y = z.to(fmt)
-        error = y.to(work) - target
-        inside = project(error)
-        now = float(inside.norm())
-        if now < best_in:
-            best, best_in, best_out, used = y, now, float((error - inside).norm()), step
+        gain /= 2
     return best, RoundingResult(used, plain_in, best_in, plain_out, best_out)
 
 

@@ -230,3 +230,11 @@ def test_merge_warnings_name_ranks_set_by_rounding_noise_and_lost_terms():
     stats.add(TensorRecord("w", 256, True, 0.9, 0.1, rounding_edge=1e-3, signal_rank=200))  # capped, but signal is high
     stats.add(TensorRecord("v", 8, False, 0.9, 0.1))  # float32 inputs: no edge
     assert stats.warnings() == [] and stats.kept_words() is None
+
+
+def test_first_gain_follows_the_flip_noise_bound():
+    from mergekit_lssf.precision import ROUNDING_NOISE_SHARE, first_gain
+
+    assert first_gain(16, 576) == 1.0  # small k / d: full steps through the dead zone
+    assert first_gain(256, 576) == pytest.approx(ROUNDING_NOISE_SHARE / (2.8 * math.sqrt(256 / 576)))
+    assert first_gain(256, 576) < first_gain(64, 576) <= 1.0
