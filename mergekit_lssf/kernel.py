@@ -516,10 +516,19 @@ class Written:
     """How the fused weight was written: ``kept`` is the share of the intended term
     left along its direction in the written dtype (``precision.kept_share``; 1.0 when
     the output is not narrower than float32); ``rounding`` the subspace-preserving
-    rounding's record (None for a plain cast or a wide output)."""
+    rounding's record (None for a plain cast or a wide output); ``plain_kept`` the
+    plain cast's share, when subspace rounding was asked for and it alone was within
+    ``PLAIN_CAST_TOLERANCE`` of 1 (then the plain cast is written)."""
 
     kept: float = 1.0
     rounding: Optional[RoundingResult] = None
+    plain_kept: Optional[float] = None
+
+
+#: ``rounding="subspace"`` writes the plain cast when it keeps the term within this
+#: (``|kept - 1|``): a term many ulps wide survives round-to-nearest, and the
+#: feedback would cost time for nothing.
+PLAIN_CAST_TOLERANCE = 0.01
 
 
 def write_fused(
@@ -536,7 +545,8 @@ def write_fused(
     ``w_ft``: ``(d_out, d_in)``; the sum is formed in ``promote(w_ft.dtype, float32)``.
     ``restore`` factors get their ``right`` from this ``w_ft`` (``with_finetune``).
     A 16-bit ``out_dtype`` is written with ``rounding="subspace"``
-    (``precision.subspace_round`` on the term's basis) or ``"nearest"`` (plain cast).
+    (``precision.subspace_round`` on the term's basis, unless the plain cast already
+    keeps the term within ``PLAIN_CAST_TOLERANCE``) or ``"nearest"`` (plain cast).
     """
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
@@ -549,12 +559,15 @@ def write_fused(
     fused = torch.addmm(w_ft.to(work), left, right, alpha=alpha)
     if out_dtype not in SIXTEEN_BIT:
         return fused.to(out_dtype), Written()
-    record = None
-    if rounding == "subspace":
-        basis, side = factors.subspace_basis()
-        written, record = subspace_round(fused, basis.to(work), side, out_dtype)
-    else:
-        written = fused.to(out_dtype)
+    plain = fused.to(out_dtype)
+    plain_kept = kept_share(plain, w_ft, left, right, alpha)
+    if rounding == "nearest":
+        return plain, Written(plain_kept)
+    if abs(plain_kept - 1.0) <= PLAIN_CAST_TOLERANCE:
+        return plain, Written(plain_kept, None, plain_kept)
+    del plain
+    basis, side = factors.subspace_basis()
+    written, record = subspace_round(fused, basis.to(work), side, out_dtype)
     del fused
     return written, Written(kept_share(written, w_ft, left, right, alpha), record)
 

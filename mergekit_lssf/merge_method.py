@@ -199,7 +199,8 @@ def _written_words(written, dtype: torch.dtype) -> str:
     """What the output cast left of the term, for the per-tensor log."""
     if written.rounding is None and written.kept == 1.0:
         return ""
-    how = "subspace-preserving rounding" if written.rounding is not None else "round to nearest"
+    how = "subspace-preserving rounding" if written.rounding is not None else (
+        "round to nearest (it kept the term: no feedback needed)" if written.plain_kept is not None else "round to nearest")
     steps = f", {written.rounding.iterations} feedback steps" if written.rounding is not None else ""
     return f"; written in {str(dtype).removeprefix('torch.')} by {how}{steps}: {written.kept:.3f} of the term kept"
 

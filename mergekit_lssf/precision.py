@@ -83,9 +83,14 @@ def stored_precision(t: torch.Tensor) -> Optional[torch.dtype]:
         return t.dtype
     if t.dtype != torch.float32 or t.numel() == 0:
         return None
-    for fmt in SIXTEEN_BIT:
-        if all(torch.equal(b, b.to(fmt).to(torch.float32)) for b in _row_blocks(t)):
-            return fmt
+    # bfloat16 is float32 with the low 16 significand bits cut: a bit test, one pass
+    bits = [b.contiguous().view(torch.int32) for b in _row_blocks(t)]
+    if not any(bool((b & 0xFFFF).any()) for b in bits):
+        return torch.bfloat16
+    # float16 keeps 10 significand bits (13 cut); its range is checked by a round trip
+    if not any(bool((b & 0x1FFF).any()) for b in bits) and all(
+            torch.equal(b, b.to(torch.float16).to(torch.float32)) for b in _row_blocks(t)):
+        return torch.float16
     return None
 
 
@@ -102,6 +107,33 @@ def ulp(t: torch.Tensor, fmt: torch.dtype) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x), e - bits)
 
 
+def _variance_table(stored: torch.dtype, fmt: torch.dtype) -> Tuple[torch.Tensor, int, int]:
+    """``ulp^2 / 12`` of ``fmt`` indexed by the biased exponent field of a ``stored``
+    value (bfloat16 or float32 share float32's 8-bit field; float16 has 5 bits), and
+    the shift and mask that extract that field from the value's bits."""
+    if stored == torch.float16:
+        field, shift, mask = torch.arange(32), 10, 0x1F
+        exponent = torch.where(field == 0, torch.tensor(-14), field - 15)  # value's floor(log2|x|)
+    else:
+        field, shift, mask = torch.arange(256), 7 if stored == torch.bfloat16 else 23, 0xFF
+        exponent = torch.where(field == 0, torch.tensor(-126), field - 127)
+    # a value 2^exponent x 1.m has frexp exponent exponent + 1: the same spacing as ulp()
+    gap = ulp(torch.ldexp(torch.ones(field.shape), exponent), fmt).to(torch.float64)
+    return (gap.square() / 12.0).to(torch.float32), shift, mask
+
+
+def _entry_variances(block: torch.Tensor, fmt: torch.dtype) -> torch.Tensor:
+    """``ulp(x)^2 / 12`` of every value of ``block`` (float32; spacings below 2^-75
+    square to zero there, far below any weight's), from its exponent bits."""
+    stored = block.dtype if block.dtype in _FORMATS else torch.float32
+    table, shift, mask = _variance_table(stored, fmt)
+    x = block.contiguous() if stored != torch.float32 or block.dtype == torch.float32 else block.float()
+    if x.dtype != stored:
+        x = x.to(stored)
+    bits = x.view(torch.int16 if stored in _FORMATS else torch.int32).to(torch.int32)
+    return table.to(block.device)[((bits >> shift) & mask).long()]
+
+
 def rounding_edge(
     a: torch.Tensor, b: torch.Tensor, fmt_a: Optional[torch.dtype], fmt_b: Optional[torch.dtype]
 ) -> Optional[float]:
@@ -116,17 +148,17 @@ def rounding_edge(
         raise ValueError(f"rounding_edge needs two matrices of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
     if fmt_a is None and fmt_b is None:
         return None
-    row_sums = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    row_sums = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)  # float32 sums of < 2^24 terms each
     col_sums = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
     start = 0
     for block_a, block_b in zip(_row_blocks(a), _row_blocks(b)):
-        v = torch.zeros(block_a.shape, dtype=torch.float32, device=a.device)
+        v = None
         for block, fmt in ((block_a, fmt_a), (block_b, fmt_b)):
             if fmt is not None:
-                v += ulp(block, fmt).square()
-        v = v.to(torch.float64) / 12.0
-        row_sums[start:start + v.shape[0]] = v.sum(dim=1)
-        col_sums += v.sum(dim=0)
+                part = _entry_variances(block, fmt)
+                v = part if v is None else v + part
+        row_sums[start:start + v.shape[0]] = v.sum(dim=1).to(torch.float64)
+        col_sums += v.sum(dim=0).to(torch.float64)
         start += v.shape[0]
     return math.sqrt(float(row_sums.max())) + math.sqrt(float(col_sums.max()))
 

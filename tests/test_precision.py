@@ -147,6 +147,11 @@ def test_subspace_rounding_keeps_the_term_that_round_to_nearest_drops(term_ulps)
     plain, _ = write_fused(ft, factors, 1.0, out_dtype=BF16, rounding="nearest")
     kept, written = write_fused(ft, factors, 1.0, out_dtype=BF16)
     assert kept.dtype == plain.dtype == BF16
+    if term_ulps > 1:  # a wide term survives round to nearest: the plain cast is written
+        assert torch.equal(kept, plain) and written.rounding is None
+        assert abs(written.plain_kept - 1) <= 0.01 and written.kept == written.plain_kept
+        return
+    assert written.rounding is not None and written.plain_kept is None
     basis, side = factors.subspace_basis()
     in_plain, out_plain = _reference_errors(plain, target, basis, side)
     in_kept, out_kept = _reference_errors(kept, target, basis, side)
@@ -175,9 +180,10 @@ def test_subspace_rounding_on_the_input_side():
     basis, side = factors.subspace_basis()
     assert side == "input" and basis.shape == (192, 8)
     np.testing.assert_allclose(basis.T @ basis, np.eye(8), atol=1e-5)
-    target = ft.double() + factors.left.double() @ factors.right.double()
-    plain, _ = write_fused(ft, factors, 1.0, out_dtype=BF16, rounding="nearest")
-    kept, _ = write_fused(ft, factors, 1.0, out_dtype=BF16)
+    target = ft.double() + 0.1 * factors.left.double() @ factors.right.double()  # alpha 0.1: 0.15 ulp
+    plain, _ = write_fused(ft, factors, 0.1, out_dtype=BF16, rounding="nearest")
+    kept, written = write_fused(ft, factors, 0.1, out_dtype=BF16)
+    assert written.rounding is not None
     assert _reference_errors(kept, target, basis, side)[0] < 0.5 * _reference_errors(plain, target, basis, side)[0]
 
 
@@ -238,3 +244,14 @@ def test_first_gain_follows_the_flip_noise_bound():
     assert first_gain(16, 576) == 1.0  # small k / d: full steps through the dead zone
     assert first_gain(256, 576) == pytest.approx(ROUNDING_NOISE_SHARE / (2.8 * math.sqrt(256 / 576)))
     assert first_gain(256, 576) < first_gain(64, 576) <= 1.0
+
+
+@pytest.mark.parametrize("fmt", [torch.bfloat16, torch.float16])
+def test_rounding_edge_reads_16_bit_and_upcast_inputs_alike(fmt):
+    g = torch.Generator().manual_seed(9)
+    a, u = ((torch.randn(128, 192, generator=g) * 0.02).to(fmt) for _ in range(2))
+    assert stored_precision(a.float()) is fmt
+    assert rounding_edge(a, u, fmt, fmt) == rounding_edge(a.float(), u.float(), fmt, fmt)
+    v = (ulp(a.float(), fmt).double() ** 2 + ulp(u.float(), fmt).double() ** 2) / 12  # ulp(), tested above
+    expected = math.sqrt(float(v.sum(1).max())) + math.sqrt(float(v.sum(0).max()))
+    assert rounding_edge(a, u, fmt, fmt) == pytest.approx(expected, rel=1e-5)
