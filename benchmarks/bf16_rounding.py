@@ -79,9 +79,11 @@ def _one(ft: torch.Tensor, al: torch.Tensor, un: torch.Tensor, rule: str) -> Dic
     spacing = ulp(ft16 + factors.left @ factors.right, BF16).double()
     k, d = factors.left.shape[1], factors.left.shape[0]
     ordinary = math.sqrt(float(spacing.square().sum()) / 12 * (1 - k / d))
-    row.update(kept_nearest=plain.kept, kept_subspace=written.kept, seconds=seconds, feedback_step=record.iterations,
-               in_subspace_left=record.in_subspace / record.in_subspace_plain if record.in_subspace_plain else 0.0,
-               outside_vs_ordinary=record.outside / ordinary if ordinary else 0.0)
+    row.update(kept_nearest=plain.kept, kept_subspace=written.kept, seconds=seconds, plain_cast=record is None)
+    if record is not None:  # else the plain cast kept the term within 1% and was written
+        row.update(feedback_step=record.iterations,
+                   in_subspace_left=record.in_subspace / record.in_subspace_plain if record.in_subspace_plain else 0.0,
+                   outside_vs_ordinary=record.outside / ordinary if ordinary else 0.0)
     return row
 
 
@@ -108,21 +110,25 @@ def _stats(values: List[float]) -> str:
 
 def table(results: Dict[str, List[Dict]]) -> str:
     lines = ["| setting | weights | rank float32 | rank bf16 (capped) | signal rank | kept, round to nearest | "
-             "kept, subspace rounding | in-subspace error left | outside error / ordinary | rounding s (total) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "kept, subspace rounding | plain cast written | in-subspace error left | outside error / ordinary | "
+             "rounding s (total) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, rows in results.items():
         fused = [r for r in rows if "kept_nearest" in r]
+        fed = [r for r in fused if not r["plain_cast"]]
         lines.append(
             f"| {label} | {len(rows)} | {statistics.mean(r['rank_float32'] for r in rows):.1f} | "
             f"{statistics.mean(r['rank_bf16'] for r in rows):.1f} ({sum(r['capped'] for r in rows)}) | "
             f"{statistics.mean(r['signal_rank'] for r in rows):.1f} | "
             f"{_stats([r['kept_nearest'] for r in fused])} | {_stats([r['kept_subspace'] for r in fused])} | "
-            f"{_stats([r['in_subspace_left'] for r in fused])} | {_stats([r['outside_vs_ordinary'] for r in fused])} | "
+            f"{len(fused) - len(fed)} | "
+            f"{_stats([r['in_subspace_left'] for r in fed])} | {_stats([r['outside_vs_ordinary'] for r in fed])} | "
             f"{sum(r['seconds'] for r in fused):.1f} |")
     lines.append("")
     lines.append("Means over fused weights (min-max). kept: <written - W_ft, T> / ||T||^2 for the term T "
-                 "computed in float32 from the bf16 inputs; in-subspace error left: ||P E|| of subspace "
-                 "rounding over round-to-nearest's; outside: ||(I - P) E|| over uniform rounding's.")
+                 "computed in float32 from the bf16 inputs; plain cast written: weights where round-to-nearest "
+                 "kept the term within 1%, so subspace rounding wrote it; in-subspace error left (the other "
+                 "weights): ||P E|| of subspace rounding over round-to-nearest's; outside: ||(I - P) E|| over "
+                 "uniform rounding's.")
     return "\n".join(lines)
 
 
@@ -142,8 +148,9 @@ def planted(out: str) -> str:
             _y, written = write_fused(ft, factors, 1.0, out_dtype=BF16)
             seconds = time.perf_counter() - started
             r = written.rounding
+            left, step = ("plain cast", "-") if r is None else (f"{r.in_subspace / r.in_subspace_plain:.3f}", r.iterations)
             lines.append(f"| {m}x{n} | {rank} | {term} | {plain.kept:.3f} | {written.kept:.3f} | "
-                         f"{r.in_subspace / r.in_subspace_plain:.3f} | {r.iterations} | {seconds:.2f} |")
+                         f"{left} | {step} | {seconds:.2f} |")
     text = "\n".join(lines)
     with open(os.path.join(out, "planted.md"), "w", encoding="utf-8") as fp:
         fp.write(text + "\n")
