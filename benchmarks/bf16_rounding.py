@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from lssf_testbed.repairs import load_state  # noqa: E402
 from mergekit_lssf.kernel import safety_factors, write_fused  # noqa: E402
 from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK  # noqa: E402
 from mergekit_lssf.precision import ulp  # noqa: E402
@@ -48,16 +49,6 @@ SETTINGS = {
     "noise_floor + restore": dict(rank_rule="noise_floor"),
 }
 BF16 = torch.bfloat16
-
-
-def _weights(folder: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            state.update(load_file(os.path.join(folder, name)))
-    return state
 
 
 def _one(ft: torch.Tensor, al: torch.Tensor, un: torch.Tensor, rule: str) -> Dict:
@@ -88,7 +79,7 @@ def _one(ft: torch.Tensor, al: torch.Tensor, un: torch.Tensor, rule: str) -> Dic
 
 
 def measure(aligned: str, unaligned: str, finetuned: str, log=print) -> Dict[str, List[Dict]]:
-    al, un, ft = _weights(aligned), _weights(unaligned), _weights(finetuned)
+    al, un, ft = load_state(aligned), load_state(unaligned), load_state(finetuned)
     names = [n for n, t in ft.items() if is_linear_weight(n, t) and t.is_floating_point()]
     out: Dict[str, List[Dict]] = {}
     for label, setting in SETTINGS.items():

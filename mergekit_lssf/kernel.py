@@ -261,7 +261,6 @@ def select_rank(
         raise ValueError(f"spectrum must be one of {', '.join(SPECTRA)}, got {spectrum!r}")
     cum, p = spectral_entropy(sigma)
     nonzero = int((p > 0).sum())
-    entropy_total = float(cum[-1]) if cum.numel() else 0.0
     used = "fixed" if rank is not None else rule
     signal = signal_rank(sigma, edge)
     precision = dict(rounding_edge=edge, signal_rank=signal, spectrum=spectrum)

@@ -24,13 +24,13 @@ import torch
 from mergekit_lssf.kernel import data_free_subspace, noise_floor, output_basis, select_rank
 from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
 
-from .repairs import _load, fused_names
+from .repairs import fused_names, load_state
 
 LAYER = re.compile(r"layers\.(\d+)\.(\w+)\.(\w+)\.weight$")
 
 
 def weight_statistics(aligned: str, reference: str, finetuned: str) -> List[Dict]:
-    al, ref, ft = _load(aligned), _load(reference), _load(finetuned)
+    al, ref, ft = load_state(aligned), load_state(reference), load_state(finetuned)
     rows = []
     for name in fused_names(ft):
         delta = (al[name] - ref[name]).double()
@@ -89,10 +89,10 @@ def term_cosines(aligned: str, reference: str, finetuned: str, repaired: Sequenc
     repaired ones one at a time. Shows how far a control is from random: a random-subspace
     control ``Q Q^T delta`` of rank r keeps about ``sqrt(r / d_out)`` of delta, so at high
     rank it is no null control."""
-    al, ref, ft = _load(aligned), _load(reference), _load(finetuned)
+    al, ref, ft = load_state(aligned), load_state(reference), load_state(finetuned)
     out = []
     for path in repaired:
-        rep, groups = _load(path), defaultdict(list)
+        rep, groups = load_state(path), defaultdict(list)
         for name in fused_names(ft):
             m = LAYER.search(name)
             groups[m.group(3) if m else name].append(_cosine(rep[name].double() - ft[name].double(),

@@ -106,7 +106,7 @@ def run_recipe(recipe: dict, path: str, recipe_path: str, log=print) -> None:
     os.replace(path + ".partial", path)
 
 
-def _load(path: str) -> Dict[str, torch.Tensor]:
+def load_state(path: str) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     state = {}
@@ -154,7 +154,7 @@ def random_control(aligned: str, unaligned: str, finetuned: str, path: str, seed
 
     if kind not in ("subspace", "spectrum"):
         raise ValueError(f"random control kind {kind!r}: expected 'subspace' or 'spectrum'")
-    al, un, ft = _load(aligned), _load(unaligned), _load(finetuned)
+    al, un, ft = load_state(aligned), load_state(unaligned), load_state(finetuned)
     out, ranks = dict(ft), []
     for name in fused_names(ft):
         a, u, w = al[name].float(), un[name].float(), ft[name].float()
