@@ -264,7 +264,7 @@ def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
 
     build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=5))
     names = {k: str(tmp_path / k) for k in ("aligned", "unaligned", "finetuned")}
-    al, un, ft = (repairs._load(names[k]) for k in ("aligned", "unaligned", "finetuned"))
+    al, un, ft = (repairs.load_state(names[k]) for k in ("aligned", "unaligned", "finetuned"))
     cosine = lambda x, y: float((x * y).sum() / (x.norm() * y.norm()))  # noqa: E731
     for kind, fusion, rule in (("subspace", "add", "entropy"), ("subspace", "restore", "entropy"),
                                ("subspace", "restore", "noise_floor"), ("spectrum", "add", "entropy"),
@@ -272,7 +272,7 @@ def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
         out = str(tmp_path / f"random-{kind}-{fusion}-{rule}")
         repairs.random_control(names["aligned"], names["unaligned"], names["finetuned"], out, seed=3, kind=kind,
                                fusion=fusion, rank_rule=rule)
-        got = repairs._load(out)
+        got = repairs.load_state(out)
         checked, cosines = 0, []
         for name in repairs.fused_names(ft):
             a, u, w = al[name].double(), un[name].double(), ft[name].double()
@@ -308,7 +308,7 @@ def test_term_cosines_are_per_module_means_of_the_flattened_cosine(tmp_path):
     build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=6))
     names = {k: str(tmp_path / k) for k in ("aligned", "unaligned", "finetuned")}
     got, again = term_cosines(names["aligned"], names["unaligned"], names["finetuned"], [names["aligned"], names["aligned"]])
-    al, un, ft = (repairs._load(names[k]) for k in ("aligned", "unaligned", "finetuned"))
+    al, un, ft = (repairs.load_state(names[k]) for k in ("aligned", "unaligned", "finetuned"))
     expected = {}
     for name in repairs.fused_names(ft):
         t = al[name].double().numpy().ravel() - ft[name].double().numpy().ravel()
