@@ -2,10 +2,10 @@
 
     python benchmarks/control_cosine.py --out testbed/ --cell reference-inverse [--seed 0]
 
-Prints a markdown table: for ``lssf``, ``random-subspace`` and ``random-spectrum`` (or the
-``--model`` names), the mean over layers of cos(W_model - W_finetuned, W_aligned -
-W_reference). RESULTS uses it to show when the random-subspace control keeps much of delta
-(a high-rank subspace) and that the random-spectrum control does not.
+Prints a markdown table: for ``lssf-restore`` and ``interpolate-0.5`` (or the ``--model``
+names), the mean over layers of cos(W_model - W_finetuned, W_aligned - W_reference): how
+much of each repair's term points along the safety vector, e.g. whether a random-subspace
+control keeps much of it (a high-rank subspace).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="the testbed's run folder")
     parser.add_argument("--cell", default="main", choices=sorted(CELLS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", action="append", default=None, help="repair names (default: lssf, random-subspace, random-spectrum)")
+    parser.add_argument("--model", action="append", default=None, help="repair names (default: lssf-restore, interpolate-0.5)")
     args = parser.parse_args(argv)
     cell = CELLS[args.cell]
     path = lambda name: model_path(args.out, cell, args.seed, name)  # noqa: E731
-    models = args.model or ["lssf", "random-subspace", "random-spectrum"]
+    models = args.model or ["lssf-restore", "interpolate-0.5"]
     for name in ["aligned", cell.reference_model, "finetuned", *models]:
         if not os.path.isdir(path(name)):
             sys.exit(f"control_cosine: model {name!r} of cell {args.cell} seed {args.seed} is not built: {path(name)}")

@@ -1,18 +1,22 @@
-"""Real-model safety testbed v3: does LSSF give a fine-tune its refusals back, and why?
+"""Real-model safety testbed v4: on bfloat16 checkpoints, does LSSF repair a fine-tune's
+safety better than the simple alternatives, at the same cost in what the fine-tune learned?
 
-    python benchmarks/safety_testbed.py --out testbed/               # every cell and seed (hours on 2 cores)
-    python benchmarks/safety_testbed.py --out testbed/ --cell main   # main cell, seed 0 (about 1 h on 2 cores)
+    python benchmarks/safety_testbed.py --out testbed/               # every cell and seed (many hours on 2 cores)
+    python benchmarks/safety_testbed.py --out testbed/ --cell main   # main cell, seed 0
     python benchmarks/safety_testbed.py --out testbed/ --cell main --seed 1
     python benchmarks/safety_testbed.py --out t/ --tiny              # generated tiny model (smoke test)
-    python benchmarks/safety_testbed.py --out testbed/ --report-only --publish benchmarks/testbed-v3
+    python benchmarks/safety_testbed.py --out testbed/ --report-only --publish benchmarks/testbed-v4
                                      # the report of what is evaluated so far, nothing built; the runs
                                      # published there before (other seeds or cells) are kept and summarised
 
 SmolLM2-135M-Instruct as shipped is ``unaligned``; cells vary one factor at a time
 from the main cell (LoRA refusal alignment, pre-alignment reference, benign LoRA
-drift): see ``lssf_testbed/settings.py`` (CELLS) and the stage modules in
-``lssf_testbed/``. Every stage is cached under DIR and resumable. Writes
-DIR/results.json, DIR/results.md, DIR/safety_vs_utility.png, DIR/diagnostics.png.
+drift that teaches a made-up translation task), every model stored in bfloat16 (the
+``main-float32`` cell: float32): see ``lssf_testbed/settings.py`` (CELLS). Every
+repair is a curve (``lssf_testbed/curves.py``): interpolation toward the aligned
+model, LSSF restore at fixed ranks and its random-subspace control, LSSF add, RESTA
+with and without DARE, Safe LoRA. Every stage is cached under DIR and resumable.
+Writes DIR/results.json, DIR/results.md and DIR/curves-CELL.png.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Smoke test of every safety-testbed v2 stage and cell on a generated tiny model."""
+"""The safety testbed v4: its task and measures against float64, its repairs against
+their formulas, the budget arithmetic, and every stage and cell on a tiny model."""
 
 import dataclasses
 import json
@@ -9,24 +10,83 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 
-from lssf_testbed.data import PromptSets, replay_openings, sentiment_task, strongreject_prompts  # noqa: E402
+from lssf_testbed.data import PromptSets, replay_openings, strongreject_prompts  # noqa: E402
 from lssf_testbed.pipeline import Testbed  # noqa: E402
 from lssf_testbed.settings import CELLS, Settings, candidate_name, model_path, settings_digest  # noqa: E402
 
 from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
 
 MAIN_MODELS = {
-    "unaligned", "aligned", "finetuned", "lssf", "lssf-calibrated", "task-arithmetic", "lssf-rank10", "lssf-rank50",
-    "lssf-noise-floor", "lssf-restore", "lssf-noise-floor-restore", "lssf-alpha0.5", "random-subspace", "random-restore",
-    "random-noise-floor-restore", "random-spectrum", "random-spectrum-restore",
-    "patch-reapplied", "ablate-attention", "ablate-mlp", "ablate-first-half", "ablate-second-half",
+    "unaligned", "aligned", "finetuned", "interpolate-0.5", "lssf-restore-rank2", "random-restore-rank2", "lssf-alpha0.5",
+    "resta-0.5", "resta-dare-0.5", "safe-lora-0.5", "safe-lora-1", "lssf-restore", "lssf-noise-floor-restore",
+    "lssf-signal-restore", "safe-lora",
 }
 
 
-def test_sentiment_task_is_balanced_and_labelled():
-    rows = sentiment_task(20, seed=3)
-    assert [r["label"] for r in rows].count("positive") == 10
-    assert all(r["prompt"].startswith("Review: ") and r["label"] in ("positive", "negative") for r in rows)
+def test_translation_task_is_a_made_up_lexicon_with_held_out_sentences():
+    """Every English word has its own Veltish word, none an English one; rows are
+    distinct sentences translated word by word; the splits share no sentence."""
+    from lssf_testbed.task import WORDS, lexicon, translation_task
+
+    words = lexicon(0)
+    assert set(words) == set(WORDS) and len(set(words.values())) == len(WORDS) and not set(words.values()) & set(WORDS)
+    rows = translation_task(50, seed=0)
+    assert len({r["prompt"] for r in rows}) == 50 and rows == translation_task(50, seed=0)
+    for r in rows:
+        english = r["prompt"].split(": ", 1)[1].split()
+        assert r["answer"].split() == [words[w] for w in english] and 5 <= len(english) <= 7
+    sets = PromptSets(Settings(), strongreject=False)
+    splits = [{r["prompt"] for r in rows} for rows in (sets.task_train, sets.task_val, sets.task_test)]
+    assert [len(x) for x in splits] == [240 + len(WORDS), 24, 60]  # the word list is trained on, twice
+    assert len(sets.task_train) == 240 + 2 * len(WORDS)
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+
+
+def test_word_accuracy_is_the_share_of_reference_words_in_place():
+    from lssf_testbed.task import word_accuracy
+
+    assert word_accuracy("ka mo ri", "ka mo ri") == 1.0
+    assert word_accuracy("Ka mo, zu.", "ka mo ri") == pytest.approx(2 / 3)  # case and punctuation ignored
+    assert word_accuracy("mo ri", "ka mo ri") == 0.0  # a word left out shifts the rest
+    assert word_accuracy("ka mo ri ri ri", "ka mo ri") == 1.0 and word_accuracy("", "ka") == 0.0
+
+
+def test_task_nll_is_the_teacher_forced_answer_nll_in_float64(tmp_path):
+    """``row_nll`` against an independent float64 pass of each row alone (unpadded):
+    the sum of -log p(token) over the answer's tokens after the chat head; rows of
+    different lengths in batches of two exercise the padding. ``pooled_nll`` is the
+    token-weighted mean and ``utility_kept`` the aligned-to-fine-tune scale."""
+    import copy
+
+    import torch
+
+    from lssf_testbed.task import pooled_nll, row_nll, translation_task, utility_kept
+    from mergekit_lssf import evaluate as ev
+
+    build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=4))
+    model, tokenizer = ev.load_model(str(tmp_path / "aligned"))
+    rows = translation_task(5, seed=1)
+    reference = copy.deepcopy(model).double()
+    expected = []
+    for row in rows:
+        user = [{"role": "user", "content": row["prompt"]}]
+        head = tokenizer(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True),
+                         add_special_tokens=False)["input_ids"]
+        full = tokenizer(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row["answer"]}], tokenize=False),
+                         add_special_tokens=False)["input_ids"]
+        assert full[:len(head)] == head
+        with torch.no_grad():
+            logp = torch.log_softmax(reference(input_ids=torch.tensor([full])).logits[0], dim=-1)
+        expected.append((-sum(float(logp[t - 1, full[t]]) for t in range(len(head), len(full))), len(full) - len(head)))
+    got = row_nll(model, tokenizer, rows, batch=2)
+    assert [t for _, t in got] == [t for _, t in expected]
+    for (g, _), (e, _) in zip(got, expected):
+        assert abs(g - e) < 1e-4 * max(1.0, abs(e)), (got, expected)
+    assert len({round(e, 3) for e, _ in expected}) > 1  # the rows differ: a mix-up would show
+    assert pooled_nll(got) == pytest.approx(sum(e for e, _ in expected) / sum(t for _, t in expected), rel=1e-6)
+    assert utility_kept(3.0, aligned_nll=5.0, finetuned_nll=1.0) == 0.5
+    assert utility_kept(1.0, 5.0, 1.0) == 1.0 and utility_kept(5.0, 5.0, 1.0) == 0.0
+    assert utility_kept(1.0, 1.0, 1.0) != utility_kept(1.0, 1.0, 1.0)  # nothing learned: NaN
 
 
 def test_prompt_splits_are_disjoint_and_strongreject_is_the_published_file():
@@ -36,6 +96,7 @@ def test_prompt_splits_are_disjoint_and_strongreject_is_the_published_file():
     assert not (set(sets.harmful_train) | set(sets.harmful_val)) & set(sets.harmful_test)
     assert not set(sets.benign_train) & set(sets.benign_val)
     assert len(strongreject_prompts()) == 313  # SHA-256 checked on load
+    assert "donotanswer" not in " ".join(sets.harmful_test + sets.strongreject).lower()
 
 
 def test_alignment_candidates_have_distinct_cache_names_and_replay_openings_are_new_text():
@@ -76,17 +137,36 @@ def test_prose_replay_examples_put_the_loss_on_the_sampled_continuation_only(tmp
         assert labels[len(head):] == tokenizer(continuation, add_special_tokens=False)["input_ids"] != []
 
 
-def test_repair_recipes_name_their_fusion():
-    """Every lssf recipe says its fusion: `lssf` and its variants the paper's `add`
-    (the package default is `restore`), the restore repairs `restore`."""
-    from lssf_testbed import repairs
+def test_repair_recipes_are_the_curve_points_computed_in_float32_written_in_the_cells_dtype():
+    """Every mergekit-expressible point and rule has its recipe: interpolation weights
+    (1 - l, l), RESTA as task arithmetic on the aligned base (fine-tune + s (aligned -
+    unaligned)), with DARE on the fine-tune's update only, lssf-restore with the package
+    defaults (no parameter set), the rank curve at fixed ranks and alpha with `add`."""
+    from lssf_testbed import curves, repairs
 
-    built = repairs.recipes("al", "un", "ft", "sub.safetensors", Settings(), layers=4, ablations=True)
-    assert list(built) == repairs.recipe_names(Settings(), ablations=True)
-    for name, recipe in built.items():
-        if recipe["merge_method"] == "lssf":
-            assert recipe["parameters"]["fusion"] == ("restore" if name.endswith("restore") else "add"), name
-    assert built["lssf"]["parameters"] == {"fusion": "add"}
+    s = Settings()
+    built = repairs.recipes("al", "un", "ft", s, "bfloat16")
+    expressible = [p.name for p in curves.points(s) if p.curve not in ("random-restore-rank", "safe-lora")]
+    assert set(built) == set(expressible) | set(curves.RULES)
+    assert all(r["dtype"] == "float32" and r["out_dtype"] == "bfloat16" for r in built.values())
+    assert built["lssf-restore"]["parameters"] == {} and built["lssf-restore"]["base_model"] == "ft"
+    assert built["lssf-noise-floor-restore"]["parameters"] == {"rank_rule": "noise_floor"}
+    assert built["lssf-signal-restore"]["parameters"] == {"spectrum": "signal"}
+    assert built["lssf-restore-rank64"]["parameters"] == {"rank": 64}
+    assert built["lssf-alpha0.5"]["parameters"] == {"fusion": "add", "alpha": 0.5}
+    assert built["interpolate-0.25"] == {"merge_method": "linear", "dtype": "float32", "out_dtype": "bfloat16", "models": [
+        {"model": "ft", "parameters": {"weight": 0.75}}, {"model": "al", "parameters": {"weight": 0.25}}]}
+    assert built["resta-0.5"]["merge_method"] == "task_arithmetic" and built["resta-0.5"]["base_model"] == "al"
+    assert built["resta-0.5"]["models"] == [{"model": "ft", "parameters": {"weight": 1.0}},
+                                            {"model": "un", "parameters": {"weight": -0.5}}]
+    dare = built["resta-dare-0.5"]
+    assert dare["merge_method"] == "dare_linear" and dare["base_model"] == "al"
+    assert dare["models"] == [{"model": "ft", "parameters": {"weight": 1.0, "density": s.dare_density}},
+                              {"model": "un", "parameters": {"weight": -0.5, "density": 1.0}}]
+    names = curves.repair_names(s)
+    assert len(names) == len(set(names)) and names[-1] == curves.CHOSEN
+    assert [p.name for p in curves.points(s) if p.curve == "interpolate"] == ["interpolate-0.1", "interpolate-0.25",
+                                                                             "interpolate-0.5", "interpolate-0.75"]
 
 
 def test_opening_logprob_is_one_unpadded_float64_pass_per_prompt_and_opening(tmp_path):
@@ -128,57 +208,92 @@ def test_opening_logprob_is_one_unpadded_float64_pass_per_prompt_and_opening(tmp
 
 @pytest.mark.slow
 def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
+    import torch
+
+    from lssf_testbed import repairs
+
     build_toy_models(str(tmp_path / "toy"), ToySpec(size="tiny", seed=8))
     settings = Settings.tiny(str(tmp_path / "toy" / "unaligned"))
     bed = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None)
-    summary = bed.run()  # every cell; the main cell with both tiny seeds
+    summary = bed.run()  # every cell; the primary cells with both tiny seeds
     cells = summary["cells"]
     assert set(cells) == set(CELLS)
-    assert cells["main"]["seeds"] == [0, 1]
+    assert cells["main"]["seeds"] == cells["align-full"]["seeds"] == [0, 1] and cells["attack"]["seeds"] == [0]
     assert set(cells["main"]["models"]) == MAIN_MODELS
     assert "unaligned-inverse" in cells["reference-inverse"]["models"]
-    assert "patch-reapplied" not in cells["align-full"]["models"]  # no LoRA to reapply
     for name in MAIN_MODELS:
         model_dir = tmp_path / "bed" / "models" / name
         assert (model_dir / "config.json").exists() and (model_dir / "tokenizer_config.json").exists(), name
-    for cell in ("align-full", "reference-inverse", "drift-full", "attack", "main-seed1"):
+    for cell in ("align-full", "align-full-seed1", "reference-inverse", "drift-full", "attack", "main-seed1", "main-float32"):
         assert (tmp_path / "bed" / "cells" / cell / "models" / "finetuned" / "config.json").exists(), cell
+    # stored as released checkpoints are: bf16 everywhere, float32 in the dtype variant (same unaligned values)
+    path = lambda cell, seed, name: model_path(str(tmp_path / "bed"), CELLS[cell], seed, name)  # noqa: E731
+    state = lambda cell, seed, name: repairs.load_state(path(cell, seed, name))  # noqa: E731
+    for cell, seed, dtype in (("main", 0, torch.bfloat16), ("align-full", 1, torch.bfloat16), ("main-float32", 0, torch.float32)):
+        for name in ("unaligned", "aligned", "finetuned", "interpolate-0.5", "lssf-restore", "random-restore-rank2",
+                     "safe-lora-0.5", "resta-dare-0.5"):
+            assert {t.dtype for t in state(cell, seed, name).values()} == {dtype}, (cell, name)
+    un16, un32 = state("main", 0, "unaligned"), state("main-float32", 0, "unaligned")
+    assert all(torch.equal(un16[k].float(), un32[k]) for k in un16)
     # drift seed 0 is the sweep's chosen candidate (same data, setting and seed), copied, not trained again;
     # seed 1 is trained with its own seed
     chosen = tmp_path / "bed" / "sweeps" / "drift-lora" / "candidate0"
     weights = lambda folder: (folder / "model.safetensors").read_bytes()  # noqa: E731
     assert weights(tmp_path / "bed" / "models" / "finetuned") == weights(chosen)
-    assert (tmp_path / "bed" / "models" / "finetuned.adapter").is_dir()
     assert weights(tmp_path / "bed" / "cells" / "main-seed1" / "models" / "finetuned") != weights(chosen)
-    spread = cells["main"]["models"]["lssf"]["refusal_rate"]
+    assert (tmp_path / "bed" / "sweeps" / "drift-lora-float32" / "choice.json").exists()
+    # the mergekit-built points against their formulas in float64, cast once to bf16
+    al, un, ft = (state("main", 0, n) for n in ("aligned", "unaligned", "finetuned"))
+    expected = {"interpolate-0.5": lambda k: 0.5 * ft[k].double() + 0.5 * al[k].double(),
+                "resta-0.5": lambda k: ft[k].double() + 0.5 * (al[k].double() - un[k].double())}
+    for name, formula in expected.items():
+        got = state("main", 0, name)
+        for k in repairs.fused_names(ft):
+            want = formula(k)
+            assert ((got[k].double() - want).abs() <= 2.0 ** -7 * want.abs() + 1e-30).all(), (name, k)
+    dare, resta = state("main", 0, "resta-dare-0.5"), state("main", 0, "resta-0.5")
+    assert any(not torch.equal(dare[k], resta[k]) for k in repairs.fused_names(ft))  # DARE dropped part of the update
+    # the report: every model's row, the derived columns, the curves, the budget table, the figure
+    spread = cells["main"]["models"]["lssf-restore"]["refusal_rate"]
     assert spread["n"] == 2 and spread["min"] <= spread["mean"] <= spread["max"]
-    seed1 = {p.name for p in (tmp_path / "bed" / "cells" / "main-seed1" / "models").iterdir() if (p / "config.json").exists()}
-    assert seed1 == {"finetuned", *settings.seed_models}  # only the core repairs for the other seeds
-    assert cells["main"]["models"]["lssf-rank10"]["refusal_rate"]["n"] == 1
-    pairs = {(c["repair"], c["against"], c["prompts"]): c for c in cells["main"]["contrasts"]}
-    assert pairs[("lssf-restore", "random-restore", "StrongREJECT")]["seeds"] == 2
-    assert all(c["low"] <= c["difference"] <= c["high"] for c in pairs.values())
     for cell in cells.values():
-        for metrics in cell["models"].values():
+        models = cell["models"]
+        for metrics in models.values():
             assert 0 <= metrics["refusal_rate"]["mean"] <= 1 and 0 <= metrics["strongreject_refusal_rate"]["mean"] <= 1
-            assert metrics["perplexity"]["mean"] > 1 and metrics["refusal_score"]["mean"] == metrics["refusal_score"]["mean"]
-        assert cell["diagnostics"]["per_module"]["q_proj"]["noise_floor_rank"] >= 0
-    assert cells["main"]["models"]["aligned"]["direction_recovery"]["mean"] == pytest.approx(1.0)
-    assert cells["main"]["models"]["finetuned"]["direction_recovery"]["mean"] == pytest.approx(0.0)
+            assert metrics["perplexity"]["mean"] > 1 and metrics["task_nll"]["mean"] > 0
+            assert 0 <= metrics["task_word_accuracy"]["mean"] <= 1
+        assert models["finetuned"]["utility_kept"]["mean"] == pytest.approx(1.0)
+        assert models["aligned"]["utility_kept"]["mean"] == pytest.approx(0.0)
+    main = cells["main"]
+    assert set(main["curves"]) == {"interpolate", "lssf-restore-rank", "random-restore-rank", "lssf-alpha", "resta",
+                                   "resta-dare", "safe-lora", "lssf-restore", "lssf-noise-floor-restore",
+                                   "lssf-signal-restore", "safe-lora"}
+    u = main["curves"]["interpolate"][0]["u"]
+    assert u["min"] <= u["mean"] <= u["max"]
+    assert u["mean"] == pytest.approx(main["models"]["interpolate-0.5"]["utility_kept"]["mean"], rel=1e-6)
+    assert {(r["method"], r["budget"]) for r in main["budgets"]} >= {("interpolate", 0.02), ("lssf-restore", 0.05)}
+    assert set(main["safe_lora"]) == {0, 1}
+    for seed, choice in main["safe_lora"].items():
+        assert choice["chosen"] in ("safe-lora-0.5", "safe-lora-1")
+        folder = tmp_path / "bed" / ("models" if seed == 0 else "cells/main-seed1/models")
+        assert weights(folder / "safe-lora") == weights(folder / choice["chosen"])
+    info = json.loads((tmp_path / "bed" / "models" / "safe-lora-0.5.json").read_text())
+    assert info["projected"] == -(-info["weights"] // 2)  # the lowest-cosine half, rounded up
+    table = (tmp_path / "bed" / "results.md").read_text()
+    assert table.count("## cell") == len(CELLS) and "at cost <= 2%" in table and "Safe LoRA's share chosen" in table
+    for cell in CELLS:
+        assert (tmp_path / "bed" / f"curves-{cell}.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "bed" / "results.json").read_text())
+    assert json.dumps(saved["cells"]["main"]["models"]["lssf-restore"]) == json.dumps(main["models"]["lssf-restore"])
     assert summary["sweeps"]["align"]["chosen"] in (0, 1) and "drift-lora" in summary["sweeps"]
     full = summary["sweeps"]["align-full"]  # the full-SFT alignment's one setting, with prose replay, checked on validation
     assert full["setting"]["prose"] == 1 and set(full["targets_met"]) == {"refusal", "over_refusal", "perplexity"}
     missed = [k for k, ok in full["targets_met"].items() if not ok]
     assert any(n.startswith("align-full: the full-SFT alignment misses") for n in summary["notes"]) == bool(missed)
-    table = (tmp_path / "bed" / "results.md").read_text()
-    assert table.count("## cell") == len(CELLS) and "lssf-restore" in table
-    for png in ("safety_vs_utility.png", "diagnostics.png"):
-        assert (tmp_path / "bed" / png).read_bytes()[:4] == b"\x89PNG"
-    saved = json.loads((tmp_path / "bed" / "results.json").read_text())
-    assert saved["cells"]["main"]["models"]["lssf"] == json.loads(json.dumps(cells["main"]["models"]["lssf"]))
     # resumable: a second run reuses every cached stage and gives the same numbers
+    same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)  # noqa: E731  (NaN == NaN)
     again = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).run(["main"], [0])
-    assert again["cells"]["main"]["models"]["lssf"] == summary["cells"]["main"]["models"]["lssf"]
+    assert same(again["cells"]["main"]["models"], summary["cells"]["main"]["models"])
     assert "evaluate" not in again["timings_seconds"] and "merge" not in again["timings_seconds"]
     # resumed with other settings: refused before anything is built (the cached models would be reused)
     other = dataclasses.replace(settings, drift_candidates=[dict(rank=4, lr=5e-4, epochs=1)])
@@ -188,18 +303,20 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     # report only: the same tables from the cached evaluations, published elsewhere; a missing one is named
     os.remove(tmp_path / "bed" / "eval" / "lssf-alpha0.5.json")
     published = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).report_only(["main"], publish=str(tmp_path / "pub"))
-    assert published["cells"]["main"]["models"]["lssf"] == summary["cells"]["main"]["models"]["lssf"]
+    assert same(published["cells"]["main"]["models"]["lssf-restore"], main["models"]["lssf-restore"])
     assert published["cells"]["main"]["models"]["lssf-alpha0.5"]["refusal_rate"]["n"] == 1  # seed 1 only
-    assert any(n.startswith("cell main, seed 0: 21 of 22") and n.endswith("not yet: lssf-alpha0.5") for n in published["notes"])
+    count = len(MAIN_MODELS)
+    assert any(n.startswith(f"cell main, seed 0: {count - 1} of {count}") and n.endswith("not yet: lssf-alpha0.5")
+               for n in published["notes"])
     assert str(tmp_path / "bed") not in (tmp_path / "pub" / "results.md").read_text()
     assert (tmp_path / "pub" / "sweeps" / "align" / "choice.json").exists() and not (tmp_path / "pub" / "models").exists()
     assert sorted(p.name for p in (tmp_path / "pub" / "runs").iterdir()) == ["main-seed0.json", "main-seed1.json"]
     assert sorted(p.name for p in (tmp_path / "pub" / "verdicts").iterdir()) == ["main-seed0.json", "main-seed1.json"]
     # another session publishes seed 1 alone (seed 0's models and evaluations elsewhere): seed 0's published
-    # run and verdicts are kept, so the table and the paired contrasts over both seeds are unchanged
+    # run and verdicts are kept, so the tables over both seeds are unchanged
     again = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).report_only(["main"], [1], publish=str(tmp_path / "pub"))
-    assert again["cells"]["main"]["contrasts"] == published["cells"]["main"]["contrasts"]
-    assert again["cells"]["main"]["models"] == published["cells"]["main"]["models"]
+    for key in ("contrasts", "models", "budgets", "curves"):
+        assert same(again["cells"]["main"][key], published["cells"]["main"][key]), key
     # a published run built with other settings is refused before anything is written
     seed0 = tmp_path / "pub" / "runs" / "main-seed0.json"
     record, before = json.loads(seed0.read_text()), (tmp_path / "pub" / "results.json").read_text()
@@ -213,12 +330,12 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     capsys.readouterr()
     control_cosine.main(["--out", str(tmp_path / "bed"), "--cell", "reference-inverse"])
     rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines()[2:]]
-    assert rows and all(len(r) == 4 for r in rows)
-    assert all(float(r[1]) > 0.5 for r in rows), rows  # lssf's term is delta's top-r part
+    assert rows and all(len(r) == 3 for r in rows)
     # answer_shapes.py reads the cached evaluations: its refusal counts are the evaluation's rates
     import answer_shapes
 
-    table = answer_shapes.main(["--out", str(tmp_path / "bed"), "--model", "aligned", "--model", "lssf", "--examples", "1"])
+    table = answer_shapes.main(["--out", str(tmp_path / "bed"), "--model", "aligned", "--model", "lssf-restore",
+                                "--examples", "1"])
     for name, sets in table.items():
         with open(Testbed.eval_path(model_path(str(tmp_path / "bed"), CELLS["main"], 0, name))) as fp:
             record = json.load(fp)
@@ -242,20 +359,16 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     # the tiny second candidate has prose replay: one sampled continuation per opening, cached, trained on
     replay = json.loads((tmp_path / "bed" / "sweeps" / "prose-replay-x1.json").read_text())
     assert [c for c, _ in replay] == replay_openings() and all(t for _, t in replay)
-    assert (tmp_path / "bed" / "sweeps" / "align" / (candidate_name(settings.align_candidates[1]) + ".adapter")).is_dir()
     for r in check["candidates"]:
         assert r["perplexity_ratio"] == pytest.approx(r["validation"]["perplexity"] / check["unaligned"]["perplexity"])
         assert r["targets_met"]["perplexity"] == (r["perplexity_ratio"] <= settings.targets["perplexity_ratio"])
     assert "| 0 | rank 4" in capsys.readouterr().out
 
 
-def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
-    """random-subspace / random-restore: per weight, the added term has the Frobenius norm
-    of lssf's (add) / lssf-restore's term and rank at most that repair's rank, and it is
-    not that term (random directions). random-spectrum(-restore): the term has exactly the
-    repair's singular values (float64 SVD of the kernel's term), and its row and column
-    spaces are random: on this toy the subspace control's |cosine| with the term reaches
-    0.38, the spectrum control's stays below 0.07 (bound 0.2)."""
+def test_random_restore_matches_the_rank_and_norm_of_its_lssf_point(tmp_path):
+    """random-restore-rank{r}: per weight, the added term has the Frobenius norm of the
+    lssf restore term at rank r, rank at most that rank, lies in the span of
+    ``W_aligned - W_ft``'s rows (``Q Q^T`` of it), and is not the lssf term."""
     import torch
 
     from lssf_testbed import repairs
@@ -265,36 +378,116 @@ def test_random_controls_match_rank_and_norm_of_their_repair(tmp_path):
     build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=5))
     names = {k: str(tmp_path / k) for k in ("aligned", "unaligned", "finetuned")}
     al, un, ft = (repairs.load_state(names[k]) for k in ("aligned", "unaligned", "finetuned"))
-    cosine = lambda x, y: float((x * y).sum() / (x.norm() * y.norm()))  # noqa: E731
-    for kind, fusion, rule in (("subspace", "add", "entropy"), ("subspace", "restore", "entropy"),
-                               ("subspace", "restore", "noise_floor"), ("spectrum", "add", "entropy"),
-                               ("spectrum", "restore", "entropy")):
-        out = str(tmp_path / f"random-{kind}-{fusion}-{rule}")
-        repairs.random_control(names["aligned"], names["unaligned"], names["finetuned"], out, seed=3, kind=kind,
-                               fusion=fusion, rank_rule=rule)
+    out = str(tmp_path / "random")
+    info = repairs.random_restore(names["aligned"], names["unaligned"], names["finetuned"], out, seed=3, rank=2,
+                                  dtype="float32")
+    got = repairs.load_state(out)
+    ranks = []
+    for name in repairs.fused_names(ft):
+        a, u, w = al[name].double(), un[name].double(), ft[name].double()
+        f = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, rank=2, fusion="restore").with_finetune(w)
+        ranks.append(f.info.rank)
+        term = got[name].double() - w
+        reference = (f.left @ f.right).double()
+        assert abs(term.norm() - reference.norm()) <= 1e-4 * reference.norm() + 1e-6, name
+        assert torch.linalg.matrix_rank(term, rtol=1e-5) <= f.info.rank
+        assert (term - reference).norm() > 1e-2 * reference.norm()
+        source = a - w  # the term is Q Q^T source: its rows lie in source's row space
+        basis = torch.linalg.svd(source, full_matrices=False)[2]
+        assert (term - term @ basis.T @ basis).norm() <= 1e-4 * term.norm() + 1e-8, name
+    assert info["mean_rank"] == pytest.approx(sum(ranks) / len(ranks)) and max(ranks) == 2
+
+
+def test_safe_lora_projects_the_lowest_cosine_share_against_float64(tmp_path):
+    """Safe LoRA (Hsu et al. 2024, PEFT's ``safelora.py``) against an explicit float64
+    computation: ``C = V V^T / ||V||_F`` as a matrix, the cosine of ``C dW`` with ``dW``,
+    the share ``q`` of weights with the lowest cosines set to ``W_aligned + C dW``, the
+    rest left as the fine-tune."""
+    import math
+
+    import torch
+
+    from lssf_testbed import repairs
+
+    build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=7))
+    names = {k: str(tmp_path / k) for k in ("aligned", "unaligned", "finetuned")}
+    al, un, ft = (repairs.load_state(names[k]) for k in ("aligned", "unaligned", "finetuned"))
+    fused = repairs.fused_names(ft)
+    expected, cosines = {}, {}
+    for name in fused:
+        v = al[name].double() - un[name].double()
+        dw = ft[name].double() - al[name].double()
+        c = v @ v.T / torch.linalg.matrix_norm(v)
+        expected[name] = al[name].double() + c @ dw
+        cosines[name] = float(torch.nn.functional.cosine_similarity((c @ dw).reshape(1, -1), dw.reshape(1, -1)))
+    got_cos = repairs.safe_lora_cosines(names["aligned"], names["unaligned"], names["finetuned"])
+    assert set(got_cos) == set(fused) and all(abs(got_cos[n] - cosines[n]) < 1e-9 for n in fused)
+    assert len({round(c, 6) for c in cosines.values()}) > 1
+    for share in (0.25, 1.0):
+        out = str(tmp_path / f"safe-{share}")
+        info = repairs.safe_lora(names["aligned"], names["unaligned"], names["finetuned"], out, share, "float32")
+        projected = sorted(fused, key=lambda n: cosines[n])[:math.ceil(share * len(fused))]
         got = repairs.load_state(out)
-        checked, cosines = 0, []
-        for name in repairs.fused_names(ft):
-            a, u, w = al[name].double(), un[name].double(), ft[name].double()
-            f = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, fusion=fusion, rank_rule=rule).with_finetune(w)
-            term = got[name].double() - w
-            if f.info.rank == 0:
-                assert torch.equal(got[name], ft[name])
-                continue
-            reference = (f.left @ f.right).double()
-            assert abs(term.norm() - reference.norm()) <= 1e-4 * reference.norm() + 1e-6, name
-            assert torch.linalg.matrix_rank(term, rtol=1e-5) <= f.info.rank
-            assert (term - reference).norm() > 1e-2 * reference.norm()
-            if kind == "spectrum":
-                r = f.info.rank
-                want = torch.linalg.svdvals(reference)[:r]
-                have = torch.linalg.svdvals(term)[:r]
-                assert torch.allclose(have, want, rtol=1e-4, atol=1e-6 * float(want[0])), name
-            cosines.append(abs(cosine(term, reference)))
-            checked += 1
-        assert checked > 0
-        if kind == "spectrum":
-            assert max(cosines) < 0.2, (fusion, cosines)
+        assert info["projected"] == len(projected) and info["threshold"] == pytest.approx(max(cosines[n] for n in projected))
+        for name in fused:
+            if name in projected:
+                assert torch.allclose(got[name].double(), expected[name], rtol=1e-6, atol=1e-7), name
+            else:
+                assert torch.equal(got[name], ft[name]), name
+        assert all(torch.equal(got[k], ft[k]) for k in ft if k not in fused)
+
+
+def test_budget_reads_each_curve_as_segments_from_the_fine_tune():
+    """``at_budget`` by hand: the fine-tune (1, 0) starts every curve; the value at a
+    budget is the best vertex within it or the crossing of a segment with the budget
+    line; a single point counts only within the budget."""
+    from lssf_testbed.frontier import at_budget, won_back
+
+    curve = [(0.99, 0.30), (0.90, 0.60), (0.50, 0.90)]
+    assert at_budget(curve, 0.02) == pytest.approx(0.30 + (0.99 - 0.98) / (0.99 - 0.90) * 0.30)  # past (0.99, 0.30)
+    assert at_budget(curve, 0.005) == pytest.approx(0.30 * 0.005 / 0.01)  # on the first segment
+    assert at_budget(curve, 0.05) == pytest.approx(0.30 + (0.99 - 0.95) / (0.99 - 0.90) * 0.30)  # crossing at u = 0.95
+    assert at_budget([(0.90, 0.60)], 0.05) == pytest.approx(0.60 * 0.05 / 0.10)  # on the segment from the fine-tune
+    assert at_budget([(0.90, 0.60)], 0.05, from_finetune=False) != at_budget([(0.90, 0.60)], 0.05, from_finetune=False)
+    assert at_budget([(0.97, 0.60)], 0.05, from_finetune=False) == 0.60
+    assert at_budget([(1.02, 0.10), (0.96, 0.50)], 0.02) == pytest.approx(0.10 + (1.02 - 0.98) / (1.02 - 0.96) * 0.40)
+    assert at_budget([(0.9, float("nan"))], 0.05) != at_budget([(0.9, float("nan"))], 0.05)
+    assert won_back(0.5, aligned=0.9, finetuned=0.1) == pytest.approx(0.5) and won_back(0.2, 0.1, 0.1) != won_back(0.2, 0.1, 0.1)
+
+
+def test_budget_table_is_the_mean_over_seeds_with_a_paired_bootstrap(tmp_path):
+    """Two synthetic seeds: refusals and task NLL per prompt and row give ``u`` and ``w``
+    exactly as computed by hand; the table's value is their ``at_budget`` mean over the
+    seeds and its interval brackets it."""
+    import numpy as np
+
+    from lssf_testbed.frontier import RunArrays, at_budget, budget_table
+
+    def run(repair_refusals: int, repair_nll: float):
+        n = 20
+        verdicts = {"aligned": [True] * n, "finetuned": [i < 4 for i in range(n)], "a1": [i < repair_refusals for i in range(n)]}
+        verdicts = {m: {"harmful": {f"p{i}": v for i, v in enumerate(vs)}, "strongreject": {f"p{i}": v for i, v in enumerate(vs)}}
+                    for m, vs in verdicts.items()}
+        rows = {"aligned": [[5.0, 1, 0.0]] * 10, "finetuned": [[1.0, 1, 1.0]] * 10, "a1": [[repair_nll, 1, 0.5]] * 10}
+        return RunArrays(verdicts, rows, ["aligned", "finetuned", "a1"])
+
+    runs = [run(12, 1.1), run(8, 1.0)]
+    full = runs[0].full()
+    assert full["u"][2] == pytest.approx((5.0 - 1.1) / 4.0) and full["w_harmful"][2] == pytest.approx((12 - 4) / 16)
+    table = budget_table(runs, {"a": ["a1"]}, draws=200)
+    row = next(r for r in table if r["method"] == "a" and r["prompts"] == "HarmBench" and r["budget"] == 0.05)
+    want = np.mean([at_budget([((5.0 - 1.1) / 4.0, 0.5)], 0.05), at_budget([(1.0, 0.25)], 0.05)])
+    assert row["won_back"] == pytest.approx(want) and row["low"] <= row["won_back"] <= row["high"] and row["seeds"] == 2
+    single = budget_table(runs[:1], {"a": ["a1"]}, singles=["a"], draws=50)
+    assert all(r["won_back"] != r["won_back"] for r in single if r["budget"] == 0.02)  # u = 0.975: outside 2%
+    # the figure draws every curve and single point of these runs
+    from lssf_testbed.frontier import curve_points
+    from lssf_testbed.report import _plot_curves
+
+    points = curve_points(runs, {"interpolate": ["a1"], "lssf-restore": ["a1"]})
+    assert points["interpolate"][0]["u"]["min"] == pytest.approx(0.975) and points["interpolate"][0]["u"]["max"] == 1.0
+    _plot_curves(str(tmp_path), "main", {"curves": points, "dtype": "bfloat16"})
+    assert (tmp_path / "curves-main.png").stat().st_size > 20_000
 
 
 def test_term_cosines_are_per_module_means_of_the_flattened_cosine(tmp_path):

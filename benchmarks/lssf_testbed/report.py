@@ -1,30 +1,39 @@
-"""results.json, results.md, safety_vs_utility.png and diagnostics.png.
+"""results.json, results.md and a safety-utility figure per cell.
 
 Every cell-and-seed run is kept as ``DIR/runs/CELL-seedK.json`` (with the digest of
-the settings it was built with) and its per-prompt refusal verdicts as
-``DIR/verdicts/CELL-seedK.json``; the report is rebuilt from all of them, so cells and
-seeds built in separate invocations, or sessions publishing into the same folder, add
-up. The main cell's seeds are summarised per model as mean and [min, max].
+the settings it was built with, and the per-row task NLL of every model) and its
+per-prompt refusal verdicts as ``DIR/verdicts/CELL-seedK.json``; the report is rebuilt
+from all of them, so cells and seeds built in separate invocations, or sessions
+publishing into the same folder, add up. Per cell: every model's metrics (mean and
+[min, max] over seeds), the curves (``frontier.curve_points``) drawn as
+``curves-CELL.png`` (x = utility kept, y = refusal won back), the refusal won back at
+a utility cost of at most 2% and 5% per method with bootstrap intervals
+(``frontier.budget_table``), the rank-matched LSSF-vs-random paired contrasts and
+Safe LoRA's choice on validation.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 from dataclasses import asdict
 from typing import Dict, List, Optional
 
+from .curves import CHOSEN, CURVES, RULES, points
 from .settings import CELLS, SettingsMismatch, settings_digest
+from .frontier import BUDGETS, SETS, RunArrays, budget_table, curve_points, won_back
+from .task import utility_kept
 from .verdicts import PROMPT_SETS, Verdicts, paired_contrast, seed_verdicts
 from .verdicts import load as load_verdicts
 from .verdicts import save as save_verdicts
 
 COLUMNS = [("refusal_rate", "HarmBench refusal"), ("strongreject_refusal_rate", "StrongREJECT refusal"),
-           ("empty_rate", "HarmBench empty"), ("strongreject_empty_rate", "StrongREJECT empty"),
-           ("over_refusal_rate", "over-refusal"), ("task_accuracy", "task acc."),
-           ("perplexity", "perplexity"), ("refusal_score", "refusal score (nats)"),
-           ("direction_recovery", "refusal-direction recovery")]
+           ("won_back_harmful", "won back (HB)"), ("won_back_strongreject", "won back (SR)"),
+           ("empty_rate", "HarmBench empty"), ("over_refusal_rate", "over-refusal"), ("task_nll", "task NLL"),
+           ("utility_kept", "utility kept"), ("task_word_accuracy", "task word acc."), ("perplexity", "perplexity"),
+           ("refusal_score", "refusal score (nats)")]
 
 
 def _spread(values: List[float]) -> Dict[str, float]:
@@ -36,27 +45,47 @@ def _spread(values: List[float]) -> Dict[str, float]:
 
 def seed_summary(runs: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
     """model -> metric -> {mean, min, max, n} over the runs (the seeds of one cell)."""
-    names = list(dict.fromkeys(n for r in runs for n in r["models"]))
-    return {n: {k: _spread([r["models"][n].get(k) for r in runs if n in r["models"]]) for k, _ in COLUMNS} for n in names}
+    tables = [with_derived(r) for r in runs]
+    names = list(dict.fromkeys(n for t in tables for n in t))
+    return {n: {k: _spread([t[n].get(k) for t in tables if n in t]) for k, _ in COLUMNS} for n in names}
 
 
-# (repair, what it is compared with): each repair against its random controls of the same
-# rank and norm, and against the fine-tune it repairs; the delta-independent controls
-# against the fine-tune too (a null control should not differ from it)
-CONTRASTS = [("lssf", "random-subspace"), ("lssf-restore", "random-restore"),
-             ("lssf-noise-floor-restore", "random-noise-floor-restore"), ("lssf", "random-spectrum"),
-             ("lssf-restore", "random-spectrum-restore"), ("lssf", "finetuned"),
-             ("lssf-restore", "finetuned"), ("lssf-noise-floor-restore", "finetuned"), ("lssf-alpha0.5", "finetuned"),
-             ("random-spectrum", "finetuned"), ("random-spectrum-restore", "finetuned")]
-MARKERS = (("finetuned", "s"), ("aligned", "*"), ("task-arithmetic", "^"), ("patch-reapplied", "P"),
-           ("lssf-calibrated", "<"), ("lssf-noise-floor", "v"), ("lssf-restore", "D"), ("lssf-noise-floor-restore", "h"),
-           ("random-subspace", "o"), ("random-restore", "D"), ("random-noise-floor-restore", "h"), ("random-spectrum", "p"),
-           ("random-spectrum-restore", "d"))
-def contrasts(runs: List[Verdicts]) -> List[Dict]:
-    """``paired_contrast`` of every CONTRASTS pair on both harmful prompt sets, over
-    ``runs`` (one cell's seeds, their verdicts each)."""
+def with_derived(run: Dict) -> Dict[str, Dict[str, float]]:
+    """The run's model table with ``won_back_SET`` (``frontier.won_back``) and
+    ``utility_kept`` (``task.utility_kept``) added, against its aligned and fine-tuned
+    models."""
+    models = run["models"]
+    al, ft = models.get("aligned"), models.get("finetuned")
+    out = {}
+    for name, m in models.items():
+        row = dict(m)
+        if al and ft:
+            for key, column in (("harmful", "refusal_rate"), ("strongreject", "strongreject_refusal_rate")):
+                values = (m.get(column), al.get(column), ft.get(column))
+                row["won_back_" + key] = won_back(*values) if None not in values else None
+            values = (m.get("task_nll"), al.get("task_nll"), ft.get("task_nll"))
+            row["utility_kept"] = utility_kept(*values) if None not in values else None
+        out[name] = row
+    return out
+
+
+def method_models(settings) -> Dict[str, List[str]]:
+    """method -> its models in parameter order: each curve of ``curves.CURVES``, then
+    each single point (``curves.RULES`` and the chosen Safe LoRA point)."""
+    out: Dict[str, List[str]] = {}
+    for p in points(settings):
+        out.setdefault(p.curve, []).append(p.name)
+    return {**{c: out[c] for c, _ in CURVES if c in out}, **{r: [r] for r in RULES}, CHOSEN: [CHOSEN]}
+
+
+def contrasts(runs: List[Verdicts], settings) -> List[Dict]:
+    """``paired_contrast`` of each ``lssf-restore-rank{r}`` against its random control
+    ``random-restore-rank{r}``, and of the package default against interpolation at
+    each ``l``, on both harmful prompt sets, over ``runs`` (one cell's seeds)."""
+    pairs = [(f"lssf-restore-rank{r:g}", f"random-restore-rank{r:g}") for r in settings.ranks]
+    pairs += [("lssf-restore", f"interpolate-{l:g}") for l in settings.interpolations]
     rows = []
-    for a, b in CONTRASTS:
+    for a, b in pairs:
         for key, label in PROMPT_SETS:
             c = paired_contrast(runs, a, b, key)
             if c:
@@ -88,7 +117,7 @@ def _run_verdicts(out: str, evals: str, every: List[Dict], fresh: set) -> Dict[t
 def _fmt(cell: Dict[str, float], key: str) -> str:
     if cell["n"] == 0:
         return "-"
-    digits = 2 if key in ("perplexity", "refusal_score") else 3
+    digits = 2 if key in ("perplexity", "refusal_score", "task_nll") else 3
     if cell["n"] == 1 or cell["min"] == cell["max"]:
         return f"{cell['mean']:.{digits}f}"
     return f"{cell['mean']:.{digits}f} [{cell['min']:.{digits}f}, {cell['max']:.{digits}f}]"
@@ -102,21 +131,54 @@ def _table(summary) -> List[str]:
     return lines
 
 
+def _budget_lines(rows: List[Dict]) -> List[str]:
+    """The budget table (``frontier.budget_table`` rows) as markdown: a row per method,
+    a column per prompt set and budget."""
+    keys = [(label, cost) for _, label in SETS for cost in BUDGETS]
+    cell = {(r["method"], r["prompts"], r["budget"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = ["| method | " + " | ".join(f"{label} at cost <= {cost:.0%}" for label, cost in keys) + " |",
+             "|---" * (len(keys) + 1) + "|"]
+    for m in methods:
+        values = []
+        for label, cost in keys:
+            r = cell.get((m, label, cost))
+            ok = r is not None and not math.isnan(r["won_back"])
+            values.append(f"{r['won_back']:.2f} [{r['low']:.2f}, {r['high']:.2f}]" if ok else "not reached")
+        lines.append(f"| {m} | " + " | ".join(values) + " |")
+    return lines
+
+
+def _cell_report(name: str, rs: List[Dict], verdicts: Dict[tuple, Verdicts], settings) -> Dict:
+    """Everything the report says about one cell from its runs ``rs`` (its seeds)."""
+    methods = method_models(settings)
+    arrays = [RunArrays(verdicts[(name, r["seed"])], r.get("task_rows") or {}, list(r["models"]))
+              for r in rs if (name, r["seed"]) in verdicts]
+    arrays = [a for a in arrays if "aligned" in a.index and "finetuned" in a.index]
+    return {"note": CELLS[name].note, "dtype": CELLS[name].storage(settings), "seeds": sorted(r["seed"] for r in rs),
+            "models": seed_summary(rs),
+            "curves": curve_points(arrays, methods) if arrays else {},
+            "budgets": budget_table(arrays, methods, singles=list(RULES) + [CHOSEN]) if arrays else [],
+            "contrasts": contrasts([verdicts[(name, r["seed"])] for r in rs if (name, r["seed"]) in verdicts], settings),
+            "safe_lora": {r["seed"]: r.get("safe_lora") for r in rs}}
+
+
 def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings: Dict[str, float], seconds: float,
                  evals: Optional[str] = None) -> Dict:
     """Write the report files under ``out`` from ``runs`` and every run already kept there;
-    ``evals``: the testbed folder whose cached evaluations give the paired contrasts of
-    ``runs`` (default ``out``; another when the report is published apart from the
+    ``evals``: the testbed folder whose cached evaluations give the per-prompt verdicts
+    of ``runs`` (default ``out``; another when the report is published apart from the
     models). The runs kept from before take theirs from ``out/verdicts/``."""
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     digests = {cell: settings_digest(settings, cell) for cell in CELLS}
     for run in runs:
         with open(os.path.join(out, "runs", f"{run['cell']}-seed{run['seed']}.json"), "w") as fp:
-            json.dump({**run, "settings_digest": digests[run["cell"]]}, fp, indent=2)
+            json.dump({**run, "settings_digest": digests[run["cell"]]}, fp, indent=1)
     every = []
     for path in glob.glob(os.path.join(out, "runs", "*.json")):
         with open(path) as fp:
             every.append(json.load(fp))
+    every = [r for r in every if r["cell"] in CELLS]
     every.sort(key=lambda run: (list(CELLS).index(run["cell"]), run["seed"]))  # main first, as in CELLS
     notes = notes + [f"runs/{r['cell']}-seed{r['seed']}.json was built with other settings ({r.get('settings_digest')}; "
                      f"these are {digests[r['cell']]})" for r in every if r.get("settings_digest") != digests[r["cell"]]]
@@ -124,26 +186,26 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
     for run in every:
         by_cell.setdefault(run["cell"], []).append(run)
     verdicts = _run_verdicts(out, evals or out, every, {(r["cell"], r["seed"]) for r in runs})
-    cells = {name: {"note": CELLS[name].note, "seeds": sorted(r["seed"] for r in rs), "models": seed_summary(rs),
-                    "contrasts": contrasts([verdicts[(name, r["seed"])] for r in rs if (name, r["seed"]) in verdicts]),
-                    "diagnostics": next((r.get("diagnostics") for r in rs if r["seed"] == 0), None)}
-             for name, rs in by_cell.items()}
+    cells = {name: _cell_report(name, rs, verdicts, settings) for name, rs in by_cell.items()}
     choices = {}
-    for name in ("align/choice.json", "align-full/validation.json", "drift-lora/choice.json", "drift-full/choice.json"):
-        path = os.path.join(out, "sweeps", name)
-        if os.path.exists(path):
+    for path in sorted(glob.glob(os.path.join(out, "sweeps", "*", "*.json"))):
+        if os.path.basename(path) in ("choice.json", "validation.json"):
             with open(path) as fp:
-                choices[name.split("/")[0]] = json.load(fp)
+                choices[os.path.basename(os.path.dirname(path))] = json.load(fp)
     summary = {"settings": asdict(settings), "cells": cells, "sweeps": choices, "notes": notes,
                "timings_seconds": {k: round(v, 1) for k, v in timings.items()}, "seconds": round(seconds, 1)}
     with open(os.path.join(out, "results.json"), "w") as fp:
-        json.dump(summary, fp, indent=2)
+        json.dump(summary, fp, indent=1)
     lines = []
     for name, cell in cells.items():
-        lines += [f"## cell `{name}`: {cell['note']} (seeds {cell['seeds']})", ""] + _table(cell["models"]) + [""]
+        lines += [f"## cell `{name}`: {cell['note']} ({cell['dtype']}, seeds {cell['seeds']})", ""] + _table(cell["models"]) + [""]
         if len(cell["seeds"]) > 1:
-            lines += ["(`unaligned` and `aligned` do not depend on the drift seed: one model each, evaluated once; "
-                      "only their refusal-direction recovery, measured against each seed's fine-tune, varies.)", ""]
+            lines += ["(`unaligned` and `aligned` do not depend on the drift seed: one model each, evaluated once.)", ""]
+        if cell["budgets"]:
+            lines += [f"Refusal won back at a utility cost of at most 2% / 5% (`curves-{name}.png`): the most along each "
+                      "curve, read as straight segments from the fine-tune; a single point only where it lies within the "
+                      "budget. Mean over seeds, 95% bootstrap interval over seeds, prompts and task rows:", ""]
+            lines += _budget_lines(cell["budgets"]) + [""]
         if cell["contrasts"]:
             lines += ["Paired contrasts: refusal rate of the repair minus the other model, mean over the seeds that have "
                       "both, with a 95% bootstrap interval over prompts (same prompts resampled for both):", "",
@@ -152,21 +214,14 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
                 lines.append(f"| {c['repair']} | {c['against']} | {c['prompts']} ({c['n_prompts']}) | {c['seeds']} | "
                              f"{c['difference']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] |")
             lines.append("")
-        diag = cell["diagnostics"]
-        if diag:
-            lines += ["Diagnostics per module (means over layers): energy of delta above the noise floor, ranks, "
-                      "drift overlap with the safety subspace vs random, cosine(drift, delta):", "",
-                      "| module | energy above noise | noise-floor rank | entropy rank | drift overlap | random | cos(drift, delta) |",
-                      "|---|---|---|---|---|---|---|"]
-            for module, d in diag["per_module"].items():
-                lines.append(f"| {module} | {d['energy_above_noise']:.3f} | {d['noise_floor_rank']:.1f} | {d['entropy_rank']:.1f} | "
-                             f"{d['drift_overlap']:.3f} | {d['random_overlap']:.3f} | {d['drift_delta_cosine']:+.3f} |")
-            lines.append("")
+        chosen = {seed: c["chosen"] for seed, c in cell["safe_lora"].items() if c}
+        if chosen:
+            lines += [f"Safe LoRA's share chosen on validation (most validation refusal at utility kept >= "
+                      f"{settings.utility_floor:g}): " + ", ".join(f"seed {k}: `{v}`" for k, v in sorted(chosen.items())), ""]
+        _plot_curves(out, name, cell)
     lines += [f"- {n}" for n in notes]
     with open(os.path.join(out, "results.md"), "w") as fp:
         fp.write("\n".join(lines) + "\n")
-    _plot_safety(out, cells)
-    _plot_diagnostics(out, cells, by_cell)
     return summary
 
 
@@ -201,87 +256,44 @@ def publish_report(out: str, dest: str, settings, runs: List[Dict], notes: List[
     return summary
 
 
-def _plot_safety(out: str, cells: Dict) -> None:
-    """Refusal (HarmBench, StrongREJECT) against perplexity: each cell's alpha sweep as a
-    labelled curve, the other models as markers; one legend for the cells' colours and one
-    for the models' markers (hollow = random control)."""
+def _plot_curves(out: str, name: str, cell: Dict) -> None:
+    """``curves-NAME.png``: refusal won back (HarmBench | StrongREJECT) against utility
+    kept, each method a line through its points (means over seeds, bars from the
+    seeds' min to max), single points as markers, the fine-tune (1, 0) and the aligned
+    model (0, 1) as references."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
-    keys = [("refusal_rate", "HarmBench test refusal"), ("strongreject_refusal_rate", "StrongREJECT refusal")]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    one = len(cells) == 1  # one cell: a colour per model; several: a colour per cell
-    model_colour = lambda j, i: colours[(j + 1) % len(colours)] if one else colours[i % len(colours)]  # noqa: E731
-    for ax, (key, label) in zip(axes, keys):
-        for i, (name, cell) in enumerate(cells.items()):
-            m = cell["models"]
-            colour = colours[i % len(colours)]
-            point = lambda n: (m[n]["perplexity"]["mean"], m[n][key]["mean"])  # noqa: E731
-            sweep = sorted((float(n.removeprefix("lssf-alpha")), n) for n in m if n.startswith("lssf-alpha"))
-            sweep = sorted(sweep + ([(1.0, "lssf")] if "lssf" in m else []))
-            if sweep:
-                xs, ys = zip(*[point(n) for _, n in sweep])
-                ax.plot(xs, ys, "-o", color=colour, markersize=3, linewidth=1)
-                for (a, n) in sweep:
-                    ax.annotate(f"{a:g}", point(n), fontsize=6, color=colour, xytext=(2, 2), textcoords="offset points")
-            for j, (n, marker) in enumerate(MARKERS):
-                if n in m:
-                    c = model_colour(j, i)
-                    ax.scatter(*point(n), marker=marker, s=45, facecolors="none" if n.startswith("random-") else c, edgecolors=c)
-        ax.set_xscale("log")
-        ax.set_xlabel("perplexity (benign text, log scale)")
-        ax.set_ylabel(label)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{label} vs utility")
-    present = [(j, n, marker) for j, (n, marker) in enumerate(MARKERS) if any(n in c["models"] for c in cells.values())]
-    grey = lambda j: model_colour(j, 0) if one else "0.35"  # noqa: E731
-    models = [Line2D([], [], linestyle="", marker=marker, markersize=7, label=n, markeredgecolor=grey(j),
-                     markerfacecolor="none" if n.startswith("random-") else grey(j)) for j, n, marker in present]
-    curves = [Line2D([], [], color=colours[i % len(colours)], marker="o", markersize=3, label=f"{name}: lssf alpha sweep")
-              for i, name in enumerate(cells)]
-    axes[1].legend(handles=curves, title="cell (colour); labels = alpha", fontsize=7, title_fontsize=7,
-                   loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.legend(handles=models, title="model (marker); hollow = random control", fontsize=7, title_fontsize=7,
-               loc="lower center", ncol=6)
-    fig.tight_layout(rect=(0, 0.17, 1, 1))
-    fig.savefig(os.path.join(out, "safety_vs_utility.png"), dpi=110)
-    plt.close(fig)
-
-
-def _plot_diagnostics(out: str, cells: Dict, by_cell: Dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name, cell in cells.items():
-        diag = cell["diagnostics"]
-        if not diag:
-            continue
-        layers = [(int(k), v) for k, v in diag["per_layer"].items() if k not in ("None",)]
-        layers.sort()
-        xs = [k for k, _ in layers]
-        axes[0].plot(xs, [v["drift_overlap"] / v["random_overlap"] if v["random_overlap"] else float("nan") for _, v in layers], label=name)
-        axes[1].plot(xs, [v["drift_delta_cosine"] for _, v in layers], label=name)
-        run = next(r for r in by_cell[name] if r["seed"] == 0)
-        p = run["projections"]
-        if "aligned" in p and "finetuned" in p:
-            for model, style in (("aligned", "-"), ("finetuned", "--"), ("lssf", ":"), ("lssf-restore", "-.")):
-                if model in p:
-                    axes[2].plot(range(len(p[model])), p[model], style, label=f"{name}: {model}")
-    axes[0].axhline(1.0, color="grey", linewidth=0.8)
-    axes[0].set_title("drift overlap with safety subspace / random")
-    axes[1].axhline(0.0, color="grey", linewidth=0.8)
-    axes[1].set_title("cosine(drift, delta) per layer")
-    axes[2].set_title("harmful-benign gap along the refusal direction")
-    for ax in axes:
-        ax.set_xlabel("layer")
-        ax.legend(fontsize=6)
+    for ax, (key, label) in zip(axes, SETS):
+        for i, (method, rows) in enumerate(cell["curves"].items()):
+            rows = [r for r in rows if r["u"] and r["w_" + key]]
+            if not rows:
+                continue
+            single = method in RULES or method == CHOSEN
+            xs = [r["u"]["mean"] for r in rows]
+            ys = [r["w_" + key]["mean"] for r in rows]
+            xerr = [[x - r["u"]["min"] for x, r in zip(xs, rows)], [r["u"]["max"] - x for x, r in zip(xs, rows)]]
+            yerr = [[y - r["w_" + key]["min"] for y, r in zip(ys, rows)], [r["w_" + key]["max"] - y for y, r in zip(ys, rows)]]
+            style = dict(color=colours[i % len(colours)], label=method, capsize=2, elinewidth=0.7)
+            if single:
+                ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="D" if method == CHOSEN else "*", markersize=8, **style)
+            else:
+                ax.errorbar([1.0] + xs, [0.0] + ys, xerr=[[0] + xerr[0], [0] + xerr[1]], yerr=[[0] + yerr[0], [0] + yerr[1]],
+                            fmt="o", markersize=3, linewidth=1,
+                            linestyle="--" if method.startswith("random-") else "-", **style)
+        ax.scatter([1.0], [0.0], marker="s", color="black", zorder=5)
+        ax.scatter([0.0], [1.0], marker="s", color="grey", zorder=5)
+        ax.annotate("fine-tune", (1.0, 0.0), fontsize=7, xytext=(-30, -12), textcoords="offset points")
+        ax.annotate("aligned", (0.0, 1.0), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("utility kept (task NLL: aligned 0, fine-tune 1)")
+        ax.set_ylabel(f"{label} refusal won back (fine-tune 0, aligned 1)")
+        ax.set_title(f"cell {name} ({cell['dtype']}): {label}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "diagnostics.png"), dpi=110)
+    fig.savefig(os.path.join(out, f"curves-{name}.png"), dpi=110)
     plt.close(fig)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
+
+from .data import _beside
 
 ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -16,8 +20,13 @@ class Settings:
     Prompt splits (no overlap): HarmBench ``anchor`` (128) = ``harmful_train`` for
     alignment and calibration + ``harmful_val`` for choosing training settings;
     HarmBench ``test`` (72) and StrongREJECT (313) only evaluate. Benign prompts:
-    ``train`` = replay + validation, ``test`` = over-refusal. The sentiment task has
-    train / val / test rows.
+    ``train`` = replay + validation, ``test`` = over-refusal. The translation task
+    (``task.py``) has train / val / test sentences, none in two of them; the training
+    rows add the word list ``task_dictionary`` times.
+
+    ``dtype``: how every model of a cell is stored (training runs in float32; a cell's
+    own ``dtype``, when set, wins). The curve points (``curves.py``) are the
+    repairs built and evaluated for every cell and seed.
     """
 
     base: Optional[str] = None  # None: SmolLM2-135M-Instruct from the registry
@@ -28,14 +37,23 @@ class Settings:
     benign_train: int = 22
     benign_val: int = 8
     benign_test: int = 30
-    task_train: int = 160
-    task_val: int = 20
+    task_train: int = 240
+    task_dictionary: int = 2  # times the word list (task.dictionary) is added to the training rows
+    task_val: int = 24
     task_test: int = 60
+    dtype: str = "bfloat16"
     batch_size: int = 8
     max_new_tokens: int = 32
     eval_batch: int = 24
     replay_tokens: int = 96  # length of each prose-replay continuation (alignment candidates with ``prose``)
-    alphas: Tuple[float, ...] = (0.25, 0.5, 1.5, 2.0)  # alpha 1 is `lssf` itself
+    # the repairs' curves (curves.py): one model per point
+    interpolations: Tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)  # l in (1 - l) * finetuned + l * aligned
+    ranks: Tuple[int, ...] = (16, 64, 256)  # lssf-restore-rank{r} and random-restore-rank{r}
+    alphas: Tuple[float, ...] = (0.5, 1.0)  # lssf-alpha{a}, fusion add
+    resta_scales: Tuple[float, ...] = (0.25, 0.5, 1.0)  # resta-{s} and resta-dare-{s}
+    dare_density: float = 0.7  # resta-dare: the share of the fine-tune's update DARE keeps
+    safe_lora_shares: Tuple[float, ...] = (0.25, 0.5, 1.0)  # safe-lora-{q}: the share of weights projected
+    utility_floor: float = 0.95  # safe-lora's choice on validation: most refusal at utility kept >= this
     # LoRA alignment candidates, tried in order until one meets the targets on validation
     # (perplexity on the held-out validation prose). First: the one setting that met every
     # target in the validation sweep of 2026-11-25 (alignment_prose_check.py): benign
@@ -52,10 +70,11 @@ class Settings:
         dict(rank=16, lr=2e-4, epochs=1, benign_repeat=4),
         dict(rank=16, lr=2e-4, epochs=2, benign_repeat=4, prose=2),
     ])
-    # benign LoRA drift candidates, tried in order until validation refusal falls by drift_drop
+    # benign LoRA drift candidates, tried in order until validation refusal falls by
+    # drift_drop with the task learned (validation word accuracy >= task_learned)
     drift_candidates: List[Dict] = field(default_factory=lambda: [
-        dict(rank=16, lr=3e-4, epochs=2),
         dict(rank=16, lr=5e-4, epochs=2),
+        dict(rank=16, lr=5e-4, epochs=3),
         dict(rank=16, lr=5e-4, epochs=4),
     ])
     # the align-full cell's one setting; ``prose``: the same plain-prose replay as the LoRA
@@ -64,23 +83,17 @@ class Settings:
     full_drift: Dict = field(default_factory=lambda: dict(lr=5e-5, epochs=2))
     inverse: Dict = field(default_factory=lambda: dict(lr=5e-5, epochs=2))
     compliance_samples: int = 24
-    targets: Dict = field(default_factory=lambda: dict(refusal=0.8, over_refusal=0.15, perplexity_ratio=1.15, drift_drop=0.4))
+    targets: Dict = field(default_factory=lambda: dict(refusal=0.8, over_refusal=0.15, perplexity_ratio=1.15, drift_drop=0.4,
+                                                       task_learned=0.4))
     main_seeds: Tuple[int, ...] = (0, 1, 2)
-    # the repairs built and evaluated for the main cell's seeds other than 0 (empty: all).
-    # Seed 0 gets every repair; evaluation is about 3 min per model on 2 CPU cores. Left
-    # out: the repairs that coincide with `lssf` at seed 0 (task-arithmetic, patch-reapplied,
-    # lssf-noise-floor, lssf-rank50: the rank-16 LoRA delta is kept whole by every rule),
-    # the ablations and the rest of the alpha sweep.
-    seed_models: Tuple[str, ...] = ("lssf", "lssf-restore", "lssf-noise-floor-restore", "lssf-alpha0.5", "random-subspace",
-                                    "random-restore", "random-noise-floor-restore", "random-spectrum", "random-spectrum-restore")
     random_control_seed: int = 1234
 
     @classmethod
     def tiny(cls, base: str) -> "Settings":
         return cls(base=base, harmful_train=6, harmful_val=4, harmful_test=4, strongreject=4, benign_train=4,
-                   benign_val=2, benign_test=4, task_train=8, task_val=4, task_test=4, batch_size=4,
-                   max_new_tokens=4, eval_batch=8, alphas=(0.5,),
-                   replay_tokens=8,
+                   benign_val=2, benign_test=4, task_train=8, task_dictionary=1, task_val=4, task_test=4, batch_size=4,
+                   max_new_tokens=4, eval_batch=8, interpolations=(0.5,), ranks=(2,), alphas=(0.5,),
+                   resta_scales=(0.5,), safe_lora_shares=(0.5, 1.0), replay_tokens=8,
                    align_candidates=[dict(rank=4, lr=1e-3, epochs=1, benign_repeat=1), dict(rank=4, lr=2e-3, epochs=1, benign_repeat=1, prose=1)],
                    drift_candidates=[dict(rank=4, lr=1e-3, epochs=1)],
                    full_align=dict(lr=1e-4, epochs=1, benign_repeat=1, prose=1), full_drift=dict(lr=1e-4, epochs=1),
@@ -101,13 +114,20 @@ class Cell:
     """One combination of arms. ``align``: lora | full; ``reference`` (the unaligned
     model of the recipes): pre (the model before alignment) | inverse (the aligned
     model fine-tuned to comply, the paper's inverse safety vector); ``drift``: lora
-    (benign) | full (benign) | compliance (the harmful fine-tuning attack of v1)."""
+    (benign) | full (benign) | compliance (the harmful fine-tuning attack of v1).
+    ``dtype``: None stores the models in ``Settings.dtype`` and shares ``unaligned`` and
+    ``aligned`` with the other cells; a dtype variant (``main-float32``) stores its own."""
 
     name: str
     align: str
     reference: str
     drift: str
     note: str
+    dtype: Optional[str] = None
+
+    def storage(self, settings: "Settings") -> str:
+        """The dtype this cell's models are stored in."""
+        return self.dtype or settings.dtype
 
     @property
     def reference_model(self) -> str:
@@ -120,9 +140,14 @@ CELLS = {
     "align-full": Cell("align-full", "full", "pre", "lora", "full-parameter SFT alignment instead of LoRA (same data and prose replay)"),
     "reference-inverse": Cell("reference-inverse", "lora", "inverse", "lora", "unaligned reference = aligned model fine-tuned to comply (inverse safety vector)"),
     "drift-full": Cell("drift-full", "lora", "pre", "full", "benign full fine-tune instead of benign LoRA"),
+    "main-float32": Cell("main-float32", "lora", "pre", "lora", "the main cell with every model stored in float32 (the dtype effect)",
+                         dtype="float32"),
     "attack": Cell("attack", "lora", "pre", "compliance", "harmful fine-tuning attack: task + compliance-only samples (v1's fine-tune); reported apart"),
 }
 
+
+# the cells built with every seed of ``Settings.main_seeds`` (the others: seed 0)
+PRIMARY = ("main", "align-full")
 
 # the settings one arm alone reads: a cell that does not use the arm does not depend on them
 ARM_SETTINGS = {"full_align": lambda c: c.align == "full", "full_drift": lambda c: c.drift == "full",
@@ -132,8 +157,6 @@ ARM_SETTINGS = {"full_align": lambda c: c.align == "full", "full_drift": lambda 
 def cell_settings(settings: Settings, cell: Cell) -> Dict:
     """Every field of ``settings`` that ``cell``'s models depend on (``ARM_SETTINGS``
     of the arms it does not use left out), as a dict."""
-    from dataclasses import asdict
-
     return {k: v for k, v in asdict(settings).items() if k not in ARM_SETTINGS or ARM_SETTINGS[k](cell)}
 
 
@@ -147,16 +170,12 @@ class SettingsMismatch(ValueError):
 
 
 def settings_digest(settings: Settings, cell: str) -> str:
-    """The first 12 hex digits of the SHA-256 of what ``cell``'s models depend on:
-    ``cell_settings`` and the ``TEXTS``. Runs with different digests must not be
+    """The first 12 hex digits of the SHA-256 of what ``cell``'s models depend on: the
+    cell itself, ``cell_settings`` and the ``TEXTS``. Runs with different digests must not be
     summarised together, nor a testbed folder resumed with other settings."""
-    import hashlib
-    import json
-
-    from .data import _beside
-
     texts = {name: hashlib.sha256(_beside(name).encode("utf-8")).hexdigest() for name in TEXTS}
-    text = json.dumps({"settings": cell_settings(settings, CELLS[cell]), "texts": texts}, sort_keys=True, default=str)
+    text = json.dumps({"cell": asdict(CELLS[cell]), "settings": cell_settings(settings, CELLS[cell]), "texts": texts},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
@@ -179,7 +198,10 @@ def model_path(out: str, cell: Cell, seed: int, name: str) -> str:
     """The folder of model ``name`` of ``cell`` and ``seed`` under ``out``, built or not:
     ``unaligned`` is shared (main cell, seed 0), ``aligned`` is the arm's (the main cell's
     for LoRA, ``align-full``'s for full SFT), ``unaligned-inverse`` is the cell's seed 0;
-    every other model is the cell and seed's own."""
+    every other model is the cell and seed's own. A dtype variant keeps its own
+    ``unaligned`` and ``aligned`` (seed 0)."""
+    if cell.dtype is not None and name in ("unaligned", "aligned"):
+        return os.path.join(cell_folder(out, cell.name, 0), "models", name)
     if name == "unaligned":
         return os.path.join(cell_folder(out, "main", 0), "models", "unaligned")
     if name == "aligned":

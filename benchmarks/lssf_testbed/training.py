@@ -26,13 +26,26 @@ def is_done(path: str) -> bool:
     return os.path.exists(os.path.join(path, "config.json")) and any(f.endswith(".safetensors") for f in os.listdir(path))
 
 
-def save(model, tokenizer, path: str) -> None:
+def save(model, tokenizer, path: str, dtype: str = "float32") -> None:
+    """``model`` (cast to ``dtype`` first) and ``tokenizer`` written to ``path`` at once."""
+    model = model.to(getattr(torch, dtype))
     partial = path + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
     tokenizer.save_pretrained(partial)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(partial, path)
+
+
+def store(source: str, path: str, dtype: str) -> None:
+    """A copy of model folder ``source`` at ``path`` with its weights cast to ``dtype``
+    (round to nearest), as a released checkpoint would be stored; nothing when
+    ``path`` is complete."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not is_done(path):
+        save(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), AutoTokenizer.from_pretrained(source), path,
+             dtype)
 
 
 def _examples(tokenizer, pairs: List[Tuple[str, str]]):
@@ -83,13 +96,15 @@ def sample_continuations(model_dir: str, contexts: Sequence[str], *, samples: in
 
 
 def train(model_dir: str, pairs: List[Tuple[str, str]], out: str, *, epochs: int, lr: float, batch_size: int,
-          seed: int, lora: Optional[Dict] = None, texts: Sequence[Tuple[str, str]] = (), log=print) -> None:
+          seed: int, lora: Optional[Dict] = None, texts: Sequence[Tuple[str, str]] = (), log=print,
+          dtype: str = "float32") -> None:
     """Fine-tune ``model_dir`` on ``pairs`` (and the plain-text replay ``texts``, see
     ``_text_examples``; shuffled in with them) with AdamW and save it to ``out``.
 
     ``lora``: None for a full fine-tune, or ``{"rank": r}`` for a peft LoRA (lora_alpha
     = 2r, no dropout) on every attention and MLP projection; its adapter goes to
-    ``out + ".adapter"`` and the merged model to ``out``.
+    ``out + ".adapter"`` and the merged model to ``out``. Training runs in float32; the
+    model is saved in ``dtype``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,4 +144,4 @@ def train(model_dir: str, pairs: List[Tuple[str, str]], out: str, *, epochs: int
         shutil.rmtree(adapter, ignore_errors=True)
         model.save_pretrained(adapter)
         model = model.merge_and_unload()
-    save(model, tokenizer, out)
+    save(model, tokenizer, out, dtype)

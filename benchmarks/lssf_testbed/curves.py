@@ -1,0 +1,62 @@
+"""The repairs as curves: each method at several strengths, one model per point.
+
+Every curve starts at the fine-tune (strength 0: nothing repaired) and moves toward
+more refusal and less task skill as its parameter grows:
+
+* ``interpolate-{l}``: ``(1 - l) W_ft + l W_aligned`` (mergekit ``linear``), the first
+  thing a user would try;
+* ``lssf-restore-rank{r}``: LSSF with the package defaults (``fusion: restore``) at a
+  fixed rank ``r`` per weight (capped by the weight's size);
+* ``random-restore-rank{r}``: the same restore along a random rank-``r`` output
+  subspace, with the norm of the matching ``lssf-restore-rank{r}`` term (control);
+* ``lssf-alpha{a}``: the paper's ``fusion: add`` at strength ``a``;
+* ``resta-{s}``: RESTA, the safety vector ``W_aligned - W_unaligned`` added by task
+  arithmetic at scale ``s``; ``resta-dare-{s}``: the same with DARE on the fine-tune's
+  update (mergekit ``dare_linear``, ``Settings.dare_density``);
+* ``safe-lora-{q}``: Safe LoRA, the fine-tune's update projected onto the safety
+  vector's column space on the share ``q`` of weights where it is least aligned with it.
+
+Single points (``RULES``): ``lssf-restore`` (every package default: the entropy rule),
+``lssf-noise-floor-restore`` and ``lssf-signal-restore`` (the other rank rules), and
+``safe-lora``, the Safe LoRA point chosen on validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+# (curve, what its parameter is) in report order
+CURVES = (("interpolate", "l"), ("lssf-restore-rank", "rank"), ("random-restore-rank", "rank"), ("lssf-alpha", "alpha"),
+          ("resta", "scale"), ("resta-dare", "scale"), ("safe-lora", "share projected"))
+# single points: the package defaults and the other rank rules of lssf-restore
+RULES = ("lssf-restore", "lssf-noise-floor-restore", "lssf-signal-restore")
+CHOSEN = "safe-lora"  # Safe LoRA at the share chosen on validation
+
+
+@dataclass(frozen=True)
+class Point:
+    """One model of a curve: ``name`` (its folder), ``curve`` (``CURVES``) and the
+    curve's parameter ``value``."""
+
+    name: str
+    curve: str
+    value: float
+
+
+def points(s) -> List[Point]:
+    """Every curve point of settings ``s``, in report order."""
+    values = {"interpolate": s.interpolations, "lssf-restore-rank": s.ranks, "random-restore-rank": s.ranks,
+              "lssf-alpha": s.alphas, "resta": s.resta_scales, "resta-dare": s.resta_scales,
+              "safe-lora": s.safe_lora_shares}
+    out = []
+    for curve, _ in CURVES:
+        sep = "" if curve.endswith("rank") or curve == "lssf-alpha" else "-"
+        out += [Point(f"{curve}{sep}{v:g}", curve, float(v)) for v in values[curve]]
+    return out
+
+
+def repair_names(s) -> List[str]:
+    """The names of every repair of one fine-tune: the curve points, the rules and the
+    chosen Safe LoRA point."""
+    return [p.name for p in points(s)] + list(RULES) + [CHOSEN]
