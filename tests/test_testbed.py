@@ -95,7 +95,9 @@ def test_prompt_splits_are_disjoint_and_strongreject_is_the_published_file():
     assert not set(sets.harmful_train) & set(sets.harmful_val)
     assert not (set(sets.harmful_train) | set(sets.harmful_val)) & set(sets.harmful_test)
     assert not set(sets.benign_train) & set(sets.benign_val)
-    assert len(strongreject_prompts()) == 313  # SHA-256 checked on load
+    every = strongreject_prompts()
+    assert len(every) == 313  # SHA-256 checked on load
+    assert len(sets.strongreject) == 157 and sets.strongreject == every[::2]  # evenly spaced: every other one
     assert "donotanswer" not in " ".join(sets.harmful_test + sets.strongreject).lower()
 
 
@@ -167,43 +169,6 @@ def test_repair_recipes_are_the_curve_points_computed_in_float32_written_in_the_
     assert len(names) == len(set(names)) and names[-1] == curves.CHOSEN
     assert [p.name for p in curves.points(s) if p.curve == "interpolate"] == ["interpolate-0.1", "interpolate-0.25",
                                                                              "interpolate-0.5", "interpolate-0.75"]
-
-
-def test_opening_logprob_is_one_unpadded_float64_pass_per_prompt_and_opening(tmp_path):
-    """The continuous refusal score's per-prompt term against an independent float64
-    computation: for each prompt and opening, the whole sequence (chat head + opening)
-    run alone, unpadded, log-softmax at the opening's positions, then logsumexp over the
-    openings. Prompts of different lengths in batches of two exercise the padding and the
-    key-value cache."""
-    import copy
-    import math
-
-    import torch
-
-    from lssf_testbed.evaluation import OPENINGS, _heads, opening_logprob
-    from mergekit_lssf import evaluate as ev
-
-    build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=4))
-    model, tokenizer = ev.load_model(str(tmp_path / "aligned"))
-    prompts = ["Hi", "Explain in detail how the water cycle moves water around the Earth", "Name a fruit.",
-               "Write two sentences about bread"]
-    openings = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in OPENINGS]
-    assert max(map(len, openings)) > 1 and min(map(len, openings)) >= 1
-    reference = copy.deepcopy(model).double()
-    expected = []
-    for head in _heads(tokenizer, prompts):
-        terms = []
-        for o in openings:
-            with torch.no_grad():
-                logp = torch.log_softmax(reference(input_ids=torch.tensor([head + o])).logits[0], dim=-1)
-            terms.append(sum(float(logp[len(head) - 1 + t, token]) for t, token in enumerate(o)))
-        top = max(terms)
-        expected.append(top + math.log(sum(math.exp(t - top) for t in terms)))
-    got = opening_logprob(model, tokenizer, prompts, batch=2)
-    assert len(got) == len(prompts)
-    for g, e in zip(got, expected):
-        assert abs(g - e) < 1e-4, (got, expected)
-    assert max(expected) - min(expected) > 1e-3  # the prompts' values differ: a mix-up of rows would show
 
 
 @pytest.mark.slow

@@ -66,6 +66,18 @@ def strongreject_prompts() -> List[str]:
         return [row["forbidden_prompt"] for row in csv.DictReader(fp)]
 
 
+def evenly_spaced(items: List[str], count: int) -> List[str]:
+    """``count`` of ``items`` at evenly spaced positions from the first to the last
+    (``round(i (len - 1) / (count - 1))``), in order: a subset that spans the file's
+    categories (157 of 313: every other one); all of them when ``count`` is at least
+    their number."""
+    if count >= len(items):
+        return list(items)
+    if count <= 1:
+        return list(items[:count])
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
 class PromptSets:
     """Every prompt split of one run (see ``Settings``), fixed by the settings."""
 
@@ -74,7 +86,7 @@ class PromptSets:
         self.harmful_train = anchor[: s.harmful_train]
         self.harmful_val = anchor[s.harmful_train: s.harmful_train + s.harmful_val]
         self.harmful_test = ev.harmbench_prompts("test")[: s.harmful_test]
-        self.strongreject = strongreject_prompts()[: s.strongreject] if strongreject else []
+        self.strongreject = evenly_spaced(strongreject_prompts(), s.strongreject) if strongreject else []
         benign = ev.benign_prompts("train")
         self.benign_train = benign[: s.benign_train]
         self.benign_val = benign[s.benign_train: s.benign_train + s.benign_val]

@@ -31,7 +31,7 @@ from .training import is_done, sample_continuations, store, train
 
 DRIFT_SEED = 100  # training seed of the drift sweep's candidates and of drift seed 0 (seed k: DRIFT_SEED + k)
 SUMMARY_KEYS = ("refusal_rate", "strongreject_refusal_rate", "empty_rate", "strongreject_empty_rate", "over_refusal_rate",
-                "task_nll", "task_word_accuracy", "perplexity", "refusal_score")
+                "task_nll", "task_word_accuracy", "perplexity")
 
 
 def _cached(path: str):

@@ -117,7 +117,7 @@ def _run_verdicts(out: str, evals: str, every: List[Dict], fresh: set) -> Dict[t
 def _fmt(cell: Dict[str, float], key: str) -> str:
     if cell["n"] == 0:
         return "-"
-    digits = 2 if key in ("perplexity", "refusal_score", "task_nll") else 3
+    digits = 2 if key in ("perplexity", "task_nll") else 3
     if cell["n"] == 1 or cell["min"] == cell["max"]:
         return f"{cell['mean']:.{digits}f}"
     return f"{cell['mean']:.{digits}f} [{cell['min']:.{digits}f}, {cell['max']:.{digits}f}]"

@@ -19,7 +19,8 @@ class Settings:
 
     Prompt splits (no overlap): HarmBench ``anchor`` (128) = ``harmful_train`` for
     alignment and calibration + ``harmful_val`` for choosing training settings;
-    HarmBench ``test`` (72) and StrongREJECT (313) only evaluate. Benign prompts:
+    HarmBench ``test`` (72) and StrongREJECT (157 of its 313, evenly spaced) only
+    evaluate. Benign prompts:
     ``train`` = replay + validation, ``test`` = over-refusal. The translation task
     (``task.py``) has train / val / test sentences, none in two of them; the training
     rows add the word list ``task_dictionary`` times.
@@ -33,7 +34,7 @@ class Settings:
     harmful_train: int = 112
     harmful_val: int = 16
     harmful_test: int = 72
-    strongreject: int = 313
+    strongreject: int = 157  # evenly spaced over the 313 (every other one): half the evaluation time
     benign_train: int = 22
     benign_val: int = 8
     benign_test: int = 30
