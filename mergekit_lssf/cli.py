@@ -72,7 +72,8 @@ def _recipe(path: str):
 @main.command()
 @click.option("--workdir", default="lssf-demo", show_default=True, help="Where the toy models and the merged output go.")
 @click.option("--size", type=click.Choice(["tiny", "small", "10m", "50m", "200m"]), default="small", show_default=True, help="Toy model size.")
-@click.option("--device", type=DEVICES, default="cpu", show_default=True, help="Where mergekit-yaml computes (cuda: --cuda).")
+@click.option("--device", type=DEVICES, default="auto", show_default=True,
+              help="Where mergekit-yaml computes (auto: cuda when there is one; cuda: --cuda).")
 @click.option("--cuda", is_flag=True, help="Alias for --device cuda.")
 @click.option("--calibrated", is_flag=True, help="Calibrate the subspace on anchors first (mergekit_lssf/recipes/demo-calibrated.yml).")
 def demo(workdir: str, size: str, device: str, cuda: bool, calibrated: bool) -> None:
@@ -178,7 +179,8 @@ def eval_command(model_dirs, prompts, benign, text_file, max_new_tokens, batch_s
 @main.command()
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for report.json, report.csv and the PNGs.")
-@click.option("--device", type=DEVICES, default="cpu", show_default=True, help="Where the spectra are computed.")
+@click.option("--device", type=DEVICES, default="auto", show_default=True,
+              help="Where the spectra are computed (auto: cuda when there is one).")
 @click.option("--cuda", is_flag=True, help="Alias for --device cuda.")
 def report(recipe: str, out_dir: str, device: str, cuda: bool) -> None:
     """Rank, entropy and energy of every tensor RECIPE would fuse; writes no model.
@@ -208,7 +210,8 @@ def report(recipe: str, out_dir: str, device: str, cuda: bool) -> None:
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 @click.argument("legacy_out", required=False, metavar="[OUT_DIR]", type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for the adapter (adapter_config.json, adapter_model.safetensors, README.md).")
-@click.option("--device", type=DEVICES, default="cpu", show_default=True, help="Where the spectra are computed.")
+@click.option("--device", type=DEVICES, default="auto", show_default=True,
+              help="Where the spectra are computed (auto: cuda when there is one).")
 @click.option("--cuda", is_flag=True, help="Alias for --device cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, device: str, cuda: bool, dtype: str) -> None:

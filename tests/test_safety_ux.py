@@ -200,3 +200,19 @@ def test_version_lists_the_libraries_and_eval_compares_models(gentle, tmp_path):
     assert "the same for every model" in lines[3]
     bad = run_cli(["mergekit-lssf", "demo", "--size", "huge"], cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "'huge' is not one of" in bad.stderr
+
+
+def test_every_device_option_defaults_to_auto():
+    """On a GPU machine no command silently computes on the CPU: every subcommand's
+    --device defaults to auto (cuda when there is one)."""
+    import click
+
+    from mergekit_lssf.cli import main
+
+    seen = []
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and "--device" in param.opts:
+                seen.append(name)
+                assert param.default == "auto", name
+    assert {"demo", "calibrate", "eval", "report", "extract-patch"} <= set(seen)
