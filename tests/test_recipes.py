@@ -72,7 +72,22 @@ def _lssf_stages(path):
 
 def test_recipes_exist():
     names = {os.path.basename(p) for p in ALL_RECIPES}
-    assert {"demo.yml", "demo-calibrated.yml", "llama31-8b-lora.yml", "qwen25-7b-lora.yml", "ties-then-lssf.yml", "harmful-finetune-reference.yml"} <= names
+    assert {"demo.yml", "demo-calibrated.yml", "llama31-8b-lora.yml", "qwen25-7b-lora.yml", "ties-then-lssf.yml",
+            "harmful-finetune-reference.yml", "llama31-8b-lora-paper.yml", "qwen25-7b-lora-paper.yml"} <= names
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=os.path.basename)
+def test_shipped_recipes_use_the_default_fusion_unless_named_for_the_paper(path):
+    """A user copying a shipped recipe gets the package default (restore); only a
+    ``*-paper.yml`` recipe sets the paper's ``fusion: add``, and it says when to use it."""
+    with open(path, encoding="utf-8") as fp:
+        text = fp.read()
+    fusions = [c.parameters.get("fusion") for c in _lssf_stages(path)] if path in RECIPES else []
+    if path.endswith("-paper.yml"):
+        assert fusions and all(f == "add" for f in fusions), path
+        assert "reproduce the paper" in text and "restore" in text
+    else:
+        assert all(f in (None, "restore") for f in fusions), (path, fusions)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
