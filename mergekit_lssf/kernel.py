@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -42,16 +42,8 @@ from mergekit_lssf.precision import (
     stored_precision,
     subspace_round,
 )
+from mergekit_lssf.vocabulary import FUSIONS, RANK_RULES, ROUNDINGS, SPECTRA, Fusion, RankRule, Rounding, Side, Spectrum
 
-Side = Literal["output", "input"]
-RankRule = Literal["entropy", "noise_floor"]
-Fusion = Literal["add", "restore"]
-Spectrum = Literal["full", "signal"]
-Rounding = Literal["subspace", "nearest"]
-RANK_RULES = ("entropy", "noise_floor")
-FUSIONS = ("add", "restore")
-SPECTRA = ("full", "signal")
-ROUNDINGS = ("subspace", "nearest")
 
 #: Singular values closer than this, relative to sigma_1, count as tied (Eq. 10).
 TIE_RTOL = 1e-6

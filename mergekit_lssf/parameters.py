@@ -13,6 +13,8 @@ from typing import Any, Optional
 from pydantic import BeforeValidator
 from typing_extensions import Annotated, Literal
 
+from .vocabulary import FUSIONS, RANK_RULES, ROUNDINGS, SPECTRA
+
 #: Defaults, documented in the README (parameter table).
 DEFAULT_ALPHA = 1.0
 DEFAULT_ETA = 0.9
@@ -22,10 +24,6 @@ DEFAULT_RANK_RULE = "entropy"  # the paper's Eq. 7
 DEFAULT_FUSION = "restore"  # beyond the paper, chosen on the safety testbed; "add" is the paper's Eq. 13
 DEFAULT_SPECTRUM = "full"  # Eq. 5-7 over every singular value, as the paper; "signal": above the rounding edge
 DEFAULT_ROUNDING = "subspace"  # 16-bit outputs keep the term's subspace through the cast; "nearest": plain cast
-RANK_RULES = ("entropy", "noise_floor")
-FUSIONS = ("add", "restore")
-SPECTRA = ("full", "signal")
-ROUNDINGS = ("subspace", "nearest")
 
 #: Every recipe-level parameter with its default, for summaries and model cards.
 DEFAULTS = {

@@ -295,3 +295,16 @@ def test_in_memory_api_knows_the_options():
     want, _ = reference_fuse(ft, al, un, alpha=1.0, max_rank=256, rank_rule="noise_floor", fusion="restore")
     got = merged["model.layers.0.mlp.up_proj.weight"].double().numpy()
     assert np.linalg.norm(got - want) / np.linalg.norm(want - ft) < 1e-4
+
+
+def test_setting_names_are_defined_once():
+    """The kernel's checks and the recipe validators read the same tuples, derived from
+    the kernel's Literal argument types (mergekit_lssf.vocabulary)."""
+    from typing import get_args
+
+    from mergekit_lssf import kernel, parameters, vocabulary
+
+    for name, literal in (("RANK_RULES", "RankRule"), ("FUSIONS", "Fusion"), ("SPECTRA", "Spectrum"), ("ROUNDINGS", "Rounding")):
+        assert getattr(kernel, name) is getattr(parameters, name) is getattr(vocabulary, name), name
+        assert getattr(vocabulary, name) == get_args(getattr(vocabulary, literal))
+    assert parameters.DEFAULT_FUSION in vocabulary.FUSIONS and parameters.DEFAULT_RANK_RULE in vocabulary.RANK_RULES
