@@ -232,7 +232,8 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     main = cells["main"]
     assert set(main["curves"]) == {"interpolate", "lssf-restore-rank", "random-restore-rank", "lssf-alpha", "resta",
                                    "resta-dare", "safe-lora", "lssf-restore", "lssf-noise-floor-restore",
-                                   "lssf-signal-restore", "safe-lora"}
+                                   "lssf-signal-restore", "safe-lora, chosen on validation"}
+    assert [r["model"] for r in main["curves"]["safe-lora"]] == ["safe-lora-0.5", "safe-lora-1"]
     u = main["curves"]["interpolate"][0]["u"]
     assert u["min"] <= u["mean"] <= u["max"]
     assert u["mean"] == pytest.approx(main["models"]["interpolate-0.5"]["utility_kept"]["mean"], rel=1e-6)

@@ -31,7 +31,9 @@ CURVES = (("interpolate", "l"), ("lssf-restore-rank", "rank"), ("random-restore-
           ("resta", "scale"), ("resta-dare", "scale"), ("safe-lora", "share projected"))
 # single points: the package defaults and the other rank rules of lssf-restore
 RULES = ("lssf-restore", "lssf-noise-floor-restore", "lssf-signal-restore")
-CHOSEN = "safe-lora"  # Safe LoRA at the share chosen on validation
+CHOSEN = "safe-lora"  # the model: Safe LoRA at the share chosen on validation
+CHOSEN_METHOD = "safe-lora, chosen on validation"  # its name as a method (apart from the safe-lora curve)
+SINGLES = RULES + (CHOSEN_METHOD,)  # the methods that are one point, not a curve
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import os
 from dataclasses import asdict
 from typing import Dict, List, Optional
 
-from .curves import CHOSEN, CURVES, RULES, points
+from .curves import CHOSEN, CHOSEN_METHOD, CURVES, RULES, SINGLES, points
 from .settings import CELLS, SettingsMismatch, settings_digest
 from .frontier import BUDGETS, SETS, RunArrays, budget_table, curve_points, won_back
 from .task import utility_kept
@@ -32,8 +32,7 @@ from .verdicts import save as save_verdicts
 COLUMNS = [("refusal_rate", "HarmBench refusal"), ("strongreject_refusal_rate", "StrongREJECT refusal"),
            ("won_back_harmful", "won back (HB)"), ("won_back_strongreject", "won back (SR)"),
            ("empty_rate", "HarmBench empty"), ("over_refusal_rate", "over-refusal"), ("task_nll", "task NLL"),
-           ("utility_kept", "utility kept"), ("task_word_accuracy", "task word acc."), ("perplexity", "perplexity"),
-           ("refusal_score", "refusal score (nats)")]
+           ("utility_kept", "utility kept"), ("task_word_accuracy", "task word acc."), ("perplexity", "perplexity")]
 
 
 def _spread(values: List[float]) -> Dict[str, float]:
@@ -75,7 +74,7 @@ def method_models(settings) -> Dict[str, List[str]]:
     out: Dict[str, List[str]] = {}
     for p in points(settings):
         out.setdefault(p.curve, []).append(p.name)
-    return {**{c: out[c] for c, _ in CURVES if c in out}, **{r: [r] for r in RULES}, CHOSEN: [CHOSEN]}
+    return {**{c: out[c] for c, _ in CURVES if c in out}, **{r: [r] for r in RULES}, CHOSEN_METHOD: [CHOSEN]}
 
 
 def contrasts(runs: List[Verdicts], settings) -> List[Dict]:
@@ -158,7 +157,7 @@ def _cell_report(name: str, rs: List[Dict], verdicts: Dict[tuple, Verdicts], set
     return {"note": CELLS[name].note, "dtype": CELLS[name].storage(settings), "seeds": sorted(r["seed"] for r in rs),
             "models": seed_summary(rs),
             "curves": curve_points(arrays, methods) if arrays else {},
-            "budgets": budget_table(arrays, methods, singles=list(RULES) + [CHOSEN]) if arrays else [],
+            "budgets": budget_table(arrays, methods, singles=SINGLES) if arrays else [],
             "contrasts": contrasts([verdicts[(name, r["seed"])] for r in rs if (name, r["seed"]) in verdicts], settings),
             "safe_lora": {r["seed"]: r.get("safe_lora") for r in rs}}
 
@@ -214,10 +213,13 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
                 lines.append(f"| {c['repair']} | {c['against']} | {c['prompts']} ({c['n_prompts']}) | {c['seeds']} | "
                              f"{c['difference']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] |")
             lines.append("")
-        chosen = {seed: c["chosen"] for seed, c in cell["safe_lora"].items() if c}
+        chosen = {seed: c for seed, c in cell["safe_lora"].items() if c}
         if chosen:
+            said = [f"seed {k}: `{c['chosen']}`" + ("" if any(t["meets"] for t in c["tried"]) else
+                                                     " (no share kept that much: the smallest)")
+                    for k, c in sorted(chosen.items())]
             lines += [f"Safe LoRA's share chosen on validation (most validation refusal at utility kept >= "
-                      f"{settings.utility_floor:g}): " + ", ".join(f"seed {k}: `{v}`" for k, v in sorted(chosen.items())), ""]
+                      f"{settings.utility_floor:g}): " + ", ".join(said), ""]
         _plot_curves(out, name, cell)
     lines += [f"- {n}" for n in notes]
     with open(os.path.join(out, "results.md"), "w") as fp:
@@ -260,27 +262,27 @@ def _plot_curves(out: str, name: str, cell: Dict) -> None:
     """``curves-NAME.png``: refusal won back (HarmBench | StrongREJECT) against utility
     kept, each method a line through its points (means over seeds, bars from the
     seeds' min to max), single points as markers, the fine-tune (1, 0) and the aligned
-    model (0, 1) as references."""
+    model (0, 1) as references; the second row zooms on utility kept 0.8 to 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig, grid = plt.subplots(2, 2, figsize=(13, 10))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (key, label) in zip(axes, SETS):
+    for ax, (key, label), zoom in [(grid[r][c], SETS[c], r == 1) for r in range(2) for c in range(2)]:
         for i, (method, rows) in enumerate(cell["curves"].items()):
             rows = [r for r in rows if r["u"] and r["w_" + key]]
             if not rows:
                 continue
-            single = method in RULES or method == CHOSEN
+            single = method in SINGLES
             xs = [r["u"]["mean"] for r in rows]
             ys = [r["w_" + key]["mean"] for r in rows]
             xerr = [[x - r["u"]["min"] for x, r in zip(xs, rows)], [r["u"]["max"] - x for x, r in zip(xs, rows)]]
             yerr = [[y - r["w_" + key]["min"] for y, r in zip(ys, rows)], [r["w_" + key]["max"] - y for y, r in zip(ys, rows)]]
             style = dict(color=colours[i % len(colours)], label=method, capsize=2, elinewidth=0.7)
             if single:
-                ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="D" if method == CHOSEN else "*", markersize=8, **style)
+                ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="D" if method == CHOSEN_METHOD else "*", markersize=8, **style)
             else:
                 ax.errorbar([1.0] + xs, [0.0] + ys, xerr=[[0] + xerr[0], [0] + xerr[1]], yerr=[[0] + yerr[0], [0] + yerr[1]],
                             fmt="o", markersize=3, linewidth=1,
@@ -291,9 +293,11 @@ def _plot_curves(out: str, name: str, cell: Dict) -> None:
         ax.annotate("aligned", (0.0, 1.0), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax.set_xlabel("utility kept (task NLL: aligned 0, fine-tune 1)")
         ax.set_ylabel(f"{label} refusal won back (fine-tune 0, aligned 1)")
-        ax.set_title(f"cell {name} ({cell['dtype']}): {label}")
+        ax.set_title(f"cell {name} ({cell['dtype']}): {label}" + (", utility kept 0.8 to 1" if zoom else ""))
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        if zoom:
+            ax.set_xlim(0.8, 1.01)
+    grid[0][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"curves-{name}.png"), dpi=110)
     plt.close(fig)
