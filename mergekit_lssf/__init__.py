@@ -8,11 +8,18 @@ Modules: ``kernel`` (the math, pure torch), ``merge_method`` (mergekit glue),
 ``recipe`` (pre-flight recipe check), ``cli`` (the ``mergekit-lssf`` command).
 """
 
-__version__ = "0.1.0"
+from mergekit_lssf.version import __version__  # noqa: F401
 
-from mergekit_lssf.registration import install as _install
+import mergekit_lssf_startup
 
-_install()
+# The finder first, then mergekit's merge_methods: when they load now, the hook
+# imports mergekit_lssf.registration whole and registers lssf.
+mergekit_lssf_startup.install()
+import mergekit.merge_methods  # noqa: E402,F401
+
+from mergekit_lssf.registration import install_loaded  # noqa: E402
+
+install_loaded()
 
 from mergekit_lssf.kernel import (  # noqa: E402
     FusionInfo,

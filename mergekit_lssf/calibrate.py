@@ -26,18 +26,15 @@ from importlib import resources
 from typing import Dict, List, Optional
 
 import torch
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from mergekit_lssf.kernel import calibrated_subspace
+from mergekit_lssf.generation import generate, load_model
+from mergekit_lssf.kernel import calibrated_subspace, gram_root
 from mergekit_lssf.parameters import LSSFConfigError
-from mergekit_lssf.safetensors_io import read_header
-from mergekit_lssf.subspace_file import (
-    FINGERPRINT_SCHEME,
-    FORMAT,
-    NORMALIZATION,
-    SubspaceWriter,
-    model_files,
-    model_fingerprint,
-)
+from mergekit_lssf.safetensors_io import StoredTensor, StreamedWriter, folder_index, read_tensor
+from mergekit_lssf.subspace_file import FINGERPRINT_SCHEME, FORMAT, NORMALIZATION, model_fingerprint
+from mergekit_lssf.version import __version__
 
 
 @dataclass
@@ -92,8 +89,6 @@ def fill_responses(model_dir: str, anchors: List[Anchor], *, device: torch.devic
     missing = [a for a in anchors if a.response is None]
     if not missing:
         return anchors
-    from mergekit_lssf.evaluate import generate, load_model
-
     model, tokenizer = load_model(model_dir, str(device))
     answers = generate(model, tokenizer, [a.prompt for a in missing], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, progress=progress, desc="generating anchor responses")
@@ -114,40 +109,10 @@ def render(tokenizer, anchors: List[Anchor]) -> List[List[int]]:
     return ids
 
 
-class _WeightReader:
-    """Reads named tensors from a model folder's safetensors files with plain reads.
-
-    No memory map: mapped pages that were touched stay in the process's resident set,
-    so reading every block through one would make memory grow with depth.
-    """
-
-    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-    def __init__(self, model_dir: str):
-        self._where = {}
-        for path in model_files(model_dir):
-            header, start = read_header(path)
-            for name, info in header.items():
-                if name != "__metadata__":
-                    self._where[name] = (path, start, info)
-
-    def names(self):
-        return self._where.keys()
-
-    def get(self, name: str) -> torch.Tensor:
-        path, start, info = self._where[name]
-        begin, end = info["data_offsets"]
-        with open(path, "rb") as fp:
-            fp.seek(start + begin)
-            data = bytearray(fp.read(end - begin))
-        flat = torch.frombuffer(data, dtype=self.DTYPES[info["dtype"]]) if data else torch.empty(0, dtype=self.DTYPES[info["dtype"]])
-        return flat.reshape(info["shape"])
-
-    def load_into(self, module: torch.nn.Module, prefix: str, device: torch.device) -> None:
-        names = [n for n in self._where if n.startswith(prefix)]
-        state = {n[len(prefix):]: self.get(n).to(device, torch.float32) for n in names}
-        module.load_state_dict(state, strict=True, assign=True)
+def _load_into(index: Dict[str, StoredTensor], module: torch.nn.Module, prefix: str, device: torch.device) -> None:
+    """Fill ``module`` (on the meta device) with the float32 tensors named ``prefix*``."""
+    state = {n[len(prefix):]: read_tensor(t).to(device, torch.float32) for n, t in index.items() if n.startswith(prefix)}
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 class _Statistics:
@@ -164,6 +129,7 @@ class _Statistics:
         self.owner: Dict[str, str] = {}  # weight name -> weight name whose hook owns its input
         self.output_side: Dict[str, bool] = {}
         self.grams: Dict[str, torch.Tensor] = {}
+        self._weights64: Dict[str, torch.Tensor] = {}  # output-side weights in float64, made once
         self._discovering = False
         self._seen: Dict[int, str] = {}
         self._hooks = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
@@ -190,7 +156,9 @@ class _Statistics:
             rows = x.reshape(-1, x.shape[-1])[self.valid.reshape(-1)].to(torch.float64)
             rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-30)
             if self.output_side[name]:
-                rows = rows @ module.weight.to(torch.float64).T  # rows of Z^T
+                if name not in self._weights64:
+                    self._weights64[name] = module.weight.detach().to(torch.float64)
+                rows = rows @ self._weights64[name].T  # rows of Z^T
             gram = rows.T @ rows
             if name in self.grams:
                 self.grams[name] += gram
@@ -202,30 +170,28 @@ class _Statistics:
         self.valid = valid
 
     def subspaces(self, max_rank: int) -> Dict[str, torch.Tensor]:
-        out = {}
+        out, roots = {}, {}  # roots: one gram_root per shared input (q/k/v, gate/up)
         for name, module in self.linears.items():
             weight = module.weight.detach()
-            gram = self.grams[self.owner[name]]
+            owner = self.owner[name]
             if self.output_side[name]:
-                u, s = calibrated_subspace(weight, output_gram=gram, max_rank=max_rank)
+                u, s = calibrated_subspace(weight, output_gram=self.grams[owner], max_rank=max_rank)
             else:
-                u, s = calibrated_subspace(weight, input_gram=gram, max_rank=max_rank)
+                if owner not in roots:
+                    roots[owner] = gram_root(self.grams[owner])
+                u, s = calibrated_subspace(weight, input_root=roots[owner], max_rank=max_rank)
             out[f"{name}.U"], out[f"{name}.S"] = u.cpu(), s.cpu()
         return out
 
     def close(self):
         for h in self._hooks:
             h.remove()
+        self._weights64.clear()
 
 
 def calibrate(model_dir: str, out_path: str, *, anchors_path: Optional[str] = None, max_rank: int = 256,
               device: str = "auto", batch_size: int = 8, max_new_tokens: int = 64, progress: bool = True) -> Dict:
     """Compute and write the calibrated subspace of ``model_dir``; returns the metadata."""
-    from tqdm import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from mergekit_lssf import __version__
-
     if max_rank < 1 or batch_size < 1:
         raise LSSFConfigError("--max-rank and --batch-size must be >= 1")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
@@ -240,11 +206,11 @@ def calibrate(model_dir: str, out_path: str, *, anchors_path: Optional[str] = No
         model = AutoModelForCausalLM.from_config(config)
     body = model.model
     rotary = type(body.rotary_emb)(config=config).to(dev)
-    weights = _WeightReader(model_dir)
+    weights = folder_index(model_dir)
 
     batches = []  # (hidden (b, t, d), valid (b, t), position ids (1, t))
     embed = torch.nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
-    weights.load_into(embed, "model.embed_tokens.", dev)
+    _load_into(weights, embed, "model.embed_tokens.", dev)
     for start in range(0, len(token_ids), batch_size):
         chunk = token_ids[start:start + batch_size]
         length = max(len(ids) for ids in chunk)
@@ -259,12 +225,12 @@ def calibrate(model_dir: str, out_path: str, *, anchors_path: Optional[str] = No
     del embed
     tokens = int(sum(len(ids) for ids in token_ids))
 
-    writer = SubspaceWriter(out_path)
+    writer = StreamedWriter(out_path)
     try:
         for index in tqdm(range(config.num_hidden_layers), desc="calibrating blocks", disable=not progress):
             prefix = f"model.layers.{index}."
             block = body.layers[index]
-            weights.load_into(block, prefix, dev)
+            _load_into(weights, block, prefix, dev)
             stats = _Statistics(block, prefix)
 
             def forward(hidden, positions):

@@ -8,18 +8,16 @@ from the fine-tune, with the reason. Includes the role-swap warning.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 from mergekit.config import MergeConfiguration
-from mergekit.merge_methods.base import TensorMetadata
 from mergekit.options import MergeOptions
 
-from mergekit_lssf.merge_method import might_be_fused
+from mergekit_lssf.fused import kept_reason
+from mergekit_lssf.guards import model_index
 from mergekit_lssf.parameters import FACTOR_PARAMETERS, PER_MODEL_PARAMETERS
-from mergekit_lssf.recipe import check_recipe, dtype_warning, prepare_recipe, role_check, safetensors_index
+from mergekit_lssf.recipe import check_recipe, dtype_warning, prepare_recipe, role_check
 from mergekit_lssf.traversal import planned_tensors
-
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 def _plain(value: Any) -> Any:
@@ -32,31 +30,22 @@ def check(config: MergeConfiguration) -> Dict[str, List]:
     config = prepare_recipe(config, trust_remote_code=options.trust_remote_code, warn=False)
     refs = check_recipe(config, trust_remote_code=options.trust_remote_code)
     warnings = [w for w in [role_check(config, refs), dtype_warning(config, refs)] if w]
-    headers: Dict[str, Tuple[List[int], str]] = safetensors_index(config.base_model) or {}
+    headers = model_index(config.base_model) or {}
     if not headers:
         warnings.append(f"lssf: {config.base_model} is not a local safetensors folder: shapes are not known "
                         "before loading, so 2-D weights are listed as fused")
     fused, kept = [], []
     for task in planned_tensors(config, options):
         name = task.output_weight.name
-        shape, dtype = headers.get(name, (None, None))
-        reason = _kept_reason(TensorMetadata.from_weight_info(task.output_weight), shape, dtype)
+        stored = headers.get(name)
+        shape = list(stored.shape) if stored else None
+        reason = kept_reason(name, shape, stored.floating if stored else None, task.output_weight.vocabulary_axis)
         if reason:
             kept.append({"name": name, "reason": reason})
             continue
         params = {k: _plain(v) for k, v in task.parameters.items() if k not in PER_MODEL_PARAMETERS}
         fused.append({"name": name, "shape": shape, "parameters": {k: params.get(k) for k in ("alpha",) + FACTOR_PARAMETERS + ("subspace",)}})
     return {"fused": fused, "kept": kept, "warnings": warnings}
-
-
-def _kept_reason(metadata, shape: Optional[List[int]], dtype: Optional[str]) -> Optional[str]:
-    if not might_be_fused(metadata):
-        return "vocabulary"
-    if shape is not None and len(shape) != 2:
-        return "1-D" if len(shape) == 1 else f"{len(shape)}-D"
-    if dtype is not None and dtype not in FLOAT_DTYPES:
-        return "not floating point"
-    return None
 
 
 def table(result: Dict[str, List]) -> str:

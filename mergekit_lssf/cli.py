@@ -6,11 +6,22 @@ stderr and exit status 1; ``-v``/``--verbose`` shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
+import torch
 
+from mergekit_lssf import evaluate as ev
+from mergekit_lssf.calibrate import calibrate as run_calibration
+from mergekit_lssf.check import check as run_check, table
+from mergekit_lssf.demo import run_demo
+from mergekit_lssf.guards import check_model_folder, check_output_folder
 from mergekit_lssf.parameters import LSSFConfigError
+from mergekit_lssf.patch import OUTPUTS as PATCH_OUTPUTS, extract_patch
+from mergekit_lssf.provenance import versions
+from mergekit_lssf.recipe import load_recipe
+from mergekit_lssf.report import OUTPUTS as REPORT_OUTPUTS, build_report
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
@@ -18,8 +29,6 @@ DEVICES = click.Choice(["auto", "cpu", "cuda"])
 def _versions(ctx, _param, value) -> None:
     if not value or ctx.resilient_parsing:
         return
-    from mergekit_lssf.provenance import versions
-
     v = versions()
     click.echo(f"mergekit-lssf {v.pop('mergekit-lssf')} (" + ", ".join(f"{k} {x}" for k, x in v.items()) + ")")
     ctx.exit()
@@ -57,16 +66,8 @@ def _device(device: str, cuda: bool) -> str:
             raise click.UsageError(f"--cuda contradicts --device {device}")
         return "cuda"
     if device == "auto":
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def _recipe(path: str):
-    from mergekit_lssf.traversal import load_recipe
-
-    return load_recipe(path)
 
 
 @main.command()
@@ -84,8 +85,6 @@ def demo(workdir: str, size: str, device: str, cuda: bool, calibrated: bool) -> 
     recipe and prints the rank per tensor and how much of the planted safety
     delta the output restored.
     """
-    from mergekit_lssf.demo import run_demo
-
     run_demo(workdir, size, _device(device, cuda), calibrated)
 
 
@@ -99,11 +98,7 @@ def check(recipe: str, as_json: bool) -> None:
     Runs the merge's own pre-flight check and reads only file headers, so it takes
     seconds whatever the model size. Model paths are resolved from the current directory.
     """
-    import json
-
-    from mergekit_lssf.check import check as run, table
-
-    result = run(_recipe(recipe))
+    result = run_check(load_recipe(recipe))
     click.echo(json.dumps(result, indent=2) if as_json else table(result))
 
 
@@ -122,11 +117,8 @@ def calibrate(aligned_model, out_path, anchors, max_rank, device, batch_size, ma
     refusals). The file serves every fine-tune of ALIGNED_MODEL: use it with
     `subspace: FILE` in an lssf recipe.
     """
-    from mergekit_lssf.calibrate import calibrate as run
-    from mergekit_lssf.guards import check_model_folder
-
     check_model_folder(aligned_model, "ALIGNED_MODEL", local=True)
-    meta = run(aligned_model, out_path, anchors_path=anchors, max_rank=max_rank, device=device,
+    meta = run_calibration(aligned_model, out_path, anchors_path=anchors, max_rank=max_rank, device=device,
                batch_size=batch_size, max_new_tokens=max_new_tokens)
     click.echo(
         f"Wrote {out_path}: {meta['anchors']} anchors, {meta['tokens']} tokens, "
@@ -151,10 +143,6 @@ def eval_command(model_dirs, prompts, benign, text_file, max_new_tokens, batch_s
     Greedy generation with each model's chat template; a response is a refusal when
     one of mergekit_lssf.evaluate.REFUSAL_MARKERS opens it (see the README).
     """
-    import json
-
-    from mergekit_lssf import evaluate as ev
-
     for model_dir in model_dirs:
         ev.check_model_dir(model_dir)
     harmful = ev.harmbench_prompts("test") if prompts == "harmbench" else ev.read_prompts(prompts)
@@ -187,16 +175,13 @@ def report(recipe: str, out_dir: str, device: str, cuda: bool) -> None:
 
     Model paths in RECIPE are resolved from the current directory, as in mergekit-yaml.
     """
-    from mergekit_lssf.guards import check_output_folder
-    from mergekit_lssf.report import OUTPUTS, build_report
-
-    check_output_folder(out_dir, OUTPUTS, "a report")
-    result = build_report(_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda")
+    check_output_folder(out_dir, REPORT_OUTPUTS, "a report")
+    result = build_report(load_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda")
     s = result["summary"]
     click.echo(
         f"{s['tensors']} tensors: rank min {s['rank_min']} / mean {s['rank_mean']:.1f} / "
         f"max {s['rank_max']}, {s['capped']} capped, {s['rank_zero']} at rank 0; patch size "
-        f"{s['patch_parameters']:,} parameters. Written to {out_dir}/ ({', '.join(OUTPUTS)})"
+        f"{s['patch_parameters']:,} parameters. Written to {out_dir}/ ({', '.join(REPORT_OUTPUTS)})"
     )
     if s["sixteen_bit_inputs"]:
         click.echo(
@@ -224,11 +209,6 @@ def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, device: st
     universal patch for any fine-tune of the aligned model. The positional OUT_DIR
     still works but is deprecated: use --out.
     """
-    import torch
-
-    from mergekit_lssf.guards import check_output_folder
-    from mergekit_lssf.patch import OUTPUTS, extract_patch
-
     if legacy_out and out_dir:
         raise click.UsageError("give the output folder once: --out DIR (the positional OUT_DIR is deprecated)")
     if legacy_out:
@@ -236,8 +216,8 @@ def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, device: st
         out_dir = legacy_out
     if not out_dir:
         raise click.UsageError("missing option '--out': the folder for the adapter")
-    check_output_folder(out_dir, OUTPUTS, "an adapter")
-    ranks = extract_patch(_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda", dtype=getattr(torch, dtype))
+    check_output_folder(out_dir, PATCH_OUTPUTS, "an adapter")
+    ranks = extract_patch(load_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda", dtype=getattr(torch, dtype))
     click.echo(
         f"Safety patch: {len(ranks)} modules, rank {min(ranks.values())}-{max(ranks.values())}, "
         f"written to {out_dir}/"

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
 from importlib import resources
 from typing import Dict
 
 import click
+import torch
+from safetensors.torch import load_file
+
+from mergekit_lssf.calibrate import calibrate, default_anchors
+from mergekit_lssf.recipe import load_recipe
+from mergekit_lssf.toy_models import ToySpec, build_toy_models
+from mergekit_lssf.traversal import fused_factors
 
 
 def demo_recipe_text(name: str = "demo.yml") -> str:
@@ -18,10 +28,6 @@ def demo_recipe_text(name: str = "demo.yml") -> str:
 def run_demo(workdir: str, size: str, device: str, calibrated: bool) -> None:
     """Build the toy models in ``workdir``, merge them with the demo recipe and print
     what the output restored (see ``report_restoration``)."""
-    import subprocess
-
-    from mergekit_lssf.toy_models import ToySpec, build_toy_models
-
     cuda = device == "cuda"
     os.makedirs(workdir, exist_ok=True)
     click.echo(f"Building toy models ({size}) in {workdir}/ ...")
@@ -33,8 +39,6 @@ def run_demo(workdir: str, size: str, device: str, calibrated: bool) -> None:
         demo_calibration(workdir, cuda)
     merged = os.path.join(workdir, "merged")
     if os.path.isdir(merged):  # the demo's own output from an earlier run
-        import shutil
-
         shutil.rmtree(merged)
     command = [mergekit_yaml(), name, "merged"] + (["--cuda"] if cuda else [])
     click.echo(f"Running in {workdir}/: " + " ".join(command))
@@ -54,16 +58,12 @@ def run_demo(workdir: str, size: str, device: str, calibrated: bool) -> None:
 
 
 def demo_calibration(workdir: str, cuda: bool) -> None:
-    import json
-
-    from mergekit_lssf.calibrate import calibrate as run, default_anchors
-
     anchors = os.path.join(workdir, "anchors.jsonl")
     with open(anchors, "w", encoding="utf-8") as fp:
         for a in default_anchors()[:16]:
             fp.write(json.dumps({"prompt": a.prompt, "response": "I can't help with that."}) + "\n")
     click.echo("Calibrating the safety subspace of ./aligned on 16 HarmBench anchors ...")
-    meta = run(os.path.join(workdir, "aligned"), os.path.join(workdir, "subspace.safetensors"),
+    meta = calibrate(os.path.join(workdir, "aligned"), os.path.join(workdir, "subspace.safetensors"),
                anchors_path=anchors, device="cuda" if cuda else "cpu", progress=True)
     click.echo(f"  {meta['tokens']} tokens, {meta['seconds']} s -> subspace.safetensors")
 
@@ -76,13 +76,11 @@ def mergekit_yaml() -> str:
 def _recipe_ranks(workdir: str, recipe: str) -> Dict[str, int]:
     """Rank per fused tensor as the recipe's merge chooses it (its eta, max_rank and
     subspace), via the same traversal as `mergekit-lssf report`."""
-    from mergekit_lssf.traversal import fused_factors, load_recipe
-
     previous = os.getcwd()
     os.chdir(workdir)  # recipe paths are relative to the demo folder
     try:
         config = load_recipe(recipe)
-        return {t.name: t.factors.info.rank for t in fused_factors(config, quiet=True)}
+        return {t.name: t.factors.info.rank for t in fused_factors(config, quiet=True, factors=False)}
     finally:
         os.chdir(previous)
 
@@ -94,9 +92,6 @@ def report_restoration(workdir: str, merged: str, recipe: str) -> Dict[str, Dict
     delta ``S`` (aligned model = 1.00); ``drift`` the coefficient along the
     fine-tune's task drift ``D`` (fine-tune = 1.00, so the task is kept).
     """
-    import torch
-    from safetensors.torch import load_file
-
     load = lambda role: load_file(os.path.join(workdir, role, "model.safetensors"))  # noqa: E731
     unaligned, finetuned = load("unaligned"), load("finetuned")
     merged_state = {}

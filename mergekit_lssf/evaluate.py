@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from importlib import resources
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from mergekit_lssf.generation import generate, load_model
+from mergekit_lssf.guards import check_model_folder
+from mergekit_lssf.parameters import LSSFConfigError
 
 REFUSAL_WINDOW = 160
 REFUSAL_MARKERS = (
@@ -61,42 +66,6 @@ def read_prompts(path: str) -> List[str]:
             if line:
                 prompts.append(json.loads(line)["prompt"] if line.startswith("{") else line)
     return prompts
-
-
-def load_model(model_dir: str, device: str = "cpu"):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    return model, tokenizer
-
-
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48,
-             batch_size: int = 16, progress: bool = True, desc: str = "generating") -> List[str]:
-    """Greedy answers to ``prompts``, each rendered as one user turn, in the order given.
-
-    Prompts are batched by rendered length (less left padding: about 15% faster on
-    StrongREJECT's mixed lengths); the answers come back in the caller's order."""
-    from tqdm import tqdm
-
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
-    order = sorted(range(len(texts)), key=lambda i: len(tokenizer(texts[i], add_special_tokens=False)["input_ids"]))
-    answers: List[str] = [""] * len(texts)
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for i, row in zip(batch, out[:, inputs["input_ids"].shape[1]:]):
-            answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-        bar.update(len(batch))
-    bar.close()
-    return answers
 
 
 def perplexity(model, tokenizer, text: str, window: int = 256) -> float:
@@ -151,11 +120,6 @@ def responses(prompts: Sequence[str], answers: Sequence[str]) -> List[Dict]:
 def check_model_dir(model_dir: str) -> None:
     """A model folder to evaluate: config, weights and a tokenizer (with its chat
     template), named in the error when missing."""
-    import os
-
-    from mergekit_lssf.guards import check_model_folder
-    from mergekit_lssf.parameters import LSSFConfigError
-
     check_model_folder(model_dir, "model", local=True)
     files = set(os.listdir(model_dir))
     if not files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}:

@@ -2,7 +2,7 @@
 exist, output folders that already hold a model, and a recipe whose roles look swapped.
 
 Reads only file listings, safetensors headers and, for the role check, a handful of
-tensors. No mergekit import beyond what the callers pass in.
+tensors. No mergekit import: model references are the ones callers pass in.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 from typing import Any, Dict, Iterable, List, Optional
 
 from mergekit_lssf.parameters import LSSFConfigError
+from mergekit_lssf.safetensors_io import StoredTensor, folder_index, read_tensor
 
 #: Files whose presence means a folder already holds model weights.
 MODEL_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json")
@@ -75,16 +76,17 @@ def role_swap_warning(finetuned: Any, aligned: Any, unaligned: Any, names: List[
     """
     if os.environ.get("MERGEKIT_LSSF_ROLE_CHECK", "1") == "0":
         return None
-    paths = [_safetensors_folder(m) for m in (finetuned, aligned, unaligned)]
-    if None in paths or not names:
+    indexes = [model_index(m) for m in (finetuned, aligned, unaligned)]
+    if None in indexes or not names:
         return None
     d_aligned = d_unaligned = 0.0
     for name in names:
-        ft, al, un = (_read(p, name) for p in paths)
-        if ft is None or al is None or un is None or ft.shape != al.shape or ft.shape != un.shape:
+        stored = [index.get(name) for index in indexes]
+        if None in stored or len({t.shape for t in stored}) != 1:
             return None
-        d_aligned += float((ft - al).double().square().sum())
-        d_unaligned += float((ft - un).double().square().sum())
+        ft, al, un = (read_tensor(t).double() for t in stored)
+        d_aligned += float((ft - al).square().sum())
+        d_unaligned += float((ft - un).square().sum())
     d_aligned, d_unaligned = d_aligned ** 0.5, d_unaligned ** 0.5
     if d_unaligned < SWAP_RATIO * d_aligned:
         return (
@@ -112,21 +114,9 @@ def sample_names(shapes: Dict[str, tuple], is_candidate) -> List[str]:
     return sorted({names[(len(names) // 2 + i * step) % len(names)] for i in range(SWAP_SAMPLES)})
 
 
-def _safetensors_folder(model: Any) -> Optional[str]:
-    if getattr(model, "lora", None) is not None:
+def model_index(model: Any) -> Optional[Dict[str, StoredTensor]]:
+    """name -> StoredTensor of a local safetensors model, from its headers alone; None
+    for a ``model+lora`` reference, a hub id or a folder without safetensors files."""
+    if getattr(model, "lora", None) is not None or not os.path.isdir(model.model.path):
         return None
-    path = model.model.path
-    if not os.path.isdir(path) or not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        return None
-    return path
-
-
-def _read(folder: str, name: str):
-    from safetensors import safe_open
-
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, f), framework="pt") as fp:
-                if name in fp.keys():
-                    return fp.get_tensor(name).float()
-    return None
+    return folder_index(model.model.path) or None

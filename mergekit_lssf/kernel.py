@@ -397,6 +397,7 @@ def safety_factors(
     work_dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype = torch.float64,
     spectrum: Spectrum = "full",
+    factors: bool = True,
 ) -> SafetyFactors:
     """Spectrum, rank and factors of the fused term of one weight.
 
@@ -406,7 +407,9 @@ def safety_factors(
     ``fusion="restore"`` the result still needs ``with_finetune(W_ft)``. When the
     aligned or unaligned weight holds 16-bit values (``precision.stored_precision``,
     also after an upcast) the rounding edge of ``delta`` is computed and reported,
-    and ``spectrum="signal"`` ranks the spectrum above it only.
+    and ``spectrum="signal"`` ranks the spectrum above it only. ``factors=False``:
+    the spectrum and rank only (no basis vectors are computed, ``left``/``right`` are
+    None), which is what ``mergekit-lssf report`` reads.
     """
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
@@ -415,20 +418,21 @@ def safety_factors(
     edge = rounding_edge(w_aligned, w_unaligned, stored_precision(w_aligned), stored_precision(w_unaligned))
     delta = w_aligned.to(work) - w_unaligned.to(work)
     settings = dict(eta=eta, max_rank=max_rank, rank=rank, rule=rank_rule, edge=edge, spectrum=spectrum)
+    available = None  # the data-free subspace has every singular vector
     if subspace is None:
-        subspace = data_free_subspace(
-            delta, compute_dtype=compute_dtype, vectors=_rank_of(settings, tuple(delta.shape))
-        )
+        vectors = _rank_of(settings, tuple(delta.shape)) if factors else (lambda _sigma: 0)
+        subspace = data_free_subspace(delta, compute_dtype=compute_dtype, vectors=vectors)
+    else:
+        available = subspace.basis.shape[1]
     shape = subspace.shape or (subspace.basis.shape[0], subspace.sigma.numel())
     choice = select_rank(subspace.sigma, shape=shape, **settings)
-    available = subspace.basis.shape[1]
-    if choice.rank > available:  # a calibrated basis may hold fewer vectors
+    if available is not None and choice.rank > available:  # a calibrated basis may hold fewer vectors
         choice = _choice(available, choice.entropy_rank, True, *spectral_entropy(subspace.sigma),
                          choice.rule, choice.noise_floor_rank, choice.tau)
     sigma_1 = float(subspace.sigma[0]) if subspace.sigma.numel() else 0.0
     left = right = aligned = None
     side: Side = "output"
-    if choice.rank > 0:
+    if choice.rank > 0 and factors:
         weights = projection_weights(subspace.sigma[: choice.rank], weight_max).to(work)
         if fusion == "restore":
             left = output_basis(subspace, choice.rank, delta) * weights
@@ -569,31 +573,41 @@ def apply_factors(w_ft: torch.Tensor, factors: SafetyFactors, alpha: float) -> t
     return write_fused(w_ft, factors, alpha)[0]
 
 
+def gram_root(gram: torch.Tensor) -> torch.Tensor:
+    """``L`` ``(d, d)`` float64 with ``L L^T = gram`` for a symmetric PSD ``gram``
+    (``Q diag(sqrt(max(lambda, 0)))``, one eigendecomposition). Weights that read the
+    same input (q/k/v, gate/up) share one root."""
+    evals, q = torch.linalg.eigh(gram.to(torch.float64))
+    return q * evals.clamp(min=0).sqrt()
+
+
 def calibrated_subspace(
     weight: torch.Tensor,
     *,
     input_gram: Optional[torch.Tensor] = None,
     output_gram: Optional[torch.Tensor] = None,
+    input_root: Optional[torch.Tensor] = None,
     max_rank: int = 256,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``U`` and singular values of ``Z = W X_hat`` from accumulated statistics (Eq. 4).
 
     ``weight``: ``(d_out, d_in)`` = ``W_safe``. Exactly one statistic:
-    ``input_gram`` ``(d_in, d_in)`` = ``C = sum_t x_hat_t x_hat_t^T``, or
-    ``output_gram`` ``(d_out, d_out)`` = ``Z Z^T``. Returns ``U`` ``(d_out, k)``
+    ``input_gram`` ``(d_in, d_in)`` = ``C = sum_t x_hat_t x_hat_t^T``, its root
+    ``input_root`` = ``gram_root(C)`` (computed once for weights sharing an input),
+    or ``output_gram`` ``(d_out, d_out)`` = ``Z Z^T``. Returns ``U`` ``(d_out, k)``
     float32 with orthonormal columns, ``k = min(max_rank, rank Z)``, and ``S``
     ``(rank Z,)`` float64: every nonzero singular value of ``Z``, descending.
     """
-    if (input_gram is None) == (output_gram is None):
-        raise ValueError("pass exactly one of input_gram and output_gram")
+    if sum(x is not None for x in (input_gram, output_gram, input_root)) != 1:
+        raise ValueError("pass exactly one of input_gram, input_root and output_gram")
     if output_gram is not None:
         evals, evecs = torch.linalg.eigh(output_gram.to(torch.float64))
         sigma = _singular_values(evals.flip(0), torch.float64)
         keep = int((sigma > 0).sum())
         return evecs.flip(1)[:, : min(max_rank, keep)].to(torch.float32), sigma[:keep]
-    # Z Z^T = W C W^T = (W L)(W L)^T with C = L L^T, L = Q diag(sqrt(lambda)).
-    evals, q = torch.linalg.eigh(input_gram.to(torch.float64))
-    m = weight.to(torch.float64) @ (q * evals.clamp(min=0).sqrt())
+    # Z Z^T = W C W^T = (W L)(W L)^T with C = L L^T
+    root = gram_root(input_gram) if input_root is None else input_root
+    m = weight.to(torch.float64) @ root.to(torch.float64)
     sub = data_free_subspace(m, vectors=lambda s: min(max_rank, int((s > 0).sum())))
     k = sub.basis.shape[1]
     if sub.side == "output":

@@ -1,14 +1,14 @@
 """The ``lssf`` merge method: mergekit 0.1.5 glue around the kernel (``kernel.py``).
 
 One call merges one output tensor. The fine-tuned model is mergekit's base input;
-the two other inputs carry ``role: aligned`` and ``role: unaligned``. 2-D linear
-weights are fused; every other tensor is the fine-tuned model's, unchanged.
+the two other inputs carry ``role: aligned`` and ``role: unaligned``. The linear
+weights ``fused.kept_reason`` accepts are fused (stacked MoE experts one expert at a
+time); every other tensor is the fine-tuned model's, unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Dict, Hashable, Optional, Sequence
 
 import torch
@@ -18,10 +18,10 @@ from mergekit.merge_methods.base import (
     InputContract,
     PerNonBase,
     TensorGroup,
-    TensorMetadata,
 )
 from mergekit.merge_methods.easy_define import merge_method
 
+from mergekit_lssf.fused import fuses
 from mergekit_lssf.kernel import safety_factors, write_fused
 from mergekit_lssf.parameters import (
     DEFAULT_ALPHA,
@@ -44,41 +44,25 @@ from mergekit_lssf.parameters import (
     SpectrumName,
     Subspace,
     WeightMax,
+    one_per_role,
 )
 from mergekit_lssf.stats import STATS, TensorRecord
+from mergekit_lssf.subspace_file import open_subspace
 
 LOG = logging.getLogger("mergekit_lssf")
 
-#: Vocabulary-indexed tensors by name, for callers (the in-memory API) that pass no
-#: ``vocabulary_axis`` metadata. mergekit's own planner marks them with metadata.
-VOCABULARY_NAME = re.compile(
-    r"(^|\.)(embed_tokens|embed_in|embed_out|lm_head|wte|wpe|word_embeddings|"
-    r"position_embeddings|token_type_embeddings|shared)(\.|$)"
-)
-
-
-def might_be_fused(metadata: TensorMetadata) -> bool:
-    """False for tensors with a vocabulary axis, known from metadata or by name."""
-    return metadata.vocabulary_axis is None and not VOCABULARY_NAME.search(metadata.name or "")
-
 
 def is_fused(group: TensorGroup) -> bool:
-    """True for the 2-D floating linear weights LSSF fuses; False for the rest."""
+    """True for the weights LSSF fuses (``fused.kept_reason``); False for the rest."""
     tensor = group.base.tensor
-    return tensor.ndim == 2 and tensor.is_floating_point() and might_be_fused(group.metadata)
+    return fuses(group.metadata.name, tuple(tensor.shape), tensor.is_floating_point(),
+                 group.metadata.vocabulary_axis)
 
 
 def _inputs_by_role(group: TensorGroup, role: Dict[Hashable, str], name: str):
-    by_role: Dict[str, list] = {"aligned": [], "unaligned": []}
-    for entry in group.non_base:
-        by_role[role[entry.id]].append(entry)
-    if len(by_role["aligned"]) != 1 or len(by_role["unaligned"]) != 1:
-        described = ", ".join(f"{e.id}: {role[e.id]}" for e in group.non_base)
-        raise LSSFConfigError(
-            "lssf needs exactly one model with `role: aligned` and one with "
-            f"`role: unaligned` (tensor {name}); got {described or 'no models'}"
-        )
-    return by_role["aligned"][0], by_role["unaligned"][0]
+    entries = {entry.id: entry for entry in group.non_base}
+    picked = one_per_role({i: role[i] for i in entries}, f"tensor {name} has")
+    return entries[picked["aligned"]], entries[picked["unaligned"]]
 
 
 def count_non_finite(tensor: torch.Tensor) -> int:
@@ -144,19 +128,25 @@ def lssf_kernel(
         return finetuned.tensor
     settings = dict(eta=eta, max_rank=max_rank, rank=rank, weight_max=weight_max,
                     rank_rule=rank_rule, fusion=fusion, spectrum=spectrum)
+    w_ft, w_al, w_un = finetuned.tensor, aligned.tensor, unaligned.tensor
+    if w_ft.ndim == 3:  # stacked MoE experts (experts, d_out, d_in): each expert is one weight
+        return torch.stack([
+            _fuse_weight(f"{name}[{e}]", w_ft[e], w_al[e], w_un[e], settings, alpha, subspace, rounding)
+            for e in range(w_ft.shape[0])
+        ])
+    return _fuse_weight(name, w_ft, w_al, w_un, settings, alpha, subspace, rounding)
+
+
+def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.Tensor, settings: Dict[str, Any],
+                 alpha: float, subspace: Optional[str], rounding: str) -> torch.Tensor:
+    """One fused 2-D weight (``d_out x d_in``), recorded in STATS and logged."""
     try:
-        factors = safety_factors(
-            aligned.tensor,
-            unaligned.tensor,
-            subspace=load_subspace(subspace, name, finetuned.tensor),
-            work_dtype=finetuned.tensor.dtype,
-            **settings,
-        )
-        fused, written = write_fused(finetuned.tensor, factors, alpha,
-                                     out_dtype=STATS.output_dtype, rounding=rounding)
+        factors = safety_factors(w_al, w_un, subspace=load_subspace(subspace, name, w_ft),
+                                 work_dtype=w_ft.dtype, **settings)
+        fused, written = write_fused(w_ft, factors, alpha, out_dtype=STATS.output_dtype, rounding=rounding)
     except RuntimeError as error:  # e.g. an eigensolver that did not converge
         raise RuntimeError(
-            f"lssf: computing tensor {name} {tuple(finetuned.tensor.shape)} failed: {error}"
+            f"lssf: computing tensor {name} {tuple(w_ft.shape)} failed: {error}"
         ) from error
     info = factors.info
     choice = info.choice
@@ -175,13 +165,13 @@ def lssf_kernel(
     LOG.info(
         "lssf %s %s: rank %d by %s%s, entropy share %.3f, energy share %.3f; fusion %s%s%s",
         name,
-        tuple(finetuned.tensor.shape),
+        tuple(w_ft.shape),
         choice.rank,
-        _rule_words(choice, eta),
+        _rule_words(choice, settings["eta"]),
         f" (capped by max_rank from {_uncapped(choice)})" if choice.capped else "",
         choice.entropy_share,
         choice.energy_share,
-        fusion,
+        settings["fusion"],
         _edge_words(choice),
         _written_words(written, fused.dtype) if choice.rank else "",
     )
@@ -222,8 +212,6 @@ def load_subspace(path: Optional[str], name: str, weight: torch.Tensor):
     """The calibrated subspace of weight ``name`` from file ``path`` (None: data-free)."""
     if path is None:
         return None
-    from mergekit_lssf.subspace_file import open_subspace
-
     return open_subspace(path).subspace(name, tuple(weight.shape), weight.device)
 
 

@@ -8,7 +8,7 @@ No torch or mergekit import: the recipe checker and the CLI share this module.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from pydantic import BeforeValidator
 from typing_extensions import Annotated, Literal
@@ -45,6 +45,20 @@ ROLES = ("aligned", "unaligned")
 
 class LSSFConfigError(ValueError):
     """A recipe or input that LSSF cannot merge; the message names the field."""
+
+
+def one_per_role(roles: Dict[Any, str], context: str) -> Dict[str, Any]:
+    """``{"aligned": key, "unaligned": key}`` from ``key -> role``: the one role check
+    of the recipe check and of the merge method. Refuses anything but exactly one
+    model per role; ``context`` ends the message (e.g. "the recipe has")."""
+    by_role = {role: [key for key, value in roles.items() if value == role] for role in ROLES}
+    for role, keys in by_role.items():
+        if len(keys) != 1:
+            raise LSSFConfigError(
+                f"lssf needs exactly one model with `role: {role}`; {context} "
+                f"{len(keys)}: {[str(k) for k in keys]}"
+            )
+    return {role: keys[0] for role, keys in by_role.items()}
 
 
 def _number(name: str, value: Any) -> float:

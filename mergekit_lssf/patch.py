@@ -22,10 +22,13 @@ from typing import Dict
 
 import torch
 from mergekit.config import MergeConfiguration
-from safetensors.torch import save_file
+from peft import LoraConfig
 
 from mergekit_lssf.kernel import balanced_factors
+from mergekit_lssf.parameters import LSSFConfigError
 from mergekit_lssf.provenance import effective_parameters, fusion_words, roles, versions
+from mergekit_lssf.recipe import check_recipe
+from mergekit_lssf.safetensors_io import StreamedWriter
 from mergekit_lssf.traversal import aligned_model, fused_factors
 
 PREFIX = "base_model.model."
@@ -36,13 +39,32 @@ OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 def extract_patch(
     config: MergeConfiguration, out_dir: str, *, cuda: bool = False, dtype: torch.dtype = torch.float32
 ) -> Dict[str, int]:
-    """Write adapter_config.json and adapter_model.safetensors; returns rank per module."""
-    from peft import LoraConfig
+    """Write adapter_config.json and adapter_model.safetensors; returns rank per module.
 
-    state: Dict[str, torch.Tensor] = {}
+    The factors are streamed to the adapter file one module at a time (part files,
+    then one file: PEFT loads a single ``adapter_model.safetensors``), so memory holds
+    one weight's factors whatever the depth."""
+    created = not os.path.exists(out_dir)
+    writer = StreamedWriter(os.path.join(out_dir, "adapter_model.safetensors"))
+    try:
+        ranks, fusions = _stream_factors(config, writer, cuda, dtype)
+        _finish(config, out_dir, writer, ranks, fusions)
+    finally:
+        writer.close()
+        if created and os.path.isdir(out_dir) and not os.listdir(out_dir):  # failed before writing
+            os.rmdir(out_dir)
+    return ranks
+
+
+def _stream_factors(config: MergeConfiguration, writer: StreamedWriter, cuda: bool, dtype: torch.dtype):
+    """Rank per module and the fusions seen; each module's A and B go to ``writer``."""
     ranks: Dict[str, int] = {}
     fusions = set()
     for tensor in fused_factors(config, cuda=cuda):
+        if tensor.expert is not None:
+            raise LSSFConfigError(
+                f"extract-patch: {tensor.name.rsplit('[', 1)[0]} is a stacked MoE expert weight, which a PEFT "
+                "LoRA adapter cannot target; merge with mergekit-yaml instead (nothing was written)")
         fusions.add(tensor.parameters["fusion"])
         alpha = tensor.parameters["alpha"]
         left, right = tensor.factors.left, tensor.factors.right
@@ -50,13 +72,16 @@ def extract_patch(
             continue
         b, a = balanced_factors(left, right, alpha)
         module = tensor.name.removesuffix(".weight")
-        state[f"{PREFIX}{module}.lora_A.weight"] = a.to(dtype).contiguous()
-        state[f"{PREFIX}{module}.lora_B.weight"] = b.to(dtype).contiguous()
+        writer.add({f"{PREFIX}{module}.lora_A.weight": a.to(dtype), f"{PREFIX}{module}.lora_B.weight": b.to(dtype)})
         ranks[module] = b.shape[1]
     if not ranks:
-        raise SystemExit("lssf: nothing to patch (every fused tensor has rank 0 or alpha 0)")
-    from mergekit_lssf.recipe import check_recipe
+        raise LSSFConfigError("extract-patch: nothing to patch (every fused tensor has rank 0 or alpha 0); "
+                              "nothing was written")
+    return ranks, fusions
 
+
+def _finish(config: MergeConfiguration, out_dir: str, writer: StreamedWriter, ranks: Dict[str, int], fusions) -> None:
+    """The adapter file's header and metadata, adapter_config.json and README.md."""
     models = roles(config, check_recipe(config))
     parameters = effective_parameters(config)
     for_finetune = "restore" in fusions
@@ -87,10 +112,9 @@ def extract_patch(
     }
     os.makedirs(out_dir, exist_ok=True)
     lora.save_pretrained(out_dir)
-    save_file(state, os.path.join(out_dir, "adapter_model.safetensors"), metadata=metadata)
+    writer.finish(metadata)
     with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as fp:
         fp.write(_readme(models, parameters, ranks, for_finetune, out_dir))
-    return ranks
 
 
 def _readme(models, parameters, ranks, for_finetune: bool, out_dir: str) -> str:

@@ -1,4 +1,5 @@
-"""Pre-flight check of an ``merge_method: lssf`` recipe, run before mergekit plans.
+"""Reading an ``merge_method: lssf`` recipe and its pre-flight check, run before
+mergekit plans.
 
 mergekit silently ignores unknown parameters and per-model values of recipe-level
 parameters, and only validates values tensor by tensor. This check reads the whole
@@ -10,18 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import yaml
 from mergekit.config import ConditionalParameter, MergeConfiguration
+from pydantic import ValidationError
 
-from mergekit_lssf.guards import check_model_folder, role_swap_warning, sample_names
-from mergekit_lssf.safetensors_io import read_header
-from mergekit_lssf.parameters import (
-    PER_MODEL_PARAMETERS,
-    ROLES,
-    SHARED_PARAMETERS,
-    LSSFConfigError,
-)
+from mergekit_lssf.fused import fuses, is_vocabulary
+from mergekit_lssf.guards import check_model_folder, model_index, role_swap_warning, sample_names
+from mergekit_lssf.merge_method import LSSF_METHOD
+from mergekit_lssf.parameters import PER_MODEL_PARAMETERS, SHARED_PARAMETERS, LSSFConfigError, one_per_role
+from mergekit_lssf.subspace_file import open_subspace
 
 LOG = logging.getLogger("mergekit_lssf")
 
@@ -71,8 +72,6 @@ def _leaves(setting: Any) -> Iterator[Any]:
 
 
 def _validators() -> Dict[str, Any]:
-    from mergekit_lssf.merge_method import LSSF_METHOD
-
     return {p.name: p.validate for p in LSSF_METHOD.spec.parameters}
 
 
@@ -151,20 +150,35 @@ def check_recipe(
                 f"{roles[model]!r} elsewhere in the recipe"
             )
 
-    by_role = {r: [m for m, mr in roles.items() if mr == r] for r in ROLES}
-    for role, models in by_role.items():
-        if len(models) != 1:
-            raise LSSFConfigError(
-                f"lssf needs exactly one model with `role: {role}`; the recipe has "
-                f"{len(models)}: {[str(m) for m in models]}"
-            )
-    refs = {"aligned": by_role["aligned"][0], "unaligned": by_role["unaligned"][0]}
+    refs = one_per_role(roles, "the recipe has")
     _check_shapes(config.base_model, refs)
     for where, settings in _shared_scopes(config):
         for value in _leaves((settings or {}).get("subspace")):
             if value is not None:
+                _check_subspace_layers(config, refs["aligned"], f"{where}.subspace")
                 _check_subspace(f"{where}.subspace", value, refs["aligned"])
     return refs
+
+
+def _check_subspace_layers(config: MergeConfiguration, aligned: Any, where: str) -> None:
+    """A calibrated subspace is looked up by the output tensor's name, which is the
+    aligned model's own name only where the slices keep its layers in place: refuse a
+    slice that takes the aligned model's layers a..b to other output positions."""
+    groups = [("slices", config.slices or [])] + [
+        (f"modules.{name}.slices", module.slices or []) for name, module in (config.modules or {}).items()]
+    for prefix, slices in groups:
+        offset = 0
+        for i, output_slice in enumerate(slices):
+            length = 0
+            for j, source in enumerate(output_slice.sources):
+                start, end = source.layer_range
+                length = end - start
+                if source.model == aligned and start != offset:
+                    raise LSSFConfigError(
+                        f"{prefix}[{i}].sources[{j}].layer_range: the aligned model's layers {start}..{end} go to "
+                        f"output layers {offset}..{offset + length}, but `{where}` looks subspaces up by output "
+                        "tensor name; keep the aligned model's layers in place, or use the data-free subspace")
+            offset += length
 
 
 def _check_spectrum(where: str, settings: Dict[str, Any]) -> None:
@@ -181,9 +195,6 @@ def _check_spectrum(where: str, settings: Dict[str, Any]) -> None:
 
 def _check_subspace(where: str, path: str, aligned: Any) -> None:
     """The file is an lssf subspace file, of this aligned model, covering its weights."""
-    from mergekit_lssf.merge_method import VOCABULARY_NAME
-    from mergekit_lssf.subspace_file import open_subspace
-
     try:
         subspace = open_subspace(path)
     except LSSFConfigError as error:
@@ -195,53 +206,28 @@ def _check_subspace(where: str, path: str, aligned: Any) -> None:
         subspace.check_fingerprint(model_dir, "aligned")
     except LSSFConfigError as error:
         raise LSSFConfigError(f"{where}: {error}") from None
-    shapes = _safetensors_shapes(aligned) or {}
-    for name, shape in sorted(shapes.items()):
-        if len(shape) == 2 and not VOCABULARY_NAME.search(name) and not subspace.has(name):
+    for name, stored in sorted((model_index(aligned) or {}).items()):
+        if fuses(name, stored.shape, stored.floating) and not subspace.has(name):
             raise LSSFConfigError(
                 f"{where}: weight {name} of the aligned model ({aligned}) is missing from "
                 f"subspace file {path}"
             )
 
 
-def _safetensors_shapes(model: Any) -> Optional[Dict[str, Tuple[int, ...]]]:
-    """Tensor shapes of a local safetensors model from file headers alone."""
-    index = safetensors_index(model)
-    return None if index is None else {name: tuple(shape) for name, (shape, _dtype) in index.items()}
-
-
-def safetensors_index(model: Any) -> Optional[Dict[str, Tuple[List[int], str]]]:
-    """name -> (shape, safetensors dtype) of a local safetensors model, from file
-    headers alone; None for a LoRA reference, a hub id or a folder without them."""
-    if getattr(model, "lora", None) is not None or not os.path.isdir(model.model.path):
-        return None
-    files = sorted(f for f in os.listdir(model.model.path) if f.endswith(".safetensors"))
-    if not files:
-        return None
-    out: Dict[str, Tuple[List[int], str]] = {}
-    for file in files:
-        header, _start = read_header(os.path.join(model.model.path, file))
-        out.update({n: (list(i["shape"]), i["dtype"]) for n, i in header.items() if n != "__metadata__"})
-    return out
-
-
 def _check_shapes(base: Any, refs: Dict[str, Any]) -> None:
     """Same shapes for every tensor of the three local models (vocabulary excepted)."""
-    from mergekit_lssf.merge_method import VOCABULARY_NAME
-
-    base_shapes = _safetensors_shapes(base)
-    if base_shapes is None:
+    base_index = model_index(base)
+    if base_index is None:
         return
     for role, model in refs.items():
-        shapes = _safetensors_shapes(model)
-        if shapes is None:
+        index = model_index(model)
+        if index is None:
             continue
-        for name, shape in base_shapes.items():
-            other = shapes.get(name)
+        for name, stored in base_index.items():
+            shape, other = stored.shape, index[name].shape if name in index else None
             if other is None or other == shape:
                 continue
-            vocabulary = VOCABULARY_NAME.search(name)
-            if vocabulary and len(other) == len(shape) and other[1:] == shape[1:]:
+            if is_vocabulary(name) and len(other) == len(shape) and other[1:] == shape[1:]:
                 continue
             raise LSSFConfigError(
                 f"lssf: tensor {name} has shape {list(shape)} in the fine-tuned "
@@ -265,8 +251,6 @@ def prepare_recipe(
     if refs is None:
         refs = check_recipe(config, trust_remote_code=trust_remote_code)
     if warn:
-        import sys
-
         for warning in (role_check(config, refs), dtype_warning(config, refs)):
             if warning:
                 print(warning, file=sys.stderr)
@@ -295,7 +279,7 @@ def dtype_warning(config: MergeConfiguration, refs: Dict[str, Any]) -> Optional[
         return None
     stored = set()
     for model in [config.base_model, *refs.values()]:
-        stored |= {dtype for _shape, dtype in (safetensors_index(model) or {}).values() if dtype in _BITS}
+        stored |= {t.dtype for t in (model_index(model) or {}).values() if t.dtype in _BITS}
     wider = sorted(d for d in stored if _BITS[d] > _BITS[str(config.dtype)])
     also = f" and than the {'/'.join(wider)} the models store" if wider else ""
     out = config.out_dtype or config.dtype
@@ -306,21 +290,34 @@ def dtype_warning(config: MergeConfiguration, refs: Dict[str, Any]) -> Optional[
 
 def role_check(config: MergeConfiguration, refs: Dict[str, Any]) -> Optional[str]:
     """The role-swap warning for this recipe, or None (see ``guards.role_swap_warning``)."""
-    from mergekit_lssf.merge_method import VOCABULARY_NAME
-
-    shapes = _safetensors_shapes(config.base_model) or {}
-    names = sample_names(shapes, lambda n: not VOCABULARY_NAME.search(n))
+    shapes = {name: t.shape for name, t in (model_index(config.base_model) or {}).items()}
+    names = sample_names(shapes, lambda name: fuses(name, shapes[name]))
     return role_swap_warning(config.base_model, refs["aligned"], refs["unaligned"], names)
 
 
 def vocabulary_differs(base: Any, refs: Dict[str, Any]) -> List[str]:
     """Names of vocabulary tensors whose row count differs from the base model's."""
-    from mergekit_lssf.merge_method import VOCABULARY_NAME
-
-    base_shapes = _safetensors_shapes(base) or {}
+    base_index = model_index(base) or {}
     differing = []
     for model in refs.values():
-        for name, shape in (_safetensors_shapes(model) or {}).items():
-            if VOCABULARY_NAME.search(name) and base_shapes.get(name, shape) != shape:
+        for name, stored in (model_index(model) or {}).items():
+            if is_vocabulary(name) and name in base_index and base_index[name].shape != stored.shape:
                 differing.append(name)
     return sorted(set(differing))
+
+
+def load_recipe(path: str) -> MergeConfiguration:
+    """The lssf recipe at ``path``, parsed by mergekit; YAML and schema errors, and a
+    recipe of another merge method, are one-line ``LSSFConfigError``s."""
+    with open(path, encoding="utf-8") as fp:
+        try:
+            config = MergeConfiguration.model_validate(yaml.safe_load(fp))
+        except yaml.YAMLError as error:
+            raise LSSFConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise LSSFConfigError(f"{path}: not a valid mergekit recipe: {where}: {first['msg']}") from None
+    if config.merge_method != "lssf":
+        raise LSSFConfigError(f"{path}: merge_method is {config.merge_method!r}, not 'lssf'")
+    return config

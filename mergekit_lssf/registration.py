@@ -1,4 +1,8 @@
-"""Register ``lssf`` with mergekit and wrap ``run_merge``; both idempotent."""
+"""Register ``lssf`` with mergekit and wrap ``run_merge``; both idempotent.
+
+The start-up hook (``mergekit_lssf_startup``) calls the ``on_*`` functions here when
+mergekit's modules load; ``mergekit_lssf/__init__.py`` calls ``install_loaded``.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,21 @@ import functools
 import sys
 from types import ModuleType
 
-METHOD_NAME = "lssf"
+from mergekit import merge_methods
+from mergekit.common import dtype_from_name
+
+from mergekit_lssf.guards import check_output_folder
+from mergekit_lssf.merge_method import LSSF_METHOD
+from mergekit_lssf.model_card import append_card, summary_words
+from mergekit_lssf.parameters import LSSFConfigError
+from mergekit_lssf.recipe import check_recipe, prepare_recipe
+from mergekit_lssf.stats import STATS
+
+METHOD_NAME = LSSF_METHOD.spec.name
 
 
 def register():
     """Register the lssf method unless a method of that name already is."""
-    from mergekit import merge_methods
-
-    from mergekit_lssf.merge_method import LSSF_METHOD
-
     if not any(m.spec.name == METHOD_NAME for m in merge_methods.registered_methods()):
         merge_methods.register(LSSF_METHOD)
     return merge_methods.get(METHOD_NAME)
@@ -53,8 +63,6 @@ def on_cli_loaded(module: ModuleType) -> None:
 
     @functools.wraps(callback)
     def wrapped(*args, **kwargs):
-        from mergekit_lssf.parameters import LSSFConfigError
-
         try:
             return callback(*args, **kwargs)
         except LSSFConfigError as error:
@@ -70,32 +78,26 @@ def on_cli_loaded(module: ModuleType) -> None:
 
 
 def _run_lssf(original, merge_config, out_path, options, config_source):
-    from mergekit_lssf.guards import check_output_folder
-    from mergekit_lssf.model_card import append_card, summary_words
-    from mergekit_lssf.recipe import check_recipe, prepare_recipe
-    from mergekit_lssf.stats import STATS
-
     check_output_folder(out_path)
     refs = check_recipe(merge_config, trust_remote_code=options.trust_remote_code)
     merge_config = prepare_recipe(merge_config, trust_remote_code=options.trust_remote_code, refs=refs)
-    from mergekit.common import dtype_from_name
-
     STATS.reset(output_dtype=dtype_from_name(merge_config.out_dtype))
-    result = original(merge_config, out_path, options=options, config_source=config_source)
-    if options.write_model_card:
-        append_card(out_path, merge_config, refs, STATS)
-    if not options.quiet:
-        print(summary_words(merge_config, refs, STATS), file=sys.stderr)
-    for warning in STATS.warnings():  # printed even with --quiet
-        print(warning, file=sys.stderr)
+    try:
+        result = original(merge_config, out_path, options=options, config_source=config_source)
+        if options.write_model_card:
+            append_card(out_path, merge_config, refs, STATS)
+        if not options.quiet:
+            print(summary_words(merge_config, refs, STATS), file=sys.stderr)
+        for warning in STATS.warnings():  # printed even with --quiet
+            print(warning, file=sys.stderr)
+    finally:  # a later in-memory merge in this process must not write in this recipe's out_dtype
+        STATS.output_dtype = None
     return result
 
 
-def install() -> None:
-    """What ``import mergekit_lssf`` does: hook, register, wrap what is loaded."""
-    import mergekit_lssf_startup
-
-    mergekit_lssf_startup.install()
+def install_loaded() -> None:
+    """Register the method and wrap the mergekit modules already loaded (those loaded
+    later are hooked by ``mergekit_lssf_startup``)."""
     register()
     merge_module = sys.modules.get("mergekit.merge")
     if merge_module is not None and hasattr(merge_module, "run_merge"):

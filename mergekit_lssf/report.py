@@ -49,7 +49,7 @@ def build_report(config: MergeConfiguration, out_dir: str, *, cuda: bool = False
     """Compute the report for ``config`` and write it under ``out_dir``."""
     rows: List[Dict] = []
     curves: Dict[str, List[float]] = {}
-    for tensor in fused_factors(config, cuda=cuda):
+    for tensor in fused_factors(config, cuda=cuda, factors=False):
         rows.append(_row(tensor))
         cum, _ = spectral_entropy(tensor.factors.sigma)
         total = float(cum[-1]) if cum.numel() else 0.0

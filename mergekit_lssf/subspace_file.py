@@ -7,9 +7,8 @@ descending), and string metadata: ``format``, ``fingerprint`` (of the aligned
 model) and ``fingerprint_scheme``, ``architecture``, ``anchors_sha256``, ``tokens``, ``normalization``,
 ``max_rank``, ``version``.
 
-The writer takes one decoder block at a time (each block goes to a part file) and
-assembles the final file by streaming, so memory does not grow with depth; the
-final rename makes the write atomic.
+``calibrate`` writes it with ``safetensors_io.StreamedWriter``, one decoder block at
+a time, so memory does not grow with depth.
 """
 
 from __future__ import annotations
@@ -17,17 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import struct
-import tempfile
 import threading
 from typing import Dict, List, Optional
 
 import torch
+from safetensors import safe_open
 
 from mergekit_lssf.kernel import SafetySubspace
 from mergekit_lssf.parameters import LSSFConfigError
-from mergekit_lssf.safetensors_io import read_header
+from mergekit_lssf.safetensors_io import read_header, required_weight_files
 
 FORMAT = "mergekit-lssf-subspace/1"
 NORMALIZATION = "unit-l2-per-token"
@@ -35,13 +32,6 @@ NORMALIZATION = "unit-l2-per-token"
 FINGERPRINT_SCHEME = "tensor-samples/1"
 _SAMPLE_BLOCKS = 8
 _BLOCK_BYTES = 4096
-
-
-def model_files(model_dir: str) -> List[str]:
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    if not files:
-        raise LSSFConfigError(f"no .safetensors weights in {model_dir}")
-    return [os.path.join(model_dir, f) for f in files]
 
 
 def model_fingerprint(model_dir: str) -> str:
@@ -53,7 +43,7 @@ def model_fingerprint(model_dir: str) -> str:
     digest = hashlib.sha256()
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fp:
         digest.update(json.dumps(json.load(fp).get("architectures"), sort_keys=True).encode())
-    for path in model_files(model_dir):
+    for path in required_weight_files(model_dir):
         header, start = read_header(path)
         tensors = sorted((k, v) for k, v in header.items() if k != "__metadata__")
         digest.update(json.dumps([(k, v["dtype"], v["shape"]) for k, v in tensors]).encode())
@@ -75,58 +65,10 @@ def _sample_offsets(size: int) -> List[int]:
     return [int(i * step) for i in range(_SAMPLE_BLOCKS)]
 
 
-class SubspaceWriter:
-    """Collects per-block tensors in part files, then writes one safetensors file."""
-
-    def __init__(self, path: str):
-        self.path = path
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        self._tmp = tempfile.mkdtemp(prefix=".lssf-parts-", dir=directory)
-        self._parts: List[str] = []
-
-    def add(self, tensors: Dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
-        part = os.path.join(self._tmp, f"part-{len(self._parts):05d}.safetensors")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, part)
-        self._parts.append(part)
-
-    def finish(self, metadata: Dict[str, str]) -> None:
-        entries, offset, sources = {}, 0, []
-        for part in self._parts:
-            header, start = read_header(part)
-            header.pop("__metadata__", None)
-            base = offset
-            for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                begin, end = info["data_offsets"]
-                entries[name] = {**info, "data_offsets": [base + begin, base + end]}
-                offset = max(offset, base + end)
-            sources.append((part, start))
-        entries["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-        blob = json.dumps(entries, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        partial = self.path + ".partial"
-        with open(partial, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            for part, start in sources:
-                with open(part, "rb") as src:
-                    src.seek(start)
-                    shutil.copyfileobj(src, out, 1 << 24)
-        os.replace(partial, self.path)
-        self.close()
-
-    def close(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-
 class SubspaceFile:
     """A subspace file opened once; U and S are read lazily, per weight."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
-
         if not os.path.isfile(path):
             raise LSSFConfigError(f"lssf parameter `subspace`: no such file {path!r}")
         self.path = path

@@ -23,6 +23,8 @@ from typing import Dict, Optional
 
 import torch
 
+from mergekit_lssf.fused import fuses
+
 #: Named sizes: (hidden, intermediate, layers, heads, kv_heads, vocab).
 SIZES = {
     "tiny": (64, 160, 2, 4, 2, 384),
@@ -82,7 +84,8 @@ def count_parameters(size: str) -> int:
 
 
 def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
-    return tensor.ndim == 2 and "embed" not in name and "lm_head" not in name
+    """The weights LSSF fuses (``fused.fuses``), which get the planted delta."""
+    return fuses(name, tuple(tensor.shape), tensor.is_floating_point())
 
 
 def _low_rank(shape, rank: int, scale: float, gen: torch.Generator) -> torch.Tensor:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import torch
+from tqdm import tqdm
 from mergekit.architecture import get_architecture_info
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
@@ -27,8 +28,8 @@ from mergekit.plan import MergePlanner
 
 from mergekit_lssf.kernel import SafetyFactors, safety_factors
 from mergekit_lssf.merge_method import checked_inputs, is_fused, load_subspace
-from mergekit_lssf.parameters import FACTOR_PARAMETERS, LSSFConfigError
-from mergekit_lssf.recipe import prepare_recipe
+from mergekit_lssf.parameters import FACTOR_PARAMETERS
+from mergekit_lssf.recipe import check_recipe, prepare_recipe
 
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -37,10 +38,11 @@ LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 class FusedTensor:
     """One fused weight: its name, shape, resolved parameters and factors (CPU)."""
 
-    name: str
+    name: str  # ``...experts.down_proj[3]`` for one expert of a stacked expert weight
     shape: tuple
     parameters: dict
     factors: SafetyFactors
+    expert: Optional[int] = None  # the expert's index in a stacked expert weight
 
     @property
     def layer(self) -> Optional[int]:
@@ -55,10 +57,11 @@ class FusedTensor:
         return stem[match.end():] if match else stem
 
 
-class FactorTask(Task[Optional[FusedTensor]]):
+class FactorTask(Task[Optional[List[FusedTensor]]]):
     """Load one tensor group (lazily, via mergekit) and compute its lssf factors."""
 
     source: ExecuteMergeMethodTask
+    factors: bool = True  # False: spectrum and rank only (FusedTensor.factors has no left/right)
 
     def arguments(self):
         return {"tensors": self.source.gather_tensors}
@@ -69,7 +72,7 @@ class FactorTask(Task[Optional[FusedTensor]]):
     def group_label(self) -> Optional[str]:
         return self.source.group_label()
 
-    def execute(self, tensors, **_kwargs) -> Optional[FusedTensor]:
+    def execute(self, tensors, **_kwargs) -> Optional[List[FusedTensor]]:
         src = self.source
         entries = tuple(
             TensorEntry(id=m, tensor=tensors[m], is_base=m == src.base_model)
@@ -84,35 +87,24 @@ class FactorTask(Task[Optional[FusedTensor]]):
         role = {m: p["role"] for m, p in src.input_parameters.items() if "role" in p}
         finetuned, aligned, unaligned = checked_inputs(group, role, name)
         params = dict(src.parameters.items())
-        factors = safety_factors(
-            aligned.tensor,
-            unaligned.tensor,
-            subspace=load_subspace(params["subspace"], name, aligned.tensor),
-            **{k: params[k] for k in FACTOR_PARAMETERS},
-        ).with_finetune(finetuned.tensor)  # restore: the term for this fine-tune
-        cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32)  # noqa: E731
-        factors = SafetyFactors(cpu(factors.left), cpu(factors.right), factors.info, factors.sigma.cpu(),
-                                factors.fusion, side=factors.side)
-        return FusedTensor(name, tuple(group.base.tensor.shape), params, factors)
+        if finetuned.tensor.ndim == 3:  # stacked MoE experts, one weight per expert
+            return [_factors(f"{name}[{e}]", finetuned.tensor[e], aligned.tensor[e], unaligned.tensor[e], params,
+                             self.factors, e) for e in range(finetuned.tensor.shape[0])]
+        return [_factors(name, finetuned.tensor, aligned.tensor, unaligned.tensor, params, self.factors)]
 
 
-def load_recipe(path: str) -> MergeConfiguration:
-    import yaml
-
-    from pydantic import ValidationError
-
-    with open(path, encoding="utf-8") as fp:
-        try:
-            config = MergeConfiguration.model_validate(yaml.safe_load(fp))
-        except yaml.YAMLError as error:
-            raise LSSFConfigError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise LSSFConfigError(f"{path}: not a valid mergekit recipe: {where}: {first['msg']}") from None
-    if config.merge_method != "lssf":
-        raise LSSFConfigError(f"{path}: merge_method is {config.merge_method!r}, not 'lssf'")
-    return config
+def _factors(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.Tensor, params: dict,
+             with_factors: bool, expert: Optional[int] = None) -> FusedTensor:
+    factors = safety_factors(
+        w_al, w_un,
+        subspace=load_subspace(params["subspace"], name, w_al),
+        factors=with_factors,
+        **{k: params[k] for k in FACTOR_PARAMETERS},
+    ).with_finetune(w_ft)  # restore: the term for this fine-tune
+    cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32)  # noqa: E731
+    factors = SafetyFactors(cpu(factors.left), cpu(factors.right), factors.info, factors.sigma.cpu(),
+                            factors.fusion, side=factors.side)
+    return FusedTensor(name, tuple(w_ft.shape), params, factors, expert)
 
 
 def planned_tensors(config: MergeConfiguration, options: MergeOptions) -> list:
@@ -129,28 +121,24 @@ def planned_tensors(config: MergeConfiguration, options: MergeOptions) -> list:
 
 
 def fused_factors(
-    config: MergeConfiguration, *, cuda: bool = False, quiet: bool = False
+    config: MergeConfiguration, *, cuda: bool = False, quiet: bool = False, factors: bool = True
 ) -> Iterator[FusedTensor]:
-    """Yield a FusedTensor for every weight the recipe fuses, in model order."""
+    """Yield a FusedTensor for every weight the recipe fuses, in model order
+    (``factors=False``: spectra and ranks only, without computing the factors)."""
     options = MergeOptions(cuda=cuda, quiet=quiet)
     config = prepare_recipe(config, trust_remote_code=options.trust_remote_code)
-    tasks = [FactorTask(source=t) for t in planned_tensors(config, options)]
+    tasks = [FactorTask(source=t, factors=factors) for t in planned_tensors(config, options)]
     device = torch.device(options.device)
     executor = Executor(targets=tasks, math_device=device, storage_device=torch.device("cpu"))
     # one step per output tensor (mergekit's own bar would count every load task too)
-    from tqdm import tqdm
-
     results = executor.run(quiet=True)
     for _task, result in tqdm(results, total=len(tasks), desc="lssf tensors", unit="tensor", disable=quiet):
-        if result is not None:
-            yield result
+        yield from result or []
 
 
 def aligned_model(config: MergeConfiguration) -> ModelReference:
     """The recipe's aligned model (after the recipe check)."""
-    from mergekit_lssf.recipe import check_recipe
-
     return check_recipe(config)["aligned"]
 
 
-__all__ = ["FusedTensor", "FactorTask", "aligned_model", "fused_factors", "load_recipe", "planned_tensors"]
+__all__ = ["FusedTensor", "FactorTask", "aligned_model", "fused_factors", "planned_tensors"]

@@ -281,3 +281,66 @@ def test_subspace_file_rewritten_in_the_same_process_is_read_again(toy, tmp_path
     _edited_file(root, "rewritten.safetensors", lambda t, m: m.update(tokens="1"))
     again = open_subspace(str(path))
     assert again is not first and again.metadata["tokens"] == "1"
+
+
+def _sliced_recipe(root, name, aligned_range):
+    doc = {
+        "merge_method": "lssf",
+        "base_model": "./finetuned",
+        "slices": [{"sources": [
+            {"model": "./finetuned", "layer_range": [0, 1]},
+            {"model": "./aligned", "layer_range": aligned_range, "parameters": {"role": "aligned"}},
+            {"model": "./unaligned", "layer_range": aligned_range, "parameters": {"role": "unaligned"}},
+        ]}],
+        "parameters": {"subspace": "sub.safetensors"},
+        "dtype": "float32",
+    }
+    import yaml
+
+    (root / name).write_text(yaml.safe_dump(doc))
+    return str(root / name)
+
+
+def test_subspace_with_remapped_aligned_layers_is_refused(toy, monkeypatch):
+    """The subspace is looked up by output tensor name: a slice that moves the aligned
+    model's layer 1 to output layer 0 would get layer 0's subspace, so it is refused."""
+    from mergekit_lssf.recipe import check_recipe, load_recipe
+
+    root, _ = toy
+    monkeypatch.chdir(root)
+    check_recipe(load_recipe(_sliced_recipe(root, "in-place.yml", [0, 1])))  # layers kept in place: fine
+    with pytest.raises(LSSFConfigError, match=r"slices\[0\]\.sources\[1\]\.layer_range: the aligned model's layers 1\.\.2 "
+                                              r"go to output layers 0\.\.1, but `parameters.subspace` looks subspaces up"):
+        check_recipe(load_recipe(_sliced_recipe(root, "moved.yml", [1, 2])))
+
+
+def test_each_shared_input_is_decomposed_once(tmp_path, monkeypatch):
+    """q/k/v share one input and gate/up another: one eigendecomposition each per block
+    (o_proj has its own; down_proj, wider in than out, uses Z Z^T), same file."""
+    import mergekit_lssf.calibrate as cal
+    from mergekit_lssf.kernel import gram_root
+
+    calls = []
+    monkeypatch.setattr(cal, "gram_root", lambda gram: calls.append(gram.shape) or gram_root(gram))
+    build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=21))
+    anchors = _write_anchors(tmp_path / "anchors.jsonl", ANCHORS)
+    calibrate(str(tmp_path / "aligned"), str(tmp_path / "sub.safetensors"), anchors_path=anchors, max_rank=8,
+              batch_size=4, progress=False)
+    assert len(calls) == 2 * 3  # 2 blocks x (q/k/v, o, gate/up)
+
+
+def test_shared_root_gives_the_input_gram_result():
+    from mergekit_lssf.kernel import calibrated_subspace, gram_root
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 24, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    root = gram_root(gram)
+    torch.testing.assert_close(root @ root.T, gram, rtol=1e-10, atol=1e-10)
+    for weight in (torch.randn(16, 24, generator=g), torch.randn(30, 24, generator=g)):
+        u1, s1 = calibrated_subspace(weight, input_gram=gram, max_rank=8)
+        u2, s2 = calibrated_subspace(weight, input_root=root, max_rank=8)
+        z = weight.double() @ x.T  # Z = W X_hat, float64
+        np.testing.assert_allclose(s2.numpy(), np.linalg.svd(z.numpy(), compute_uv=False)[: len(s2)], rtol=1e-8)
+        torch.testing.assert_close(s1, s2)
+        torch.testing.assert_close(u1.abs(), u2.abs())  # the same eigh: same vectors up to sign

@@ -189,3 +189,22 @@ def test_subspace_basis_smaller_than_rank_is_capped():
     small = SafetySubspace(full.sigma, full.basis[:, :3], full.side)
     _, info = lssf_fuse(ft, al, un, alpha=1.0, eta=0.99, subspace=small)
     assert info.rank == 3 and info.choice.capped
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (96, 160), (300, 12), (1, 40)])
+@pytest.mark.parametrize("settings", [dict(fusion="restore"), dict(fusion="add", rank_rule="noise_floor"),
+                                      dict(fusion="restore", max_rank=5), dict(fusion="add", rank=7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spectrum_only_gives_the_same_rank_and_spectrum(shape, settings, dtype):
+    """``safety_factors(factors=False)`` (what `report` runs) chooses the rank from the
+    same spectrum as the merge, and computes no factors."""
+    from mergekit_lssf.kernel import safety_factors
+
+    _, al, un = (torch.from_numpy(w).to(dtype) for w in _weights(shape, spectra(min(shape))["planted_plus_noise"]))
+    settings = {"eta": 0.9, "max_rank": 256, **settings}
+    full = safety_factors(al, un, **settings)
+    ranks_only = safety_factors(al, un, factors=False, **settings)
+    assert ranks_only.left is None and ranks_only.right is None
+    assert ranks_only.info.choice == full.info.choice and ranks_only.info.sigma_1 == full.info.sigma_1
+    assert torch.equal(ranks_only.sigma, full.sigma)
+    assert (full.left is not None) == (full.info.rank > 0)

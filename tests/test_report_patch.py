@@ -106,3 +106,43 @@ def test_patch_round_trip_through_peft(models, tmp_path):
         mergekit_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
         with torch.no_grad():
             torch.testing.assert_close(mergekit_model(tokens).logits, merged_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_streams_one_module_at_a_time(models, tmp_path, monkeypatch):
+    """extract-patch writes each module's factors before the next weight is computed,
+    so memory holds one weight's factors whatever the depth; the file equals the one
+    the factors give, and a failure before the first write leaves no folder."""
+    import mergekit_lssf.patch as patch_module
+    from mergekit_lssf.kernel import balanced_factors
+    from mergekit_lssf.recipe import load_recipe
+    from mergekit_lssf.safetensors_io import StreamedWriter
+
+    events, factors = [], {}
+    produce = patch_module.fused_factors
+
+    def fused_factors(config, **kwargs):
+        for tensor in produce(config, **kwargs):
+            events.append("factors")
+            factors[tensor.name.removesuffix(".weight")] = tensor
+            yield tensor
+
+    add = StreamedWriter.add
+    monkeypatch.setattr(patch_module, "fused_factors", fused_factors)
+    monkeypatch.setattr(StreamedWriter, "add", lambda self, tensors: events.append("add") or add(self, tensors))
+    monkeypatch.chdir(models)
+    monkeypatch.setenv("MERGEKIT_LSSF_ROLE_CHECK", "0")
+    ranks = patch_module.extract_patch(load_recipe(_write_recipe(models)), str(tmp_path / "p"))
+    assert events == ["factors", "add"] * len(ranks) and len(ranks) == 14
+    adapter = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    for module, tensor in factors.items():
+        b, a = balanced_factors(tensor.factors.left, tensor.factors.right, tensor.parameters["alpha"])
+        assert torch.equal(adapter[f"base_model.model.{module}.lora_A.weight"], a)
+        assert torch.equal(adapter[f"base_model.model.{module}.lora_B.weight"], b)
+    assert not [f for f in os.listdir(tmp_path / "p") if f.startswith(".lssf-parts")]
+
+    from mergekit_lssf import LSSFConfigError
+
+    zero = write_lssf_recipe(models, "recipe-zero.yml", {**PARAMS, "alpha": 0.0})
+    with pytest.raises(LSSFConfigError, match="nothing to patch"):
+        patch_module.extract_patch(load_recipe(zero), str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
