@@ -386,12 +386,12 @@ def test_safe_lora_projects_the_lowest_cosine_share_against_float64(tmp_path):
         c = v @ v.T / torch.linalg.matrix_norm(v)
         expected[name] = al[name].double() + c @ dw
         cosines[name] = float(torch.nn.functional.cosine_similarity((c @ dw).reshape(1, -1), dw.reshape(1, -1)))
-    got_cos = repairs.safe_lora_cosines(names["aligned"], names["unaligned"], names["finetuned"])
-    assert set(got_cos) == set(fused) and all(abs(got_cos[n] - cosines[n]) < 1e-9 for n in fused)
     assert len({round(c, 6) for c in cosines.values()}) > 1
     for share in (0.25, 1.0):
         out = str(tmp_path / f"safe-{share}")
         info = repairs.safe_lora(names["aligned"], names["unaligned"], names["finetuned"], out, share, "float32")
+        got_cos = info["cosines"]
+        assert set(got_cos) == set(fused) and all(abs(got_cos[n] - cosines[n]) < 1e-9 for n in fused)
         projected = sorted(fused, key=lambda n: cosines[n])[:math.ceil(share * len(fused))]
         got = repairs.load_state(out)
         assert info["projected"] == len(projected) and info["threshold"] == pytest.approx(max(cosines[n] for n in projected))
@@ -537,3 +537,29 @@ def test_report_only_flags_are_checked_before_anything_is_written(tmp_path, caps
     err = capsys.readouterr().err
     assert "runs/main-seed0.json was built with settings None" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["runs"]
+
+
+def test_drift_overlap_against_numpy(tmp_path):
+    """drift_overlap: the drift's share in delta's top-r left singular subspace (numpy
+    float64 SVD) and a random subspace's expected share sqrt(r / d_out), energy-weighted."""
+    import numpy as np
+
+    from lssf_testbed import repairs
+    from lssf_testbed.diagnostics import drift_overlap
+
+    build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=8))
+    names = {k: str(tmp_path / k) for k in ("aligned", "unaligned", "finetuned")}
+    al, un, ft = (repairs.load_state(names[k]) for k in ("aligned", "unaligned", "finetuned"))
+    got = drift_overlap(names["aligned"], names["unaligned"], names["finetuned"], [2, 8, 10**6])
+    for r in (2, 8, 10**6):
+        inside = expected = total = 0.0
+        for name in repairs.fused_names(ft):
+            delta = al[name].double().numpy() - un[name].double().numpy()
+            drift = ft[name].double().numpy() - al[name].double().numpy()
+            u = np.linalg.svd(delta, full_matrices=False)[0][:, :r]
+            inside += np.sum((u.T @ drift) ** 2)
+            expected += u.shape[1] / delta.shape[0] * np.sum(drift ** 2)
+            total += np.sum(drift ** 2)
+        assert got[r]["lssf"] == pytest.approx(np.sqrt(inside / total), rel=1e-9)
+        assert got[r]["random"] == pytest.approx(np.sqrt(expected / total), rel=1e-9)
+    assert got[10**6]["lssf"] < 1 + 1e-9 and got[2]["lssf"] < got[8]["lssf"]

@@ -70,6 +70,7 @@ class RunArrays:
         rows = [task_rows[m] for m in self.models]
         self.nll = np.array([[r[0] for r in rs] for rs in rows], dtype=np.float64)
         self.tokens = np.array([r[1] for r in rows[0]], dtype=np.float64) if rows else np.zeros(0)
+        self._full: Optional[Dict[str, np.ndarray]] = None
 
     def point(self, prompts: Dict[str, np.ndarray], rows: np.ndarray) -> Dict[str, np.ndarray]:
         """Per model, on the resampled ``prompts`` (set -> indices) and task ``rows``:
@@ -85,8 +86,11 @@ class RunArrays:
         return out
 
     def full(self) -> Dict[str, np.ndarray]:
-        """``point`` on every prompt and row (no resampling)."""
-        return self.point({k: np.arange(v.shape[1]) for k, v in self.refused.items()}, np.arange(self.nll.shape[1]))
+        """``point`` on every prompt and row (no resampling), computed once."""
+        if self._full is None:
+            self._full = self.point({k: np.arange(v.shape[1]) for k, v in self.refused.items()},
+                                    np.arange(self.nll.shape[1]))
+        return self._full
 
 
 def _values(point: Dict[str, np.ndarray], arrays: RunArrays, curves: Dict[str, List[str]], key: str,
@@ -146,6 +150,15 @@ def _mean(per_run: List[Dict[str, float]]) -> Dict[str, float]:
     return out
 
 
+def spread(values: Sequence[Optional[float]]) -> Dict[str, float]:
+    """``{mean, min, max, n}`` of the values that are neither None nor NaN (NaN and n 0
+    when there are none): one metric over seeds."""
+    kept = [v for v in values if v is not None and v == v]
+    if not kept:
+        return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"mean": sum(kept) / len(kept), "min": min(kept), "max": max(kept), "n": len(kept)}
+
+
 def curve_points(runs: List[RunArrays], curves: Dict[str, List[str]]) -> Dict[str, List[Dict]]:
     """method -> per model in order: ``u`` and ``w_SET`` as mean, min and max over the
     runs (no resampling), for the figure and results.json."""
@@ -159,9 +172,8 @@ def curve_points(runs: List[RunArrays], curves: Dict[str, List[str]]) -> Dict[st
                 continue
             row: Dict[str, Optional[object]] = {"model": n}
             for k in ["u"] + ["w_" + key for key, _ in SETS]:
-                values = [float(f[k][r.index[n]]) for r, f in here]
-                values = [v for v in values if not math.isnan(v)]
-                row[k] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)} if values else None
+                values = spread([float(f[k][r.index[n]]) for r, f in here])
+                row[k] = values if values["n"] else None
             rows.append(row)
         if rows:
             out[method] = rows

@@ -17,7 +17,6 @@ import shutil
 import time
 from typing import Dict, List, Optional, Tuple
 
-
 from mergekit_lssf import evaluate as ev
 
 from . import repairs

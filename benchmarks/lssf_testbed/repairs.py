@@ -34,7 +34,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_lssf.kernel import safety_factors
-from mergekit_lssf.merge_method import VOCABULARY_NAME
+from mergekit_lssf.fused import fuses
 from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
 
 from .curves import points
@@ -102,8 +102,8 @@ def load_state(path: str) -> Dict[str, torch.Tensor]:
 
 
 def fused_names(state: Dict[str, torch.Tensor]) -> List[str]:
-    """The weights LSSF fuses: 2-D floating-point tensors that are not vocabulary-indexed."""
-    return [n for n, t in state.items() if t.ndim == 2 and t.is_floating_point() and not VOCABULARY_NAME.search(n)]
+    """The weights LSSF fuses (``mergekit_lssf.fused.fuses``)."""
+    return [n for n, t in state.items() if fuses(n, tuple(t.shape), t.is_floating_point())]
 
 
 def _write_like(template: str, state: Dict[str, torch.Tensor], path: str) -> None:
@@ -143,16 +143,9 @@ def random_restore(aligned: str, unaligned: str, finetuned: str, path: str, seed
             term = q @ (q.T @ (a - w).double())
             norm = float(term.norm())
             term = term * (float((factors.left @ factors.right).norm()) / norm) if norm > 0 else term
-        out[name] = (w.double() + term).to(getattr(torch, dtype))
+        out[name] = w.double() + term
     _write_like(finetuned, _cast(out, dtype), path)
     return {"mean_rank": sum(ranks) / max(len(ranks), 1)}
-
-
-def safe_lora_cosines(aligned: str, unaligned: str, finetuned: str) -> Dict[str, float]:
-    """fused weight -> cosine between ``C dW`` and ``dW`` (module doc), float64; NaN
-    where the fine-tune or the safety vector leaves the weight unchanged."""
-    al, un, ft = load_state(aligned), load_state(unaligned), load_state(finetuned)
-    return {name: _safe_lora_term(al[name], un[name], ft[name])[1] for name in fused_names(ft)}
 
 
 def _safe_lora_term(a: torch.Tensor, u: torch.Tensor, w: torch.Tensor):
@@ -169,8 +162,9 @@ def _safe_lora_term(a: torch.Tensor, u: torch.Tensor, w: torch.Tensor):
 
 def safe_lora(aligned: str, unaligned: str, finetuned: str, path: str, share: float, dtype: str) -> Dict:
     """``safe-lora-{share}`` (module doc) written like ``finetuned`` at ``path`` in
-    ``dtype``; returns the threshold (the largest projected cosine) and how many
-    weights were projected."""
+    ``dtype``; returns the threshold (the largest projected cosine), how many weights
+    were projected, and every fused weight's cosine (NaN where the fine-tune or the
+    safety vector leaves it unchanged)."""
     al, un, ft = load_state(aligned), load_state(unaligned), load_state(finetuned)
     names = fused_names(ft)
     terms = {n: _safe_lora_term(al[n], un[n], ft[n]) for n in names}
@@ -180,7 +174,8 @@ def safe_lora(aligned: str, unaligned: str, finetuned: str, path: str, share: fl
     for _, n in chosen:
         out[n] = al[n].double() + terms[n][0]
     _write_like(finetuned, _cast(out, dtype), path)
-    return {"threshold": chosen[-1][0] if chosen else float("nan"), "projected": len(chosen), "weights": len(names)}
+    return {"threshold": chosen[-1][0] if chosen else float("nan"), "projected": len(chosen), "weights": len(names),
+            "cosines": {n: c for n, (_, c) in terms.items()}}
 
 
 def _cast(state: Dict[str, torch.Tensor], dtype: str) -> Dict[str, torch.Tensor]:

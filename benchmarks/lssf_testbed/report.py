@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 
 from .curves import CHOSEN, CHOSEN_METHOD, CURVES, RULES, SINGLES, points
 from .settings import CELLS, SettingsMismatch, settings_digest
-from .frontier import BUDGETS, SETS, RunArrays, budget_table, curve_points, won_back
+from .frontier import BUDGETS, SETS, RunArrays, budget_table, curve_points, spread, won_back
 from .task import utility_kept
 from .verdicts import PROMPT_SETS, Verdicts, paired_contrast, seed_verdicts
 from .verdicts import load as load_verdicts
@@ -35,18 +35,11 @@ COLUMNS = [("refusal_rate", "HarmBench refusal"), ("strongreject_refusal_rate", 
            ("utility_kept", "utility kept"), ("task_word_accuracy", "task word acc."), ("perplexity", "perplexity")]
 
 
-def _spread(values: List[float]) -> Dict[str, float]:
-    values = [v for v in values if v is not None and v == v]
-    if not values:
-        return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
 def seed_summary(runs: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
     """model -> metric -> {mean, min, max, n} over the runs (the seeds of one cell)."""
     tables = [with_derived(r) for r in runs]
     names = list(dict.fromkeys(n for t in tables for n in t))
-    return {n: {k: _spread([t[n].get(k) for t in tables if n in t]) for k, _ in COLUMNS} for n in names}
+    return {n: {k: spread([t[n].get(k) for t in tables if n in t]) for k, _ in COLUMNS} for n in names}
 
 
 def with_derived(run: Dict) -> Dict[str, Dict[str, float]]:
