@@ -107,7 +107,8 @@ def check(recipe: str, as_json: bool) -> None:
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The subspace file to write (.safetensors).")
 @click.option("--anchors", type=click.Path(exists=True, dir_okay=False), help='JSONL of {"prompt": ..., "response": ...}; default: 128 shipped HarmBench prompts.')
 @click.option("--max-rank", default=256, show_default=True, help="Columns of U kept per weight (all singular values are kept).")
-@click.option("--device", type=DEVICES, default="auto", show_default=True)
+@click.option("--device", type=DEVICES, default="auto", show_default=True,
+              help="Where the model runs (auto: cuda when there is one).")
 @click.option("--batch-size", default=8, show_default=True, help="Anchors per forward pass.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Length of generated responses for anchors without one.")
 def calibrate(aligned_model, out_path, anchors, max_rank, device, batch_size, max_new_tokens) -> None:
@@ -131,9 +132,10 @@ def calibrate(aligned_model, out_path, anchors, max_rank, device, batch_size, ma
 @click.option("--prompts", default="harmbench", show_default=True, help="harmbench (the 72 held-out HarmBench test prompts) or a file: JSONL with \"prompt\", or one prompt per line.")
 @click.option("--benign", type=click.Path(exists=True, dir_okay=False), help="Benign prompts for over-refusal (default: 30 shipped everyday instructions).")
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), help="Plain text for perplexity (default: shipped benign prose).")
-@click.option("--max-new-tokens", default=48, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--device", type=DEVICES, default="auto", show_default=True)
+@click.option("--max-new-tokens", default=48, show_default=True, help="Length of each greedy answer.")
+@click.option("--batch-size", default=16, show_default=True, help="Prompts per generation batch (left-padded; greedy answers can differ slightly with it).")
+@click.option("--device", type=DEVICES, default="auto", show_default=True,
+              help="Where the models run (auto: cuda when there is one).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the JSON result (every response with its `refused` flag) here.")
 def eval_command(model_dirs, prompts, benign, text_file, max_new_tokens, batch_size, device, out_path) -> None:
     """Refusal rate on harmful prompts, over-refusal on benign ones, and perplexity,
@@ -198,7 +200,8 @@ def report(recipe: str, out_dir: str, device: str, cuda: bool) -> None:
 @click.option("--device", type=DEVICES, default="auto", show_default=True,
               help="Where the spectra are computed (auto: cuda when there is one).")
 @click.option("--cuda", is_flag=True, help="Alias for --device cuda.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="dtype of the adapter's A and B (float32 keeps the term exactly).")
 def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, device: str, cuda: bool, dtype: str) -> None:
     """Write RECIPE's safety term as a PEFT LoRA adapter in --out.
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import yaml
 from mergekit.config import ConditionalParameter, MergeConfiguration
+from mergekit.io.tasks import LoaderCache
 from pydantic import ValidationError
 
 from mergekit_lssf.fused import fuses, is_vocabulary
@@ -321,3 +322,15 @@ def load_recipe(path: str) -> MergeConfiguration:
     if config.merge_method != "lssf":
         raise LSSFConfigError(f"{path}: merge_method is {config.merge_method!r}, not 'lssf'")
     return config
+
+
+def forget_loaders(config: MergeConfiguration) -> None:
+    """Drop mergekit's cached loaders of the recipe's models before a merge or a walk.
+
+    mergekit 0.1.5 keeps one process-wide ``LoaderCache`` keyed by the model reference
+    as written: a relative path (``./aligned``) used again from another working
+    directory, or a model rewritten in this process, would otherwise be read through
+    the stale loader, i.e. from the wrong files."""
+    loaders = LoaderCache().loaders
+    for ref in [config.base_model] + [model for _where, model, _settings in _model_inputs(config)]:
+        loaders.pop(ref, None)

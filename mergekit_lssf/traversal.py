@@ -29,7 +29,7 @@ from mergekit.plan import MergePlanner
 from mergekit_lssf.kernel import SafetyFactors, safety_factors
 from mergekit_lssf.merge_method import checked_inputs, is_fused, load_subspace
 from mergekit_lssf.parameters import FACTOR_PARAMETERS
-from mergekit_lssf.recipe import check_recipe, prepare_recipe
+from mergekit_lssf.recipe import check_recipe, forget_loaders, prepare_recipe
 
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -110,6 +110,7 @@ def _factors(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.Tens
 def planned_tensors(config: MergeConfiguration, options: MergeOptions) -> list:
     """mergekit's merge task of every output tensor, planned exactly as mergekit-yaml
     plans it (filters and gradients resolved per tensor); nothing is loaded."""
+    forget_loaders(config)
     arch_info = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
     out_config = config.base_model.config(trust_remote_code=options.trust_remote_code)

@@ -146,3 +146,25 @@ def test_patch_streams_one_module_at_a_time(models, tmp_path, monkeypatch):
     with pytest.raises(LSSFConfigError, match="nothing to patch"):
         patch_module.extract_patch(load_recipe(zero), str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()
+
+
+def test_relative_paths_from_another_folder_read_that_folders_models(tmp_path, monkeypatch):
+    """mergekit's process-wide loader cache is keyed by the path as written: the same
+    relative recipe run from a second folder must read the second folder's models."""
+    from mergekit_lssf.recipe import load_recipe
+    from mergekit_lssf.traversal import fused_factors
+
+    monkeypatch.setenv("MERGEKIT_LSSF_ROLE_CHECK", "0")
+    ranks = {}
+    for seed in (1, 2):
+        root = tmp_path / f"toy{seed}"
+        build_toy_models(str(root), ToySpec(size="tiny", seed=seed, planted_rank=2 + 3 * seed))
+        recipe = write_lssf_recipe(str(root), "r.yml", {"fusion": "add"})
+        monkeypatch.chdir(root)
+        ranks[seed] = {t.name: t.factors.info.rank for t in fused_factors(load_recipe(recipe), quiet=True, factors=False)}
+        absolute = write_lssf_recipe(str(root), "abs.yml", {"fusion": "add"}, base=str(root / "finetuned"))
+        doc = (root / absolute).read_text().replace("./aligned", str(root / "aligned")).replace("./unaligned", str(root / "unaligned"))
+        (root / absolute).write_text(doc)
+        fresh = {t.name: t.factors.info.rank for t in fused_factors(load_recipe(absolute), quiet=True, factors=False)}
+        assert ranks[seed] == fresh, seed
+    assert ranks[1] != ranks[2]

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 
+from lssf_testbed import curves  # noqa: E402
 from lssf_testbed.data import PromptSets, replay_openings, strongreject_prompts  # noqa: E402
 from lssf_testbed.pipeline import Testbed  # noqa: E402
 from lssf_testbed.settings import CELLS, Settings, candidate_name, model_path, settings_digest  # noqa: E402
@@ -19,7 +20,7 @@ from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
 MAIN_MODELS = {
     "unaligned", "aligned", "finetuned", "interpolate-0.5", "lssf-restore-rank2", "random-restore-rank2", "lssf-alpha0.5",
     "resta-0.5", "resta-dare-0.5", "safe-lora-0.5", "safe-lora-1", "lssf-restore", "lssf-noise-floor-restore",
-    "lssf-signal-restore", "safe-lora",
+    "lssf-signal-restore", "safe-lora", "lssf-chosen", "interpolate-chosen",
 }
 
 
@@ -166,7 +167,12 @@ def test_repair_recipes_are_the_curve_points_computed_in_float32_written_in_the_
     assert dare["models"] == [{"model": "ft", "parameters": {"weight": 1.0, "density": s.dare_density}},
                               {"model": "un", "parameters": {"weight": -0.5, "density": 1.0}}]
     names = curves.repair_names(s)
-    assert len(names) == len(set(names)) and names[-1] == curves.CHOSEN
+    assert len(names) == len(set(names)) and names[-len(curves.CHOICES):] == list(curves.CHOICES)
+    for chosen in curves.CHOICES:  # candidates are built before the choice
+        among = curves.candidates(s, chosen)
+        assert among and all(names.index(n) < names.index(chosen) for n in among)
+    assert curves.candidates(s, "lssf-chosen") == ["lssf-restore-rank16", "lssf-restore-rank64", "lssf-restore-rank256",
+                                                  "lssf-alpha0.5", "lssf-alpha1", *curves.RULES]
     assert [p.name for p in curves.points(s) if p.curve == "interpolate"] == ["interpolate-0.1", "interpolate-0.25",
                                                                              "interpolate-0.5", "interpolate-0.75"]
 
@@ -232,21 +238,25 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     main = cells["main"]
     assert set(main["curves"]) == {"interpolate", "lssf-restore-rank", "random-restore-rank", "lssf-alpha", "resta",
                                    "resta-dare", "safe-lora", "lssf-restore", "lssf-noise-floor-restore",
-                                   "lssf-signal-restore", "safe-lora, chosen on validation"}
+                                   "lssf-signal-restore", "safe-lora, chosen on validation",
+                                   "lssf, chosen on validation", "interpolate, chosen on validation"}
     assert [r["model"] for r in main["curves"]["safe-lora"]] == ["safe-lora-0.5", "safe-lora-1"]
     u = main["curves"]["interpolate"][0]["u"]
     assert u["min"] <= u["mean"] <= u["max"]
     assert u["mean"] == pytest.approx(main["models"]["interpolate-0.5"]["utility_kept"]["mean"], rel=1e-6)
     assert {(r["method"], r["budget"]) for r in main["budgets"]} >= {("interpolate", 0.02), ("lssf-restore", 0.05)}
-    assert set(main["safe_lora"]) == {0, 1}
-    for seed, choice in main["safe_lora"].items():
-        assert choice["chosen"] in ("safe-lora-0.5", "safe-lora-1")
+    assert set(main["choices"]) == {0, 1}
+    for seed, choices in main["choices"].items():
+        assert set(choices) == set(curves.CHOICES)
         folder = tmp_path / "bed" / ("models" if seed == 0 else "cells/main-seed1/models")
-        assert weights(folder / "safe-lora") == weights(folder / choice["chosen"])
+        for chosen, choice in choices.items():
+            assert choice["chosen"] in curves.candidates(settings, chosen)
+            assert [t["name"] for t in choice["tried"]] == curves.candidates(settings, chosen)
+            assert weights(folder / chosen) == weights(folder / choice["chosen"])
     info = json.loads((tmp_path / "bed" / "models" / "safe-lora-0.5.json").read_text())
     assert info["projected"] == -(-info["weights"] // 2)  # the lowest-cosine half, rounded up
     table = (tmp_path / "bed" / "results.md").read_text()
-    assert table.count("## cell") == len(CELLS) and "at cost <= 2%" in table and "Safe LoRA's share chosen" in table
+    assert table.count("## cell") == len(CELLS) and "at cost <= 2%" in table and "lssf, chosen on validation (most" in table
     for cell in CELLS:
         assert (tmp_path / "bed" / f"curves-{cell}.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "bed" / "results.json").read_text())

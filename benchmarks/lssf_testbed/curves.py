@@ -31,9 +31,18 @@ CURVES = (("interpolate", "l"), ("lssf-restore-rank", "rank"), ("random-restore-
           ("resta", "scale"), ("resta-dare", "scale"), ("safe-lora", "share projected"))
 # single points: the package defaults and the other rank rules of lssf-restore
 RULES = ("lssf-restore", "lssf-noise-floor-restore", "lssf-signal-restore")
-CHOSEN = "safe-lora"  # the model: Safe LoRA at the share chosen on validation
-CHOSEN_METHOD = "safe-lora, chosen on validation"  # its name as a method (apart from the safe-lora curve)
-SINGLES = RULES + (CHOSEN_METHOD,)  # the methods that are one point, not a curve
+# Chosen on the validation splits by one rule fixed before any test result was read
+# (``Testbed.choose``): the candidate with the most validation refusal among those that
+# keep at least ``Settings.utility_floor`` of the fine-tune's validation task NLL, ties
+# and "none does" to the earliest candidate (the smallest share, rank, alpha or step).
+# model -> (its name as a method, the curves and single points it chooses among)
+CHOICES = {
+    "safe-lora": ("safe-lora, chosen on validation", ("safe-lora",)),
+    "lssf-chosen": ("lssf, chosen on validation", ("lssf-restore-rank", "lssf-alpha") + RULES),
+    "interpolate-chosen": ("interpolate, chosen on validation", ("interpolate",)),
+}
+CHOSEN_METHODS = {model: method for model, (method, _) in CHOICES.items()}
+SINGLES = RULES + tuple(CHOSEN_METHODS.values())  # the methods that are one point, not a curve
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,14 @@ def points(s) -> List[Point]:
     return out
 
 
+def candidates(s, chosen: str) -> List[str]:
+    """The models ``chosen`` (a key of ``CHOICES``) chooses among, earliest first: its
+    curves' points in parameter order, then its single points."""
+    among = CHOICES[chosen][1]
+    return [p.name for p in points(s) if p.curve in among] + [r for r in among if r in RULES]
+
+
 def repair_names(s) -> List[str]:
     """The names of every repair of one fine-tune: the curve points, the rules and the
-    chosen Safe LoRA point."""
-    return [p.name for p in points(s)] + list(RULES) + [CHOSEN]
+    points chosen on validation (``CHOICES``, built after their candidates)."""
+    return [p.name for p in points(s)] + list(RULES) + list(CHOICES)

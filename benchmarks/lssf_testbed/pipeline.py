@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 from mergekit_lssf import evaluate as ev
 
 from . import repairs
-from .curves import CHOSEN, points, repair_names
+from .curves import CHOICES, candidates, points, repair_names
 from .data import REFUSALS, PromptSets, replay_openings, validation_prose
 from .evaluation import evaluate_model, validation_metrics
 from .settings import (CELLS, PRIMARY, Cell, Settings, SettingsMismatch, candidate_name, cell_folder, model_path,
@@ -337,28 +337,27 @@ class Testbed:
         else:
             raise ValueError(f"no way to build repair {name!r}")
 
-    def choose_safe_lora(self, cell: Cell, seed: int) -> Dict:
-        """Safe LoRA's share chosen on validation splits: the ``safe-lora-{q}`` point
-        with the most validation refusal among those that keep at least
-        ``Settings.utility_floor`` of the fine-tune's validation task NLL
-        (``task.utility_kept`` between ``aligned`` and ``finetuned``), ties to the
-        smaller share; the smallest share when none does. ``safe-lora`` is a copy of
-        it (folder and evaluation); the record is ``DIR/.../safe-lora.choice.json``."""
-        path = self.model_path(cell, seed, CHOSEN)
+    def choose(self, cell: Cell, seed: int, chosen: str) -> Dict:
+        """The point ``chosen`` (a key of ``curves.CHOICES``) picks on the validation
+        splits: among ``curves.candidates``, the one with the most validation refusal of
+        those that keep at least ``Settings.utility_floor`` of the fine-tune's validation
+        task NLL (``task.utility_kept`` between ``aligned`` and ``finetuned``), ties to
+        the earlier candidate; the first candidate when none does. The model ``chosen`` is
+        a copy of it (folder and evaluation); the record is ``.../CHOSEN.choice.json``."""
+        path = self.model_path(cell, seed, chosen)
 
         def choose():
             val = {n: self._validation(self.model_path(cell, seed, n), self.model_path(cell, seed, n) + ".val.json")
                    for n in ("aligned", "finetuned")}
             tried = []
-            for p in (p for p in points(self.s) if p.curve == "safe-lora"):
-                m = self._validation(self.model_path(cell, seed, p.name), self.model_path(cell, seed, p.name) + ".val.json")
+            for index, name in enumerate(candidates(self.s, chosen)):
+                m = self._validation(self.model_path(cell, seed, name), self.model_path(cell, seed, name) + ".val.json")
                 kept = utility_kept(m["task_nll"], val["aligned"]["task_nll"], val["finetuned"]["task_nll"])
-                tried.append({"name": p.name, "share": p.value, "validation": m, "utility_kept": kept,
+                tried.append({"name": name, "index": index, "validation": m, "utility_kept": kept,
                               "meets": kept >= self.s.utility_floor})
             meeting = [t for t in tried if t["meets"]]
-            chosen = max(meeting, key=lambda t: (t["validation"]["refusal_rate"], -t["share"]))["name"] if meeting \
-                else min(tried, key=lambda t: t["share"])["name"]
-            return {"references": val, "tried": tried, "chosen": chosen, "utility_floor": self.s.utility_floor}
+            best = max(meeting, key=lambda t: (t["validation"]["refusal_rate"], -t["index"])) if meeting else tried[0]
+            return {"references": val, "tried": tried, "chosen": best["name"], "utility_floor": self.s.utility_floor}
 
         choice = _json(path + ".choice.json", choose)
         if not is_done(path):
@@ -377,24 +376,24 @@ class Testbed:
         if cell.align == "full":
             self._check_full_alignment(models["aligned"])
         books = repairs.recipes(models["aligned"], models["reference"], models["finetuned"], self.s, cell.storage(self.s))
-        results, choice = {}, None
+        results, choices = {}, {}
         for name in self.model_names(cell, seed):
-            if name == CHOSEN:
-                choice = self.choose_safe_lora(cell, seed)
+            if name in CHOICES:
+                choices[name] = self.choose(cell, seed, name)
             elif name not in ("unaligned", "aligned", "finetuned", cell.reference_model):
                 self.build_repair(cell, seed, name, books, models)
             results[name] = self.evaluate(self.model_path(cell, seed, name))
-        return self._record(cell, seed, results, choice)
+        return self._record(cell, seed, results, choices)
 
     @staticmethod
-    def _record(cell: Cell, seed: int, results: Dict[str, Dict], safe_lora: Optional[Dict]) -> Dict:
+    def _record(cell: Cell, seed: int, results: Dict[str, Dict], choices: Dict[str, Dict]) -> Dict:
         """The run record of one cell and seed from its evaluations (model -> the
         ``evaluate_model`` dict): the summary metrics, the per-row task measures (for
-        resampling) and Safe LoRA's choice."""
+        resampling) and the choices made on validation (``curves.CHOICES``)."""
         table = {n: {k: r.get(k) for k in SUMMARY_KEYS} for n, r in results.items()}
         return {"cell": cell.name, "seed": seed, "note": cell.note, "models": table,
                 "task_rows": {n: r.get("task_rows") for n, r in results.items()},
-                "safe_lora": {k: safe_lora[k] for k in ("chosen", "tried")} if safe_lora else None}
+                "choices": {n: {k: c[k] for k in ("chosen", "tried")} for n, c in choices.items() if c}}
 
     def _check_digests(self, cells) -> None:
         """A testbed folder is resumed only with what built it: ``DIR/digests.json``
@@ -448,8 +447,8 @@ class Testbed:
             missing = [n for n in names if n not in results]
             if missing:
                 self.notes.append(f"{where}: {len(results)} of {len(names)} models evaluated; not yet: {', '.join(missing)}")
-            choice = _cached(self.model_path(cell, seed, CHOSEN) + ".choice.json")
-            runs.append(self._record(cell, seed, results, choice))
+            choices = {n: _cached(self.model_path(cell, seed, n) + ".choice.json") for n in CHOICES}
+            runs.append(self._record(cell, seed, results, choices))
         if publish is None:
             return write_report(self.out, self.s, runs, self.notes, {}, 0.0)
         return publish_report(self.out, publish, self.s, runs, self.notes)

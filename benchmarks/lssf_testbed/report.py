@@ -21,7 +21,7 @@ import os
 from dataclasses import asdict
 from typing import Dict, List, Optional
 
-from .curves import CHOSEN, CHOSEN_METHOD, CURVES, RULES, SINGLES, points
+from .curves import CHOSEN_METHODS, CURVES, RULES, SINGLES, points
 from .settings import CELLS, SettingsMismatch, settings_digest
 from .frontier import BUDGETS, SETS, RunArrays, budget_table, curve_points, spread, won_back
 from .task import utility_kept
@@ -63,11 +63,12 @@ def with_derived(run: Dict) -> Dict[str, Dict[str, float]]:
 
 def method_models(settings) -> Dict[str, List[str]]:
     """method -> its models in parameter order: each curve of ``curves.CURVES``, then
-    each single point (``curves.RULES`` and the chosen Safe LoRA point)."""
+    each single point (``curves.RULES`` and the points chosen on validation)."""
     out: Dict[str, List[str]] = {}
     for p in points(settings):
         out.setdefault(p.curve, []).append(p.name)
-    return {**{c: out[c] for c, _ in CURVES if c in out}, **{r: [r] for r in RULES}, CHOSEN_METHOD: [CHOSEN]}
+    return {**{c: out[c] for c, _ in CURVES if c in out}, **{r: [r] for r in RULES},
+            **{method: [model] for model, method in CHOSEN_METHODS.items()}}
 
 
 def contrasts(runs: List[Verdicts], settings) -> List[Dict]:
@@ -152,7 +153,7 @@ def _cell_report(name: str, rs: List[Dict], verdicts: Dict[tuple, Verdicts], set
             "curves": curve_points(arrays, methods) if arrays else {},
             "budgets": budget_table(arrays, methods, singles=SINGLES) if arrays else [],
             "contrasts": contrasts([verdicts[(name, r["seed"])] for r in rs if (name, r["seed"]) in verdicts], settings),
-            "safe_lora": {r["seed"]: r.get("safe_lora") for r in rs}}
+            "choices": {r["seed"]: r.get("choices") or {} for r in rs}}
 
 
 def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings: Dict[str, float], seconds: float,
@@ -206,13 +207,14 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
                 lines.append(f"| {c['repair']} | {c['against']} | {c['prompts']} ({c['n_prompts']}) | {c['seeds']} | "
                              f"{c['difference']:+.3f} | [{c['low']:+.3f}, {c['high']:+.3f}] |")
             lines.append("")
-        chosen = {seed: c for seed, c in cell["safe_lora"].items() if c}
-        if chosen:
-            said = [f"seed {k}: `{c['chosen']}`" + ("" if any(t["meets"] for t in c["tried"]) else
-                                                     " (no share kept that much: the smallest)")
-                    for k, c in sorted(chosen.items())]
-            lines += [f"Safe LoRA's share chosen on validation (most validation refusal at utility kept >= "
-                      f"{settings.utility_floor:g}): " + ", ".join(said), ""]
+        for model, method in CHOSEN_METHODS.items():
+            chosen = {seed: c[model] for seed, c in cell["choices"].items() if model in c}
+            if chosen:
+                said = [f"seed {k}: `{c['chosen']}`" + ("" if any(t["meets"] for t in c["tried"]) else
+                                                         " (no candidate kept that much: the first)")
+                        for k, c in sorted(chosen.items())]
+                lines += [f"{method} (most validation refusal at validation utility kept >= "
+                          f"{settings.utility_floor:g}): " + ", ".join(said), ""]
         _plot_curves(out, name, cell)
     lines += [f"- {n}" for n in notes]
     with open(os.path.join(out, "results.md"), "w") as fp:
@@ -275,7 +277,7 @@ def _plot_curves(out: str, name: str, cell: Dict) -> None:
             yerr = [[y - r["w_" + key]["min"] for y, r in zip(ys, rows)], [r["w_" + key]["max"] - y for y, r in zip(ys, rows)]]
             style = dict(color=colours[i % len(colours)], label=method, capsize=2, elinewidth=0.7)
             if single:
-                ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="D" if method == CHOSEN_METHOD else "*", markersize=8, **style)
+                ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="D" if method in CHOSEN_METHODS.values() else "*", markersize=8, **style)
             else:
                 ax.errorbar([1.0] + xs, [0.0] + ys, xerr=[[0] + xerr[0], [0] + xerr[1]], yerr=[[0] + yerr[0], [0] + yerr[1]],
                             fmt="o", markersize=3, linewidth=1,
