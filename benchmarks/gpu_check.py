@@ -250,11 +250,11 @@ def step_executors(args) -> Dict:
     # concurrent kernel calls on the CPU: every thread gets its own sequential answer
     g = torch.Generator().manual_seed(5)
     jobs = [tuple(torch.randn(96, 128, generator=g) * 0.02 for _ in range(3)) for _ in range(8)]
-    sequential = [lssf_fuse(*j, alpha=1.0, eta=0.9)[0] for j in jobs]
+    sequential = [lssf_fuse(*j, fusion="add", alpha=1.0, eta=0.9)[0] for j in jobs]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(4) as pool:
-        threaded = list(pool.map(lambda j: lssf_fuse(*j, alpha=1.0, eta=0.9)[0], jobs))
+        threaded = list(pool.map(lambda j: lssf_fuse(*j, fusion="add", alpha=1.0, eta=0.9)[0], jobs))
     result["threads_match_sequence"] = all(torch.equal(a, b) for a, b in zip(sequential, threaded))
     result["ok"] = result["threads_match_sequence"]
     if args.device != "cuda":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
@@ -24,16 +25,32 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def _shapes(config: MergeConfiguration, refs: Dict[str, Any]):
+    """The tensor headers that tell each output tensor's shape, and whose they are: the
+    fine-tune's; else, for ``model+lora``, those of the model under the adapter (a LoRA
+    merge keeps every shape); else the aligned model's (the roles must match in shape)."""
+    base = config.base_model
+    under_adapter = ModelReference(model=base.model) if getattr(base, "lora", None) is not None else None
+    for ref in (base, under_adapter, refs["aligned"]):
+        headers = model_index(ref) if ref is not None else None
+        if headers:
+            return headers, ref
+    return {}, None
+
+
 def check(config: MergeConfiguration) -> Dict[str, List]:
     """``{"fused": [...], "kept": [...], "warnings": [...]}`` for ``config``."""
     options = MergeOptions(quiet=True)
     config = prepare_recipe(config, trust_remote_code=options.trust_remote_code, warn=False)
     refs = check_recipe(config, trust_remote_code=options.trust_remote_code)
     warnings = [w for w in [role_check(config, refs), dtype_warning(config, refs)] if w]
-    headers = model_index(config.base_model) or {}
+    headers, source = _shapes(config, refs)
     if not headers:
         warnings.append(f"lssf: {config.base_model} is not a local safetensors folder: shapes are not known "
                         "before loading, so 2-D weights are listed as fused")
+    elif source is not config.base_model:
+        warnings.append(f"lssf: shapes read from {source} ({config.base_model} is not a local safetensors folder; "
+                        "the recipe's models share their shapes)")
     fused, kept = [], []
     for task in planned_tensors(config, options):
         name = task.output_weight.name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Optional
 
 import click
 import torch
@@ -172,13 +173,15 @@ def eval_command(model_dirs, prompts, benign, text_file, max_new_tokens, batch_s
 @click.option("--device", type=DEVICES, default="auto", show_default=True,
               help="Where the spectra are computed (auto: cuda when there is one).")
 @click.option("--cuda", is_flag=True, help="Alias for --device cuda.")
-def report(recipe: str, out_dir: str, device: str, cuda: bool) -> None:
+@click.option("--lora-merge-cache", type=click.Path(file_okay=False),
+              help="Folder where mergekit merges a model+lora reference into a full model (as mergekit-yaml's).")
+def report(recipe: str, out_dir: str, device: str, cuda: bool, lora_merge_cache: Optional[str]) -> None:
     """Rank, entropy and energy of every tensor RECIPE would fuse; writes no model.
 
     Model paths in RECIPE are resolved from the current directory, as in mergekit-yaml.
     """
     check_output_folder(out_dir, REPORT_OUTPUTS, "a report")
-    result = build_report(load_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda")
+    result = build_report(load_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda", lora_merge_cache=lora_merge_cache)
     s = result["summary"]
     click.echo(
         f"{s['tensors']} tensors: rank min {s['rank_min']} / mean {s['rank_mean']:.1f} / "
@@ -202,7 +205,10 @@ def report(recipe: str, out_dir: str, device: str, cuda: bool) -> None:
 @click.option("--cuda", is_flag=True, help="Alias for --device cuda.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="dtype of the adapter's A and B (float32 keeps the term exactly).")
-def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, device: str, cuda: bool, dtype: str) -> None:
+@click.option("--lora-merge-cache", type=click.Path(file_okay=False),
+              help="Folder where mergekit merges a model+lora reference into a full model (as mergekit-yaml's).")
+def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, device: str, cuda: bool, dtype: str,
+                          lora_merge_cache: Optional[str]) -> None:
     """Write RECIPE's safety term as a PEFT LoRA adapter in --out.
 
     With `fusion: restore` (the default) the adapter pulls RECIPE's base_model back
@@ -220,7 +226,8 @@ def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, device: st
     if not out_dir:
         raise click.UsageError("missing option '--out': the folder for the adapter")
     check_output_folder(out_dir, PATCH_OUTPUTS, "an adapter")
-    ranks = extract_patch(load_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda", dtype=getattr(torch, dtype))
+    ranks = extract_patch(load_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda", dtype=getattr(torch, dtype),
+                          lora_merge_cache=lora_merge_cache)
     click.echo(
         f"Safety patch: {len(ranks)} modules, rank {min(ranks.values())}-{max(ranks.values())}, "
         f"written to {out_dir}/"

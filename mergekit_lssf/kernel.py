@@ -392,7 +392,7 @@ def safety_factors(
     weight_max: float = 1.0,
     rank: Optional[int] = None,
     rank_rule: RankRule = "entropy",
-    fusion: Fusion = "add",
+    fusion: Fusion,
     subspace: Optional[SafetySubspace] = None,
     work_dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype = torch.float64,
@@ -482,7 +482,7 @@ def lssf_fuse(
     weight_max: float = 1.0,
     rank: Optional[int] = None,
     rank_rule: RankRule = "entropy",
-    fusion: Fusion = "add",
+    fusion: Fusion,
     subspace: Optional[SafetySubspace] = None,
     compute_dtype: torch.dtype = torch.float64,
     spectrum: Spectrum = "full",
@@ -494,7 +494,8 @@ def lssf_fuse(
 
     All three weights are ``(d_out, d_in)`` on one device. The result has
     ``out_dtype`` (default ``w_ft``'s dtype), written with ``rounding`` (see
-    ``write_fused``); rank 0 (a zero ``delta``, or nothing above the noise floor)
+    ``write_fused``). ``fusion`` has no default here: a recipe's default is ``restore``
+    and the paper's is ``add``, so a caller says which. Rank 0 (a zero ``delta``, or nothing above the noise floor)
     returns ``w_ft`` itself. See ``safety_factors``.
     """
     factors = safety_factors(

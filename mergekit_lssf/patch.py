@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from mergekit.config import MergeConfiguration
@@ -37,7 +37,8 @@ OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
 
 def extract_patch(
-    config: MergeConfiguration, out_dir: str, *, cuda: bool = False, dtype: torch.dtype = torch.float32
+    config: MergeConfiguration, out_dir: str, *, cuda: bool = False, dtype: torch.dtype = torch.float32,
+    lora_merge_cache: Optional[str] = None,
 ) -> Dict[str, int]:
     """Write adapter_config.json and adapter_model.safetensors; returns rank per module.
 
@@ -47,7 +48,7 @@ def extract_patch(
     created = not os.path.exists(out_dir)
     writer = StreamedWriter(os.path.join(out_dir, "adapter_model.safetensors"))
     try:
-        ranks, fusions = _stream_factors(config, writer, cuda, dtype)
+        ranks, fusions = _stream_factors(config, writer, cuda, dtype, lora_merge_cache)
         _finish(config, out_dir, writer, ranks, fusions)
     finally:
         writer.close()
@@ -56,11 +57,12 @@ def extract_patch(
     return ranks
 
 
-def _stream_factors(config: MergeConfiguration, writer: StreamedWriter, cuda: bool, dtype: torch.dtype):
+def _stream_factors(config: MergeConfiguration, writer: StreamedWriter, cuda: bool, dtype: torch.dtype,
+                    lora_merge_cache: Optional[str]):
     """Rank per module and the fusions seen; each module's A and B go to ``writer``."""
     ranks: Dict[str, int] = {}
     fusions = set()
-    for tensor in fused_factors(config, cuda=cuda):
+    for tensor in fused_factors(config, cuda=cuda, lora_merge_cache=lora_merge_cache):
         if tensor.expert is not None:
             raise LSSFConfigError(
                 f"extract-patch: {tensor.name.rsplit('[', 1)[0]} is a stacked MoE expert weight, which a PEFT "

@@ -88,6 +88,20 @@ def _check_values(where: str, settings: Settings, validators: Dict[str, Any]) ->
                 raise LSSFConfigError(f"{path}: {message}") from None
 
 
+def check_lora_merge_cache(config: MergeConfiguration, cache: Optional[str]) -> None:
+    """mergekit 0.1.5 merges a ``model+lora`` reference into a full model on disk, and only
+    with ``--lora-merge-cache DIR``; without it the merge stops with a traceback after
+    planning. Name the field and the flag before anything runs."""
+    if cache:
+        return
+    for where, model in [("base_model", config.base_model)] + [(w, m) for w, m, _ in _model_inputs(config)]:
+        if model is not None and getattr(model, "lora", None) is not None:
+            raise LSSFConfigError(
+                f"{where}: {model} is a model+lora reference; mergekit merges the adapter into a full "
+                "model first and needs a folder for it: pass --lora-merge-cache DIR (about the model's size on disk)"
+            )
+
+
 def check_recipe(
     config: MergeConfiguration, *, trust_remote_code: bool = False
 ) -> Dict[str, Any]:

@@ -17,7 +17,7 @@ from mergekit_lssf.guards import check_output_folder
 from mergekit_lssf.merge_method import LSSF_METHOD
 from mergekit_lssf.model_card import append_card, summary_words
 from mergekit_lssf.parameters import LSSFConfigError
-from mergekit_lssf.recipe import check_recipe, forget_loaders, prepare_recipe
+from mergekit_lssf.recipe import check_lora_merge_cache, check_recipe, forget_loaders, prepare_recipe
 from mergekit_lssf.stats import STATS
 
 METHOD_NAME = LSSF_METHOD.spec.name
@@ -80,6 +80,7 @@ def on_cli_loaded(module: ModuleType) -> None:
 def _run_lssf(original, merge_config, out_path, options, config_source):
     check_output_folder(out_path)
     refs = check_recipe(merge_config, trust_remote_code=options.trust_remote_code)
+    check_lora_merge_cache(merge_config, options.lora_merge_cache)
     merge_config = prepare_recipe(merge_config, trust_remote_code=options.trust_remote_code, refs=refs)
     forget_loaders(merge_config)
     STATS.reset(output_dtype=dtype_from_name(merge_config.out_dtype))

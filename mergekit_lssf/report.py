@@ -45,11 +45,13 @@ def _row(t: FusedTensor) -> Dict:
     }
 
 
-def build_report(config: MergeConfiguration, out_dir: str, *, cuda: bool = False) -> Dict:
-    """Compute the report for ``config`` and write it under ``out_dir``."""
+def build_report(config: MergeConfiguration, out_dir: str, *, cuda: bool = False,
+                 lora_merge_cache: Optional[str] = None) -> Dict:
+    """Compute the report for ``config`` and write it under ``out_dir`` (``lora_merge_cache``:
+    see ``traversal.fused_factors``)."""
     rows: List[Dict] = []
     curves: Dict[str, List[float]] = {}
-    for tensor in fused_factors(config, cuda=cuda, factors=False):
+    for tensor in fused_factors(config, cuda=cuda, factors=False, lora_merge_cache=lora_merge_cache):
         rows.append(_row(tensor))
         cum, _ = spectral_entropy(tensor.factors.sigma)
         total = float(cum[-1]) if cum.numel() else 0.0

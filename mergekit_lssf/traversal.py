@@ -29,7 +29,7 @@ from mergekit.plan import MergePlanner
 from mergekit_lssf.kernel import SafetyFactors, safety_factors
 from mergekit_lssf.merge_method import checked_inputs, is_fused, load_subspace
 from mergekit_lssf.parameters import FACTOR_PARAMETERS
-from mergekit_lssf.recipe import check_recipe, forget_loaders, prepare_recipe
+from mergekit_lssf.recipe import check_lora_merge_cache, check_recipe, forget_loaders, prepare_recipe
 
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -122,11 +122,14 @@ def planned_tensors(config: MergeConfiguration, options: MergeOptions) -> list:
 
 
 def fused_factors(
-    config: MergeConfiguration, *, cuda: bool = False, quiet: bool = False, factors: bool = True
+    config: MergeConfiguration, *, cuda: bool = False, quiet: bool = False, factors: bool = True,
+    lora_merge_cache: Optional[str] = None,
 ) -> Iterator[FusedTensor]:
     """Yield a FusedTensor for every weight the recipe fuses, in model order
-    (``factors=False``: spectra and ranks only, without computing the factors)."""
-    options = MergeOptions(cuda=cuda, quiet=quiet)
+    (``factors=False``: spectra and ranks only, without computing the factors);
+    ``lora_merge_cache``: mergekit's folder for merged ``model+lora`` references."""
+    check_lora_merge_cache(config, lora_merge_cache)
+    options = MergeOptions(cuda=cuda, quiet=quiet, lora_merge_cache=lora_merge_cache)
     config = prepare_recipe(config, trust_remote_code=options.trust_remote_code)
     tasks = [FactorTask(source=t, factors=factors) for t in planned_tensors(config, options)]
     device = torch.device(options.device)

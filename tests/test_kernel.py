@@ -42,7 +42,7 @@ def test_fast_path_matches_float64_svd(shape, name):
             for dtype in (torch.float32, torch.float64):
                 out, info = lssf_fuse(
                     *(torch.tensor(x, dtype=dtype) for x in (ft, al, un)),
-                    alpha=0.8, eta=eta, weight_max=weight_max,
+                    fusion="add", alpha=0.8, eta=eta, weight_max=weight_max,
                 )
                 assert info.rank == r_ref, (name, shape, eta, dtype)
                 assert out.dtype == dtype
@@ -113,7 +113,7 @@ def test_weighted_projection_is_u_prime_u_prime_t():
     r = 6
     a = reference_alphas(s[:r], 2.0)
     expected = ft + 0.5 * sum(a[i] ** 2 * np.outer(u[:, i], u[:, i]) for i in range(r)) @ delta
-    out, info = lssf_fuse(*(torch.tensor(x) for x in (ft, al, un)), alpha=0.5, eta=0.9, rank=r, weight_max=2.0)
+    out, info = lssf_fuse(*(torch.tensor(x) for x in (ft, al, un)), fusion="add", alpha=0.5, eta=0.9, rank=r, weight_max=2.0)
     assert info.rank == r
     assert _rel(out, expected) < 1e-10
 
@@ -128,7 +128,7 @@ def test_eta_one_equals_mergekit_task_arithmetic():
         expected = merge_tensors(
             [ft, al, un], "task_arithmetic", base_index=0, parameters={"weight": [0.7, -0.7]}
         )
-        out, info = lssf_fuse(ft, al, un, alpha=0.7, eta=1.0, max_rank=None)
+        out, info = lssf_fuse(ft, al, un, fusion="add", alpha=0.7, eta=1.0, max_rank=None)
         assert info.rank == min(shape)
         assert _rel(out, expected) < 1e-10
 
@@ -136,7 +136,7 @@ def test_eta_one_equals_mergekit_task_arithmetic():
 def test_zero_delta_returns_finetuned_unchanged():
     ft = torch.randn(16, 24)
     same = torch.randn(16, 24)
-    out, info = lssf_fuse(ft, same, same.clone(), alpha=1.0, eta=0.9)
+    out, info = lssf_fuse(ft, same, same.clone(), fusion="add", alpha=1.0, eta=0.9)
     assert info.rank == 0 and info.choice.entropy_share == 0.0
     assert torch.equal(out, ft) and not torch.isnan(out).any()
 
@@ -148,7 +148,7 @@ def test_tied_singular_values():
     ft, al, un = _weights((k, 60), spectrum, seed=7)
     for weight_max in (1.0, 2.0):
         ref, r_ref = reference_lssf(ft, al, un, alpha=1.0, eta=0.4, weight_max=weight_max)
-        out, info = lssf_fuse(*(torch.tensor(x) for x in (ft, al, un)), alpha=1.0, eta=0.4, weight_max=weight_max)
+        out, info = lssf_fuse(*(torch.tensor(x) for x in (ft, al, un)), fusion="add", alpha=1.0, eta=0.4, weight_max=weight_max)
         assert r_ref == 4 and info.rank == 4
         assert _rel(out, ref) < 1e-8
 
@@ -165,7 +165,7 @@ def test_sign_and_rotation_of_basis_do_not_matter():
     rotated = u.clone()
     rotated[:, :3] = u[:, :3] @ q
     args = [torch.tensor(x) for x in (ft, al, un)]
-    kwargs = dict(alpha=1.0, eta=0.9, weight_max=2.0)
+    kwargs = dict(alpha=1.0, eta=0.9, weight_max=2.0, fusion="add")
     base, info = lssf_fuse(*args, subspace=SafetySubspace(s, u, "output"), **kwargs)
     assert info.rank >= 3
     for basis, side in ((u * signs, "output"), (rotated, "output"), (vt.T * signs, "input")):
@@ -178,7 +178,7 @@ def test_sign_and_rotation_of_basis_do_not_matter():
 def test_bfloat16_inputs_are_computed_in_float32():
     stored = [torch.tensor(x).to(torch.bfloat16) for x in _weights((64, 128), spectra(64)["planted_plus_noise"], seed=11)]
     ref, r_ref = reference_lssf(*(t.double().numpy() for t in stored), alpha=1.0, eta=0.9)
-    out, info = lssf_fuse(*stored, alpha=1.0, eta=0.9)
+    out, info = lssf_fuse(*stored, fusion="add", alpha=1.0, eta=0.9)
     assert out.dtype == torch.bfloat16 and info.rank == r_ref
     assert _rel(out.double(), ref) < 4e-3  # only the final rounding to bf16
 
@@ -187,7 +187,7 @@ def test_subspace_basis_smaller_than_rank_is_capped():
     ft, al, un = (torch.randn(20, 30, dtype=torch.float64) for _ in range(3))
     full = data_free_subspace(al - un)
     small = SafetySubspace(full.sigma, full.basis[:, :3], full.side)
-    _, info = lssf_fuse(ft, al, un, alpha=1.0, eta=0.99, subspace=small)
+    _, info = lssf_fuse(ft, al, un, fusion="add", alpha=1.0, eta=0.99, subspace=small)
     assert info.rank == 3 and info.choice.capped
 
 
@@ -201,10 +201,18 @@ def test_spectrum_only_gives_the_same_rank_and_spectrum(shape, settings, dtype):
     from mergekit_lssf.kernel import safety_factors
 
     _, al, un = (torch.from_numpy(w).to(dtype) for w in _weights(shape, spectra(min(shape))["planted_plus_noise"]))
-    settings = {"eta": 0.9, "max_rank": 256, **settings}
+    settings = {"eta": 0.9, "max_rank": 256, "fusion": "add", **settings}
     full = safety_factors(al, un, **settings)
     ranks_only = safety_factors(al, un, factors=False, **settings)
     assert ranks_only.left is None and ranks_only.right is None
     assert ranks_only.info.choice == full.info.choice and ranks_only.info.sigma_1 == full.info.sigma_1
     assert torch.equal(ranks_only.sigma, full.sigma)
     assert (full.left is not None) == (full.info.rank > 0)
+
+
+def test_the_kernel_has_no_default_fusion():
+    """A recipe defaults to ``restore`` and the paper to ``add``: an in-memory caller must
+    say which, so that nobody gets ``add`` where a recipe would have given ``restore``."""
+    w = torch.eye(3)
+    with pytest.raises(TypeError, match="fusion"):
+        lssf_fuse(w, w, torch.zeros(3, 3), alpha=1.0, eta=0.9)

@@ -200,7 +200,7 @@ def test_full_rank_subspace_rounding_is_round_to_nearest():
 
 def test_bf16_identities_zero_delta_and_sign_invariance():
     ft, al, un = _bf16_triplet(128, 200, 0.4, seed=7)
-    out, info = lssf_fuse(ft.to(BF16), al.to(BF16), al.to(BF16), alpha=1.0, eta=0.9)
+    out, info = lssf_fuse(ft.to(BF16), al.to(BF16), al.to(BF16), fusion="add", alpha=1.0, eta=0.9)
     assert info.rank == 0 and torch.equal(out, ft.to(BF16))
     sub = safety_factors(al, un, eta=0.9, rank=8, fusion="restore").with_finetune(ft)
     flipped = type(sub)(-sub.left, -sub.right, sub.info, sub.sigma, sub.fusion, None, sub.side)

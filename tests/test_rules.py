@@ -50,7 +50,7 @@ def test_noise_floor_rank_equals_reference_and_recovers_planted_rank(case):
     # through the kernel's own spectrum (Gram + eigensolver), as a merge computes it
     aligned = torch.from_numpy(delta)
     _, info = lssf_fuse(torch.zeros_like(aligned), aligned, torch.zeros_like(aligned),
-                        alpha=1.0, eta=0.9, max_rank=None, rank_rule="noise_floor")
+                        fusion="add", alpha=1.0, eta=0.9, max_rank=None, rank_rule="noise_floor")
     assert info.choice.rank == info.choice.noise_floor_rank == want, case
     assert info.choice.rule == "noise_floor"
     if want:
@@ -90,7 +90,7 @@ def test_rank_zero_leaves_the_weight_bit_identical():
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((64, 32)))
     aligned = torch.from_numpy(q).float()
     ft = torch.randn(64, 32)
-    out, info = lssf_fuse(ft, aligned, torch.zeros_like(aligned), alpha=1.0, eta=0.9, rank_rule="noise_floor")
+    out, info = lssf_fuse(ft, aligned, torch.zeros_like(aligned), fusion="add", alpha=1.0, eta=0.9, rank_rule="noise_floor")
     assert info.rank == 0 and out is ft
     out, info = lssf_fuse(ft, aligned, torch.zeros_like(aligned), alpha=1.0, eta=0.9, rank_rule="noise_floor",
                           fusion="restore")

@@ -256,10 +256,12 @@ class Testbed:
         aligned, dtype = self.aligned(cell), cell.storage(self.s)
         if cell.drift == "lora":
             c, candidate = self._drift_setting(aligned, cell)
-            if seed == 0:  # the sweep trained this very model (same data, setting and seed): reuse it
+            if seed == 0 and is_done(candidate):  # the sweep trained this very model (same data, setting and seed): reuse it
                 self.log(f"stage finetuned ({cell.name}, seed 0): benign LoRA {c}, the sweep's {os.path.basename(candidate)}")
                 _copy_model(candidate, path)
                 return path
+            # seed 0 lands here when the sweep's choice.json was reused without its candidates
+            # (published beside the runs): training with seed DRIFT_SEED gives that same model
             self.log(f"stage finetuned ({cell.name}, seed {seed}): benign LoRA {c}")
             self._timed("drift", lambda: train(aligned, self._task_pairs(), path, epochs=c["epochs"], lr=c["lr"],
                                                batch_size=self.s.batch_size, seed=DRIFT_SEED + seed, lora={"rank": c["rank"]},
