@@ -13,7 +13,9 @@ from mergekit.options import MergeOptions
 from helpers import load_state, write_lssf_recipe
 from mergekit_lssf.check import check
 from mergekit_lssf.fused import kept_reason
+from mergekit_lssf.kernel import safety_factors
 from mergekit_lssf.recipe import load_recipe
+from mergekit_lssf.report import build_report
 
 
 @pytest.mark.parametrize("name, shape, floating, reason", [
@@ -121,3 +123,22 @@ def test_moe_toy_check_and_merge(moe_dir, tmp_path, monkeypatch):
     sds = {"ft": {"w.weight": torch.rand(6, 5) / 3}, "al": {"w.weight": torch.rand(6, 5)}, "un": {"w.weight": un}}
     out = merge_state_dicts(sds, "lssf", base="ft", parameters={"role": {"al": "aligned", "un": "unaligned"}})
     assert out["w.weight"].dtype == torch.float32 and not torch.equal(out["w.weight"], out["w.weight"].bfloat16().float())
+
+
+def test_moe_toy_report_ranks_each_expert_and_skips_routers(moe_dir, tmp_path, monkeypatch):
+    """``report`` on the MoE toy: one row per expert of each stacked weight, with the rank
+    the merge's kernel gives that expert's 2-D matrices; no router row."""
+    monkeypatch.chdir(moe_dir)
+    monkeypatch.setenv("MERGEKIT_LSSF_ROLE_CHECK", "0")
+    recipe = write_lssf_recipe(str(moe_dir), "report.yml", {})
+    rows = build_report(load_recipe(recipe), str(tmp_path / "report"))["tensors"]
+    names = [r["name"] for r in rows]
+    assert not any(n.endswith("mlp.gate.weight") for n in names), "a router was reported"
+    load = lambda m: AutoModelForCausalLM.from_pretrained(moe_dir / m, dtype=torch.float32).state_dict()  # noqa: E731
+    al, un = load("aligned"), load("unaligned")
+    stacked = "model.layers.1.mlp.experts.down_proj"
+    expert_rows = [r for r in rows if r["name"].startswith(stacked)]
+    assert len(expert_rows) == al[stacked].shape[0], names
+    for e, row in enumerate(expert_rows):
+        want = safety_factors(al[stacked][e], un[stacked][e], eta=0.9, max_rank=256, fusion="restore", factors=False)
+        assert row["rank"] == want.info.rank, (row, e)
