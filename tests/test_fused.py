@@ -9,6 +9,7 @@ import torch
 from mergekit.merge import run_merge
 from mergekit.merge_methods import merge_state_dicts
 from mergekit.options import MergeOptions
+from transformers import AutoModelForCausalLM
 
 from helpers import load_state, write_lssf_recipe
 from mergekit_lssf.check import check
@@ -108,7 +109,6 @@ def test_moe_toy_check_and_merge(moe_dir, tmp_path, monkeypatch):
     assert any(f.endswith(".safetensors") for f in ft_files)
     # mergekit reads the per-expert checkpoint into transformers 5's stacked layout:
     # compare in that layout, as transformers loads it
-    from transformers import AutoModelForCausalLM
 
     ft = AutoModelForCausalLM.from_pretrained(moe_dir / "finetuned", dtype=torch.bfloat16).state_dict()
     for layer in range(2):
