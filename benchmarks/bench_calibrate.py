@@ -24,6 +24,7 @@ which loads the whole model).
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,19 +32,11 @@ import time
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_merge import BIN, HERE, RECIPES, timed  # noqa: E402
+from bench_merge import BIN, HERE, RECIPES, timed, toy_models  # noqa: E402
 
 from mergekit_lssf.calibrate import default_anchors  # noqa: E402
 from mergekit_lssf.real_models import smollm2_135m_instruct  # noqa: E402
-from mergekit_lssf.toy_models import ToySpec, build_toy_models, count_parameters  # noqa: E402
-
-
-def toy_models(workdir: str, size: str) -> str:
-    """The folder holding ``size``'s aligned, unaligned and finetuned toy models (built once)."""
-    directory = os.path.join(workdir, size)
-    if not os.path.exists(os.path.join(directory, "finetuned", "model.safetensors")):
-        build_toy_models(directory, ToySpec(size=size))
-    return directory
+from mergekit_lssf.toy_models import count_parameters  # noqa: E402
 
 
 def anon_peak(command, cwd) -> float:
@@ -74,7 +67,9 @@ def calibrate_command(model: str, out: str, anchors: str, device: str):
 
 def bench_depth(depths, anchors, device, workdir):
     """Per depth: calibrate's time and peak RSS; extract-patch's and, on the same three
-    models, mergekit-yaml task_arithmetic's time, peak RSS and peak anonymous memory."""
+    models, mergekit-yaml task_arithmetic's time, peak RSS and peak anonymous memory.
+    The anonymous memory comes from a second run of each command, so that the polling
+    does not run beside the timed one."""
     print("| layers | params | weights MiB (one model) | calibrate s | calibrate peak RSS MiB | "
           "extract-patch s | extract-patch peak RSS / anon MiB | task_arithmetic s | "
           "task_arithmetic peak RSS / anon MiB | adapter MiB |")
@@ -96,7 +91,8 @@ def bench_depth(depths, anchors, device, workdir):
                          *(["--cuda"] if device == "cuda" else [])]
 
         def clear():
-            subprocess.run(["rm", "-rf", patch, os.path.join(directory, "out-task_arithmetic")], check=True)
+            for path in (patch, os.path.join(directory, "out-task_arithmetic")):
+                shutil.rmtree(path, ignore_errors=True)
 
         clear()
         patch_wall, patch_rss = timed(patch_command, directory)

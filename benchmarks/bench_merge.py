@@ -64,15 +64,24 @@ def timed(command, cwd, env=None):
     return float(wall), int(rss_kib) / 1024
 
 
+def toy_models(workdir: str, size: str) -> str:
+    """The folder under ``workdir`` holding ``size``'s aligned, unaligned and finetuned
+    toy models, built on first use."""
+    from mergekit_lssf.toy_models import ToySpec, build_toy_models
+
+    directory = os.path.join(workdir, size)
+    if not os.path.exists(os.path.join(directory, "finetuned", "model.safetensors")):
+        print(f"building {size} toy models ...", flush=True)
+        build_toy_models(directory, ToySpec(size=size))
+    return directory
+
+
 def bench_merges(sizes, repeats, cuda, workdir, nearest=False, threads=None):
-    from mergekit_lssf.toy_models import ToySpec, build_toy_models, count_parameters
+    from mergekit_lssf.toy_models import count_parameters
 
     rows = []
     for size in sizes:
-        directory = os.path.join(workdir, size)
-        if not os.path.exists(os.path.join(directory, "finetuned", "model.safetensors")):
-            print(f"building {size} toy models ...", flush=True)
-            build_toy_models(directory, ToySpec(size=size))
+        directory = toy_models(workdir, size)
         runs = [(m, m, {}) for m in RECIPES]
         if nearest:
             runs.append(("lssf-nearest", "lssf-nearest", {}))
