@@ -23,7 +23,7 @@ from . import repairs
 from .curves import CHOICES, candidates, points, repair_names
 from .data import REFUSALS, PromptSets, replay_openings, validation_prose
 from .evaluation import evaluate_model, validation_metrics
-from .settings import (CELLS, PRIMARY, Cell, Settings, SettingsMismatch, candidate_name, cell_folder, model_path,
+from .settings import (CELLS, PRIMARY, Cell, Settings, SettingsMismatch, candidate_name, cell_folder, eval_path, model_path,
                        settings_digest)
 from .task import utility_kept
 from .training import is_done, sample_continuations, store, train
@@ -83,9 +83,8 @@ class Testbed:
     def models_dir(self, cell: str, seed: int) -> str:
         return os.path.join(cell_folder(self.out, cell, seed), "models")
 
-    @staticmethod
-    def eval_path(model: str) -> str:
-        return os.path.join(os.path.dirname(os.path.dirname(model)), "eval", os.path.basename(model) + ".json")
+    #: where a model's evaluation is cached (``settings.eval_path``)
+    eval_path = staticmethod(eval_path)
 
     def _timed(self, stage: str, fn):
         started = time.perf_counter()

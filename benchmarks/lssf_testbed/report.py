@@ -145,10 +145,12 @@ def _budget_lines(rows: List[Dict]) -> List[str]:
 def _cell_report(name: str, rs: List[Dict], verdicts: Dict[tuple, Verdicts], settings) -> Dict:
     """Everything the report says about one cell from its runs ``rs`` (its seeds)."""
     methods = method_models(settings)
-    arrays = [RunArrays(verdicts[(name, r["seed"])], r.get("task_rows") or {}, list(r["models"]))
-              for r in rs if (name, r["seed"]) in verdicts]
-    arrays = [a for a in arrays if "aligned" in a.index and "finetuned" in a.index]
-    return {"note": CELLS[name].note, "dtype": CELLS[name].storage(settings), "seeds": sorted(r["seed"] for r in rs),
+    by_seed = {r["seed"]: RunArrays(verdicts[(name, r["seed"])], r.get("task_rows") or {}, list(r["models"]))
+               for r in rs if (name, r["seed"]) in verdicts}
+    # a seed whose ends (aligned, finetuned) have no verdicts has no curve; it is named in the notes
+    left_out = [seed for seed, a in by_seed.items() if not ("aligned" in a.index and "finetuned" in a.index)]
+    arrays = [a for seed, a in by_seed.items() if seed not in left_out]
+    return {"left_out": left_out, "note": CELLS[name].note, "dtype": CELLS[name].storage(settings), "seeds": sorted(r["seed"] for r in rs),
             "models": seed_summary(rs),
             "curves": curve_points(arrays, methods) if arrays else {},
             "budgets": budget_table(arrays, methods, singles=SINGLES) if arrays else [],
@@ -180,6 +182,8 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
         by_cell.setdefault(run["cell"], []).append(run)
     verdicts = _run_verdicts(out, evals or out, every, {(r["cell"], r["seed"]) for r in runs})
     cells = {name: _cell_report(name, rs, verdicts, settings) for name, rs in by_cell.items()}
+    notes = notes + [f"cell {name}, seed {seed}: left out of the curves and the budget table (no per-prompt verdicts "
+                     "of aligned or finetuned)" for name, cell in cells.items() for seed in cell["left_out"]]
     choices = {}
     for path in sorted(glob.glob(os.path.join(out, "sweeps", "*", "*.json"))):
         if os.path.basename(path) in ("choice.json", "validation.json"):

@@ -195,6 +195,12 @@ def aligned_path(out: str, arm: str) -> str:
     return os.path.join(cell_folder(out, "align-full" if arm == "full" else "main", 0), "models", "aligned")
 
 
+def eval_path(model: str) -> str:
+    """The cached evaluation (JSON) of the model stored in folder ``model``:
+    ``FOLDER/eval/NAME.json`` beside the ``FOLDER/models/NAME`` it evaluates."""
+    return os.path.join(os.path.dirname(os.path.dirname(model)), "eval", os.path.basename(model) + ".json")
+
+
 def model_path(out: str, cell: Cell, seed: int, name: str) -> str:
     """The folder of model ``name`` of ``cell`` and ``seed`` under ``out``, built or not:
     ``unaligned`` is shared (main cell, seed 0), ``aligned`` is the arm's (the main cell's

@@ -18,7 +18,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from .settings import cell_folder
+from .settings import CELLS, cell_folder, eval_path, model_path
 
 PROMPT_SETS = (("harmful", "HarmBench"), ("strongreject", "StrongREJECT"))
 DETECTOR = "mergekit_lssf.evaluate.is_refusal"
@@ -56,14 +56,16 @@ def eval_verdicts(path: str) -> Dict[str, Dict[str, bool]]:
 
 def seed_verdicts(out: str, cell: str, seed: int) -> Verdicts:
     """Every model of ``cell`` and ``seed`` evaluated under the testbed folder ``out``;
-    ``unaligned`` and ``aligned``, evaluated once for all cells, from the main cell's
-    seed 0. Empty when nothing is evaluated there."""
-    folder, shared = eval_dir(out, cell, seed), eval_dir(out, "main", 0)
+    ``unaligned`` and ``aligned``, shared between seeds (and cells), from the evaluation
+    beside the model ``settings.model_path`` names, so that ``align-full`` seed 1 gets
+    its own arm's aligned model, not the main cell's. Empty when nothing is evaluated there."""
+    folder = eval_dir(out, cell, seed)
     paths = {f[:-5]: os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".json")} if os.path.isdir(folder) else {}
     if paths:
         for name in ("unaligned", "aligned"):
-            if name not in paths and os.path.exists(os.path.join(shared, name + ".json")):
-                paths[name] = os.path.join(shared, name + ".json")
+            shared = eval_path(model_path(out, CELLS[cell], seed, name))
+            if name not in paths and os.path.exists(shared):
+                paths[name] = shared
     return {name: eval_verdicts(path) for name, path in sorted(paths.items())}
 
 
