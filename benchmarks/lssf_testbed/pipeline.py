@@ -443,7 +443,8 @@ class Testbed:
             results = {n: r for n, r in cached.items() if r is not None}
             where = f"cell {cell.name}, seed {seed}"
             if "finetuned" not in results:
-                self.notes.append(f"{where}: not evaluated")
+                self.notes.append(f"{where}: not evaluated in this testbed folder" +
+                                  ("; its run published before, if any, is kept" if publish else ""))
                 continue
             missing = [n for n in names if n not in results]
             if missing:
