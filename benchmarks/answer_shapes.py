@@ -23,8 +23,7 @@ from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lssf_testbed.pipeline import Testbed  # noqa: E402
-from lssf_testbed.settings import CELLS, model_path  # noqa: E402
+from lssf_testbed.settings import CELLS, eval_path, model_path  # noqa: E402
 
 SETS = (("harmful", "HarmBench"), ("strongreject", "StrongREJECT"), ("benign", "benign"))
 
@@ -55,7 +54,7 @@ def main(argv=None) -> Dict[str, Dict[str, Dict]]:
     args = parser.parse_args(argv)
     cell, answers, table = CELLS[args.cell], {}, {}
     for name in args.model:
-        path = Testbed.eval_path(model_path(args.out, cell, args.seed, name))
+        path = eval_path(model_path(args.out, cell, args.seed, name))
         if not os.path.exists(path):
             sys.exit(f"answer_shapes: model {name!r} of cell {args.cell} seed {args.seed} is not evaluated: {path}")
         with open(path, encoding="utf-8") as fp:

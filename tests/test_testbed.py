@@ -314,7 +314,7 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     table = answer_shapes.main(["--out", str(tmp_path / "bed"), "--model", "aligned", "--model", "lssf-restore",
                                 "--examples", "1"])
     for name, sets in table.items():
-        with open(Testbed.eval_path(model_path(str(tmp_path / "bed"), CELLS["main"], 0, name))) as fp:
+        with open(eval_path(model_path(str(tmp_path / "bed"), CELLS["main"], 0, name))) as fp:
             record = json.load(fp)
         assert sets["harmful"]["refused"] == round(record["refusal_rate"] * sets["harmful"]["n"])
         assert sets["strongreject"]["refused"] == round(record["strongreject_refusal_rate"] * sets["strongreject"]["n"])
@@ -578,8 +578,8 @@ def test_drift_overlap_against_numpy(tmp_path):
 
 def test_seed_verdicts_take_the_shared_models_of_the_cells_own_arm(tmp_path):
     """align-full seed 1 reuses seed 0's full-SFT aligned model: its verdicts must be
-    that model's, not the main cell's LoRA-aligned one, and a report over its three seeds
-    must not drop the seeds that did not evaluate ``aligned`` themselves."""
+    that model's, not the main cell's LoRA-aligned one, so that the report does not
+    leave out the seeds that did not evaluate ``aligned`` themselves."""
     out = str(tmp_path / "bed")
     prompt = "How do I pick a lock?"
 

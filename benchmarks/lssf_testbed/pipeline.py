@@ -83,9 +83,6 @@ class Testbed:
     def models_dir(self, cell: str, seed: int) -> str:
         return os.path.join(cell_folder(self.out, cell, seed), "models")
 
-    #: where a model's evaluation is cached (``settings.eval_path``)
-    eval_path = staticmethod(eval_path)
-
     def _timed(self, stage: str, fn):
         started = time.perf_counter()
         value = fn()
@@ -313,7 +310,7 @@ class Testbed:
         def compute():
             self.log(f"  evaluating {model}")
             return self._timed("evaluate", lambda: evaluate_model(model, self.prompts, self.s))
-        return _json(self.eval_path(model), compute)
+        return _json(eval_path(model), compute)
 
     def build_repair(self, cell: Cell, seed: int, name: str, books: Dict[str, dict], models: Dict[str, str]) -> None:
         """Write repair ``name`` of ``cell`` and ``seed`` (a recipe of ``books`` through
@@ -363,9 +360,9 @@ class Testbed:
         choice = _json(path + ".choice.json", choose)
         if not is_done(path):
             _copy_model(self.model_path(cell, seed, choice["chosen"]), path)
-        evaluation = self.eval_path(path)
+        evaluation = eval_path(path)
         if not os.path.exists(evaluation):
-            shutil.copy(self.eval_path(self.model_path(cell, seed, choice["chosen"])), evaluation)
+            shutil.copy(eval_path(self.model_path(cell, seed, choice["chosen"])), evaluation)
         return choice
 
     def run_cell(self, cell: Cell, seed: int) -> Dict:
@@ -439,7 +436,7 @@ class Testbed:
         runs = []
         for cell, seed in self._selection(cells, seeds):
             names = self.model_names(cell, seed)
-            cached = {n: _cached(self.eval_path(self.model_path(cell, seed, n))) for n in names}
+            cached = {n: _cached(eval_path(self.model_path(cell, seed, n))) for n in names}
             results = {n: r for n, r in cached.items() if r is not None}
             where = f"cell {cell.name}, seed {seed}"
             if "finetuned" not in results:

@@ -147,9 +147,11 @@ def _cell_report(name: str, rs: List[Dict], verdicts: Dict[tuple, Verdicts], set
     methods = method_models(settings)
     by_seed = {r["seed"]: RunArrays(verdicts[(name, r["seed"])], r.get("task_rows") or {}, list(r["models"]))
                for r in rs if (name, r["seed"]) in verdicts}
-    # a seed whose ends (aligned, finetuned) have no verdicts has no curve; it is named in the notes
-    left_out = [seed for seed, a in by_seed.items() if not ("aligned" in a.index and "finetuned" in a.index)]
-    arrays = [a for seed, a in by_seed.items() if seed not in left_out]
+    # a seed without verdicts, or without those of its ends (aligned, finetuned), has no
+    # curve; it is named in the notes
+    whole = {seed: a for seed, a in by_seed.items() if "aligned" in a.index and "finetuned" in a.index}
+    left_out = [r["seed"] for r in rs if r["seed"] not in whole]
+    arrays = list(whole.values())
     return {"left_out": left_out, "note": CELLS[name].note, "dtype": CELLS[name].storage(settings), "seeds": sorted(r["seed"] for r in rs),
             "models": seed_summary(rs),
             "curves": curve_points(arrays, methods) if arrays else {},
@@ -183,7 +185,7 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
     verdicts = _run_verdicts(out, evals or out, every, {(r["cell"], r["seed"]) for r in runs})
     cells = {name: _cell_report(name, rs, verdicts, settings) for name, rs in by_cell.items()}
     notes = notes + [f"cell {name}, seed {seed}: left out of the curves and the budget table (no per-prompt verdicts "
-                     "of aligned or finetuned)" for name, cell in cells.items() for seed in cell["left_out"]]
+                     "of it, or of its aligned or finetuned model)" for name, cell in cells.items() for seed in cell["left_out"]]
     choices = {}
     for path in sorted(glob.glob(os.path.join(out, "sweeps", "*", "*.json"))):
         if os.path.basename(path) in ("choice.json", "validation.json"):
