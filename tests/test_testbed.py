@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -301,6 +302,24 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     with pytest.raises(ValueError, match="runs/main-seed0.json was built with settings 0123456789ab"):
         Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).report_only(["main"], [1], publish=str(tmp_path / "pub"))
     assert (tmp_path / "pub" / "results.json").read_text() == before
+    # cell_contrast.py: two cells published from one folder, model by model; on shared prompts the paired
+    # difference is the difference of the evaluations' own rates
+    import cell_contrast
+
+    Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).report_only(["main", "main-float32"], [0],
+                                                                           publish=str(tmp_path / "dtype"))
+    rows = cell_contrast.main(["--published", str(tmp_path / "dtype"), "--cell", "main-float32", "--against", "main"])
+    assert {"aligned", "finetuned", "lssf-restore", "interpolate-0.5"} <= {r["model"] for r in rows}
+    for r in rows:
+        for key, rate in (("harmful", "refusal_rate"), ("strongreject", "strongreject_refusal_rate")):
+            a, b = (json.loads(Path(eval_path(model_path(str(tmp_path / "bed"), CELLS[c], 0, r["model"]))).read_text())[rate]
+                    for c in ("main-float32", "main"))
+            assert r["rate_" + key] == (a, b)
+            assert r["contrast_" + key]["difference"] == pytest.approx(a - b, abs=1e-12), (r["model"], key)
+            assert r["contrast_" + key]["low"] <= a - b + 1e-12 and a - b - 1e-12 <= r["contrast_" + key]["high"]
+    assert "| lssf-restore |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cell attack seed 0 is not published in .*: no runs/attack-seed0.json"):
+        cell_contrast.main(["--published", str(tmp_path / "dtype"), "--cell", "attack", "--against", "main"])
     # control_cosine.py reads the built models by path alone: lssf's term points along delta
     import control_cosine
 
