@@ -23,6 +23,7 @@ from . import repairs
 from .curves import CHOICES, candidates, points, repair_names
 from .data import REFUSALS, PromptSets, replay_openings, validation_prose
 from .evaluation import evaluate_model, validation_metrics
+from .report import publish_report, write_report
 from .settings import (CELLS, PRIMARY, Cell, Settings, SettingsMismatch, candidate_name, cell_folder, eval_path, model_path,
                        settings_digest)
 from .task import utility_kept
@@ -416,8 +417,6 @@ class Testbed:
     def run(self, cells: Optional[List[str]] = None, seeds: Optional[List[int]] = None) -> Dict:
         """Build and evaluate ``cells`` (default: all) with ``seeds`` (default: the main
         cell's seeds for ``main``, seed 0 for the others); writes the report."""
-        from .report import write_report
-
         started = time.perf_counter()
         selection = list(self._selection(cells, seeds))
         self._check_digests({cell.name for cell, _ in selection})
@@ -431,8 +430,6 @@ class Testbed:
         notes, a cell and seed without an evaluated fine-tune left out. ``publish``: write
         the report files (results, runs, plots, the settings sweeps' JSON) there instead
         of under the testbed folder, with the testbed folder's path written as ``DIR``."""
-        from .report import publish_report, write_report
-
         runs = []
         for cell, seed in self._selection(cells, seeds):
             names = self.model_names(cell, seed)

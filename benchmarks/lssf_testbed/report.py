@@ -18,8 +18,12 @@ import glob
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict
 from typing import Dict, List, Optional
+
+import matplotlib
+from matplotlib.figure import Figure
 
 from .curves import CHOSEN_METHODS, CURVES, RULES, SINGLES, points
 from .settings import CELLS, SettingsMismatch, settings_digest
@@ -236,8 +240,6 @@ def publish_report(out: str, dest: str, settings, runs: List[Dict], notes: List[
     SettingsMismatch, before anything is written, when one of them was built with other
     settings. ``out``'s absolute path is written as ``DIR`` (only the absolute form: a
     short relative name such as ``t`` would also match unrelated text)."""
-    import shutil
-
     replaced = {f"{r['cell']}-seed{r['seed']}.json" for r in runs}
     for path in sorted(glob.glob(os.path.join(dest, "runs", "*.json"))):
         with open(path) as fp:
@@ -264,13 +266,9 @@ def _plot_curves(out: str, name: str, cell: Dict) -> None:
     kept, each method a line through its points (means over seeds, bars from the
     seeds' min to max), single points as markers, the fine-tune (1, 0) and the aligned
     model (0, 1) as references; the second row zooms on utility kept 0.8 to 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, grid = plt.subplots(2, 2, figsize=(13, 10))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(13, 10))  # no pyplot: no GUI backend, no global figure state
+    grid = fig.subplots(2, 2)
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, label), zoom in [(grid[r][c], SETS[c], r == 1) for r in range(2) for c in range(2)]:
         for i, (method, rows) in enumerate(cell["curves"].items()):
             rows = [r for r in rows if r["u"] and r["w_" + key]]
@@ -301,4 +299,3 @@ def _plot_curves(out: str, name: str, cell: Dict) -> None:
     grid[0][1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"curves-{name}.png"), dpi=110)
-    plt.close(fig)

@@ -15,6 +15,10 @@ import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mergekit_lssf.evaluate import load_model
 
 from .settings import ATTENTION_AND_MLP
 
@@ -41,8 +45,6 @@ def store(source: str, path: str, dtype: str) -> None:
     """A copy of model folder ``source`` at ``path`` with its weights cast to ``dtype``
     (round to nearest), as a released checkpoint would be stored; nothing when
     ``path`` is complete."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not is_done(path):
         save(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), AutoTokenizer.from_pretrained(source), path,
              dtype)
@@ -78,8 +80,6 @@ def sample_continuations(model_dir: str, contexts: Sequence[str], *, samples: in
     continuation starting with its own leading space. Training on them with
     language-model loss pulls a model towards ``model_dir``'s distribution on such text
     (the expected loss is the cross-entropy to it)."""
-    from mergekit_lssf.evaluate import load_model
-
     model, tokenizer = load_model(model_dir)  # left padding, float32, eval mode
     torch.manual_seed(seed)
     queue = [c for c in contexts for _ in range(samples)]
@@ -106,14 +106,10 @@ def train(model_dir: str, pairs: List[Tuple[str, str]], out: str, *, epochs: int
     ``out + ".adapter"`` and the merged model to ``out``. Training runs in float32; the
     model is saved in ``dtype``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if lora is not None:
-        from peft import LoraConfig, get_peft_model
-
         config = LoraConfig(r=lora["rank"], lora_alpha=2 * lora["rank"], target_modules=ATTENTION_AND_MLP,
                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, config)

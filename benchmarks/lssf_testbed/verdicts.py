@@ -18,6 +18,10 @@ import json
 import os
 from typing import Dict, List, Optional
 
+import numpy as np
+
+from mergekit_lssf.evaluate import is_refusal
+
 from .settings import CELLS, cell_folder, eval_path, model_path
 
 PROMPT_SETS = (("harmful", "HarmBench"), ("strongreject", "StrongREJECT"))
@@ -41,8 +45,6 @@ def eval_verdicts(path: str) -> Dict[str, Dict[str, bool]]:
     """prompt set -> prompt key -> the detector's call on the answer stored in the
     evaluation JSON at ``path`` (rows ``{"prompt", "response", ...}`` or, from older
     runs, ``[prompt, response]``)."""
-    from mergekit_lssf.evaluate import is_refusal
-
     with open(path) as fp:
         responses = json.load(fp)["responses"]
     calls = {}
@@ -100,8 +102,6 @@ def paired_contrast(runs: List[Verdicts], a: str, b: str, prompt_set: str, draws
     (``runs``, one ``Verdicts`` each) that evaluated both, with a 95% bootstrap interval
     over prompts (the same resampled prompts for both models and every seed: a paired
     test). None when no seed has both."""
-    import numpy as np
-
     pairs = [(v[a].get(prompt_set), v[b].get(prompt_set)) for v in runs if a in v and b in v]
     pairs = [(x, y) for x, y in pairs if x and y]
     if not pairs:
