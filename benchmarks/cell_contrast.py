@@ -21,7 +21,7 @@ from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lssf_testbed.report import with_derived  # noqa: E402
+from lssf_testbed.report import RATE_COLUMNS, run_file, with_derived  # noqa: E402
 from lssf_testbed.settings import CELLS  # noqa: E402
 from lssf_testbed.verdicts import PROMPT_SETS, load, paired_contrast  # noqa: E402
 
@@ -38,19 +38,19 @@ def contrast_rows(published: str, cell: str, against: str, seed: int) -> List[Di
     against), ``contrast_SET`` (``paired_contrast`` of cell minus against), and
     ``utility_kept`` and ``empty_rate`` (cell, against). SystemExit naming the missing
     file when a run or its verdicts are not published there."""
-    runs, verdicts = {}, {}
+    found: Dict[str, Dict] = {"runs": {}, "verdicts": {}}
     for name in (cell, against):
         for kind, reader in (("runs", _run_table), ("verdicts", load)):
-            path = os.path.join(published, kind, f"{name}-seed{seed}.json")
+            path = os.path.join(published, kind, run_file(name, seed))
             if not os.path.exists(path):
-                sys.exit(f"cell_contrast: cell {name} seed {seed} is not published in {published}: no {kind}/{os.path.basename(path)}")
-            (runs if kind == "runs" else verdicts)[name] = reader(path)
+                sys.exit(f"cell_contrast: cell {name} seed {seed} is not published in {published}: no {kind}/{run_file(name, seed)}")
+            found[kind][name] = reader(path)
+    runs, verdicts = found["runs"], found["verdicts"]
     rows = []
     for model in [m for m in runs[cell] if m in runs[against] and m in verdicts[cell] and m in verdicts[against]]:
         both = {"a": verdicts[cell][model], "b": verdicts[against][model]}
         row = {"model": model}
-        for key, _ in PROMPT_SETS:
-            column = "refusal_rate" if key == "harmful" else f"{key}_refusal_rate"
+        for key, column in RATE_COLUMNS:
             row["rate_" + key] = (runs[cell][model].get(column), runs[against][model].get(column))
             row["contrast_" + key] = paired_contrast([both], "a", "b", key)
         for column in ("utility_kept", "empty_rate"):

@@ -33,10 +33,18 @@ from .verdicts import PROMPT_SETS, Verdicts, paired_contrast, seed_verdicts
 from .verdicts import load as load_verdicts
 from .verdicts import save as save_verdicts
 
+# harmful prompt set (frontier.SETS) -> its refusal-rate field in an evaluation
+RATE_COLUMNS = (("harmful", "refusal_rate"), ("strongreject", "strongreject_refusal_rate"))
+
 COLUMNS = [("refusal_rate", "HarmBench refusal"), ("strongreject_refusal_rate", "StrongREJECT refusal"),
            ("won_back_harmful", "won back (HB)"), ("won_back_strongreject", "won back (SR)"),
            ("empty_rate", "HarmBench empty"), ("over_refusal_rate", "over-refusal"), ("task_nll", "task NLL"),
            ("utility_kept", "utility kept"), ("task_word_accuracy", "task word acc."), ("perplexity", "perplexity")]
+
+
+def run_file(cell: str, seed: int) -> str:
+    """The file name of one cell and seed's record in ``runs/`` and ``verdicts/``."""
+    return f"{cell}-seed{seed}.json"
 
 
 def seed_summary(runs: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
@@ -56,7 +64,7 @@ def with_derived(run: Dict) -> Dict[str, Dict[str, float]]:
     for name, m in models.items():
         row = dict(m)
         if al and ft:
-            for key, column in (("harmful", "refusal_rate"), ("strongreject", "strongreject_refusal_rate")):
+            for key, column in RATE_COLUMNS:
                 values = (m.get(column), al.get(column), ft.get(column))
                 row["won_back_" + key] = won_back(*values) if None not in values else None
             values = (m.get("task_nll"), al.get("task_nll"), ft.get("task_nll"))
@@ -98,7 +106,7 @@ def _run_verdicts(out: str, evals: str, every: List[Dict], fresh: set) -> Dict[t
     found = {}
     for run in every:
         key = (run["cell"], run["seed"])
-        path = os.path.join(out, "verdicts", f"{run['cell']}-seed{run['seed']}.json")
+        path = os.path.join(out, "verdicts", run_file(run["cell"], run["seed"]))
         if key in fresh:
             live = seed_verdicts(evals, *key)
             if live:
@@ -173,7 +181,7 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     digests = {cell: settings_digest(settings, cell) for cell in CELLS}
     for run in runs:
-        with open(os.path.join(out, "runs", f"{run['cell']}-seed{run['seed']}.json"), "w") as fp:
+        with open(os.path.join(out, "runs", run_file(run["cell"], run["seed"])), "w") as fp:
             json.dump({**run, "settings_digest": digests[run["cell"]]}, fp, indent=1)
     every = []
     for path in glob.glob(os.path.join(out, "runs", "*.json")):
@@ -181,7 +189,7 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
             every.append(json.load(fp))
     every = [r for r in every if r["cell"] in CELLS]
     every.sort(key=lambda run: (list(CELLS).index(run["cell"]), run["seed"]))  # main first, as in CELLS
-    notes = notes + [f"runs/{r['cell']}-seed{r['seed']}.json was built with other settings ({r.get('settings_digest')}; "
+    notes = notes + [f"runs/{run_file(r['cell'], r['seed'])} was built with other settings ({r.get('settings_digest')}; "
                      f"these are {digests[r['cell']]})" for r in every if r.get("settings_digest") != digests[r["cell"]]]
     by_cell: Dict[str, List[Dict]] = {}
     for run in every:
@@ -240,7 +248,7 @@ def publish_report(out: str, dest: str, settings, runs: List[Dict], notes: List[
     SettingsMismatch, before anything is written, when one of them was built with other
     settings. ``out``'s absolute path is written as ``DIR`` (only the absolute form: a
     short relative name such as ``t`` would also match unrelated text)."""
-    replaced = {f"{r['cell']}-seed{r['seed']}.json" for r in runs}
+    replaced = {run_file(r["cell"], r["seed"]) for r in runs}
     for path in sorted(glob.glob(os.path.join(dest, "runs", "*.json"))):
         with open(path) as fp:
             theirs = json.load(fp)
