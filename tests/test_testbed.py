@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmark
 from lssf_testbed import curves  # noqa: E402
 from lssf_testbed.data import PromptSets, replay_openings, strongreject_prompts  # noqa: E402
 from lssf_testbed.pipeline import Testbed  # noqa: E402
-from lssf_testbed.settings import CELLS, Settings, candidate_name, eval_path, model_path, settings_digest  # noqa: E402
+from lssf_testbed.settings import CELLS, CURVE_POINTS, Settings, candidate_name, eval_path, model_path, settings_digest  # noqa: E402
 from lssf_testbed.verdicts import seed_verdicts  # noqa: E402
 
 from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
@@ -173,8 +173,8 @@ def test_repair_recipes_are_the_curve_points_computed_in_float32_written_in_the_
     for chosen in curves.CHOICES:  # candidates are built before the choice
         among = curves.candidates(s, chosen)
         assert among and all(names.index(n) < names.index(chosen) for n in among)
-    assert curves.candidates(s, "lssf-chosen") == ["lssf-restore-rank16", "lssf-restore-rank64", "lssf-restore-rank256",
-                                                  "lssf-alpha0.5", "lssf-alpha1", *curves.RULES]
+    ranks = [f"lssf-restore-rank{r}" for r in (8, 16, 32, 64, 128, 256)]  # the six ranks of the design
+    assert curves.candidates(s, "lssf-chosen") == [*ranks, "lssf-alpha0.5", "lssf-alpha1", *curves.RULES]
     assert [p.name for p in curves.points(s) if p.curve == "interpolate"] == ["interpolate-0.1", "interpolate-0.25",
                                                                              "interpolate-0.5", "interpolate-0.75"]
 
@@ -273,6 +273,24 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     again = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None).run(["main"], [0])
     assert same(again["cells"]["main"]["models"], summary["cells"]["main"]["models"])
     assert "evaluate" not in again["timings_seconds"] and "merge" not in again["timings_seconds"]
+    # resumed with one more curve point: that point alone is built and evaluated, the choice among the
+    # ranks is made again, every model built before is kept as it was
+    built = {n: (tmp_path / "bed" / "models" / n / "model.safetensors").stat().st_mtime_ns for n in MAIN_MODELS}
+    longer = dataclasses.replace(settings, ranks=(2, 3))
+    grown = Testbed(str(tmp_path / "bed"), longer, log=lambda m: None).run(["main"], [0])
+    added = {"lssf-restore-rank3", "random-restore-rank3"}
+    assert set(grown["cells"]["main"]["models"]) == MAIN_MODELS | added
+    for name, when in built.items():
+        if name != "lssf-chosen":
+            assert (tmp_path / "bed" / "models" / name / "model.safetensors").stat().st_mtime_ns == when, name
+            assert same(grown["cells"]["main"]["models"][name], summary["cells"]["main"]["models"][name]), name
+    choice = json.loads((tmp_path / "bed" / "models" / "lssf-chosen.choice.json").read_text())
+    assert [t["name"] for t in choice["tried"]] == curves.candidates(longer, "lssf-chosen")
+    assert weights(tmp_path / "bed" / "models" / "lssf-chosen") == weights(tmp_path / "bed" / "models" / choice["chosen"])
+    assert [r["model"] for r in grown["cells"]["main"]["curves"]["lssf-restore-rank"]] == ["lssf-restore-rank2",
+                                                                                         "lssf-restore-rank3"]
+    assert any(n == "runs/main-seed1.json has no lssf-restore-rank3, random-restore-rank3 (built before these curve points)"
+               for n in grown["notes"])
     # resumed with other settings: refused before anything is built (the cached models would be reused)
     other = dataclasses.replace(settings, drift_candidates=[dict(rank=4, lr=5e-4, epochs=1)])
     with pytest.raises(ValueError, match="cell main was built there with settings [0-9a-f]{12}, these are"):
@@ -548,6 +566,15 @@ def test_a_cells_settings_digest_changes_with_the_settings_it_reads_only():
     assert all(settings_digest(changed, c) == digests[c] for c in CELLS if c != "align-full")
     shared = dataclasses.replace(s, harmful_test=s.harmful_test - 1)  # every cell evaluates on it
     assert all(settings_digest(shared, c) != digests[c] for c in CELLS)
+    # a curve point is one more repair of the same trained models: adding one changes no digest;
+    # what changes the repairs already built (DARE's density, the random control's seed) does
+    more = dataclasses.replace(s, ranks=s.ranks + (512,), interpolations=(0.9,), alphas=(), resta_scales=(2.0,),
+                               safe_lora_shares=(0.1,))
+    assert {c: settings_digest(more, c) for c in CELLS} == digests
+    assert set(CURVE_POINTS) == {f.name for f in dataclasses.fields(Settings) if f.type.startswith("Tuple[float")
+                                 or f.name == "ranks"} - {"main_seeds"}
+    for field, value in (("dare_density", 0.5), ("random_control_seed", 7), ("utility_floor", 0.9)):
+        assert all(settings_digest(dataclasses.replace(s, **{field: value}), c) != digests[c] for c in CELLS), field
 
 
 def test_report_only_flags_are_checked_before_anything_is_written(tmp_path, capsys):

@@ -358,6 +358,14 @@ class Testbed:
             best = max(meeting, key=lambda t: (t["validation"]["refusal_rate"], -t["index"])) if meeting else tried[0]
             return {"references": val, "tried": tried, "chosen": best["name"], "utility_floor": self.s.utility_floor}
 
+        cached = _cached(path + ".choice.json")
+        if cached is not None and [t["name"] for t in cached["tried"]] != candidates(self.s, chosen):
+            # chosen before among other curve points (settings.CURVE_POINTS): choose again, copy again
+            self.log(f"{chosen}: its candidates changed since it was chosen; choosing again")
+            for stale in (path + ".choice.json", eval_path(path)):
+                if os.path.exists(stale):
+                    os.remove(stale)
+            shutil.rmtree(path, ignore_errors=True)
         choice = _json(path + ".choice.json", choose)
         if not is_done(path):
             _copy_model(self.model_path(cell, seed, choice["chosen"]), path)

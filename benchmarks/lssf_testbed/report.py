@@ -191,10 +191,15 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
     every.sort(key=lambda run: (list(CELLS).index(run["cell"]), run["seed"]))  # main first, as in CELLS
     notes = notes + [f"runs/{run_file(r['cell'], r['seed'])} was built with other settings ({r.get('settings_digest')}; "
                      f"these are {digests[r['cell']]})" for r in every if r.get("settings_digest") != digests[r["cell"]]]
+    fresh = {(r["cell"], r["seed"]) for r in runs}
+    for r in every:  # a run kept from before may predate curve points added since (settings.CURVE_POINTS)
+        lacking = [p.name for p in points(settings) if p.name not in r["models"]]
+        if (r["cell"], r["seed"]) not in fresh and lacking:
+            notes = notes + [f"runs/{run_file(r['cell'], r['seed'])} has no {', '.join(lacking)} (built before these curve points)"]
     by_cell: Dict[str, List[Dict]] = {}
     for run in every:
         by_cell.setdefault(run["cell"], []).append(run)
-    verdicts = _run_verdicts(out, evals or out, every, {(r["cell"], r["seed"]) for r in runs})
+    verdicts = _run_verdicts(out, evals or out, every, fresh)
     cells = {name: _cell_report(name, rs, verdicts, settings) for name, rs in by_cell.items()}
     notes = notes + [f"cell {name}, seed {seed}: left out of the curves and the budget table (no per-prompt verdicts "
                      "of it, or of its aligned or finetuned model)" for name, cell in cells.items() for seed in cell["left_out"]]

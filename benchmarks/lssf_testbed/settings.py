@@ -49,7 +49,7 @@ class Settings:
     replay_tokens: int = 96  # length of each prose-replay continuation (alignment candidates with ``prose``)
     # the repairs' curves (curves.py): one model per point
     interpolations: Tuple[float, ...] = (0.1, 0.25, 0.5, 0.75)  # l in (1 - l) * finetuned + l * aligned
-    ranks: Tuple[int, ...] = (16, 64, 256)  # lssf-restore-rank{r} and random-restore-rank{r}
+    ranks: Tuple[int, ...] = (8, 16, 32, 64, 128, 256)  # lssf-restore-rank{r} and random-restore-rank{r}
     alphas: Tuple[float, ...] = (0.5, 1.0)  # lssf-alpha{a}, fusion add
     resta_scales: Tuple[float, ...] = (0.25, 0.5, 1.0)  # resta-{s} and resta-dare-{s}
     dare_density: float = 0.7  # resta-dare: the share of the fine-tune's update DARE keeps
@@ -155,10 +155,18 @@ ARM_SETTINGS = {"full_align": lambda c: c.align == "full", "full_drift": lambda 
                 "compliance_samples": lambda c: c.drift == "compliance", "inverse": lambda c: c.reference == "inverse"}
 
 
+# the curves' points (curves.py): each is one more repair of a run's trained models, built
+# and evaluated on its own, so adding a point to a list changes no model already built (the
+# points chosen on validation are chosen again among the longer list). The digest leaves
+# them out; each run lists the models it has, and the report names what a run lacks.
+CURVE_POINTS = ("interpolations", "ranks", "alphas", "resta_scales", "safe_lora_shares")
+
+
 def cell_settings(settings: Settings, cell: Cell) -> Dict:
-    """Every field of ``settings`` that ``cell``'s models depend on (``ARM_SETTINGS``
-    of the arms it does not use left out), as a dict."""
-    return {k: v for k, v in asdict(settings).items() if k not in ARM_SETTINGS or ARM_SETTINGS[k](cell)}
+    """Every field of ``settings`` that ``cell``'s models depend on, as a dict:
+    ``ARM_SETTINGS`` of the arms it does not use and the ``CURVE_POINTS`` lists left out."""
+    return {k: v for k, v in asdict(settings).items()
+            if k not in CURVE_POINTS and (k not in ARM_SETTINGS or ARM_SETTINGS[k](cell))}
 
 
 # the project's own texts the models and the choice of settings depend on (lssf_testbed/)
@@ -173,7 +181,8 @@ class SettingsMismatch(ValueError):
 def settings_digest(settings: Settings, cell: str) -> str:
     """The first 12 hex digits of the SHA-256 of what ``cell``'s models depend on: the
     cell itself, ``cell_settings`` and the ``TEXTS``. Runs with different digests must not be
-    summarised together, nor a testbed folder resumed with other settings."""
+    summarised together, nor a testbed folder resumed with other settings; runs with other
+    curve points may (``CURVE_POINTS``)."""
     texts = {name: hashlib.sha256(_beside(name).encode("utf-8")).hexdigest() for name in TEXTS}
     text = json.dumps({"cell": asdict(CELLS[cell]), "settings": cell_settings(settings, CELLS[cell]), "texts": texts},
                       sort_keys=True, default=str)
