@@ -4,6 +4,7 @@ safety better than the simple alternatives, at the same cost in what the fine-tu
     python benchmarks/safety_testbed.py --out testbed/               # every cell and seed (many hours on 2 cores)
     python benchmarks/safety_testbed.py --out testbed/ --cell main   # main cell, seed 0
     python benchmarks/safety_testbed.py --out testbed/ --cell main --seed 1
+    python benchmarks/safety_testbed.py --out testbed/ --report-only --ranks 16 64 256   # the rank curves at three points
     python benchmarks/safety_testbed.py --out t/ --tiny              # generated tiny model (smoke test)
     python benchmarks/safety_testbed.py --out testbed/ --report-only --publish benchmarks/testbed-v4
                                      # the report of what is evaluated so far, nothing built; the runs
@@ -22,6 +23,7 @@ Writes DIR/results.json, DIR/results.md and DIR/curves-CELL.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -40,7 +42,12 @@ def main(argv=None):
     parser.add_argument("--report-only", action="store_true",
                         help="Build and evaluate nothing: rebuild the report from the evaluations cached under --out, naming what is missing.")
     parser.add_argument("--publish", metavar="DEST", help="With --report-only: write the report files to DEST (paths under --out as DIR).")
+    parser.add_argument("--ranks", type=int, nargs="+", metavar="R",
+                        help="The rank curves' points (default: Settings.ranks). Resuming a built folder with more ranks builds "
+                             "the new points alone; with --report-only, the report of these ranks' points only.")
     args = parser.parse_args(argv)
+    if args.ranks is not None and min(args.ranks) < 1:
+        parser.error(f"--ranks {' '.join(map(str, args.ranks))}: every rank must be a positive integer")
     if args.publish and not args.report_only:
         parser.error("--publish needs --report-only")
     if args.report_only and not os.path.isdir(os.path.join(args.out, "models")):
@@ -54,6 +61,8 @@ def main(argv=None):
         settings = Settings.tiny(os.path.join(toy, "unaligned"))
     else:
         settings = Settings()
+    if args.ranks is not None:
+        settings = dataclasses.replace(settings, ranks=tuple(args.ranks))
     seeds = args.seed if args.seed is not None else ([0] if args.cell else None)
     bed = Testbed(args.out, settings, log=lambda m: print(m, flush=True))
     try:

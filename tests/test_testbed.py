@@ -577,7 +577,7 @@ def test_a_cells_settings_digest_changes_with_the_settings_it_reads_only():
         assert all(settings_digest(dataclasses.replace(s, **{field: value}), c) != digests[c] for c in CELLS), field
 
 
-def test_report_only_flags_are_checked_before_anything_is_written(tmp_path, capsys):
+def test_report_only_flags_are_checked_before_anything_is_written(tmp_path, capsys, monkeypatch):
     import safety_testbed
 
     with pytest.raises(SystemExit):
@@ -594,6 +594,23 @@ def test_report_only_flags_are_checked_before_anything_is_written(tmp_path, caps
     err = capsys.readouterr().err
     assert "runs/main-seed0.json was built with settings None" in err and "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["runs"]
+    # --ranks: the rank curves' points, checked, then passed on in the settings
+    with pytest.raises(SystemExit):
+        safety_testbed.main(["--out", str(tmp_path / "bed"), "--report-only", "--ranks", "16", "0"])
+    assert "--ranks 16 0: every rank must be a positive integer" in capsys.readouterr().err
+    seen = {}
+
+    class Recorder:
+        def __init__(self, out, settings, log):
+            seen["ranks"] = settings.ranks
+
+        def report_only(self, cells, seeds, publish=None):
+            (tmp_path / "bed" / "results.md").write_text("report\n")
+            return {"seconds": 0.0, "timings_seconds": {}}
+
+    monkeypatch.setattr(safety_testbed, "Testbed", Recorder)
+    safety_testbed.main(["--out", str(tmp_path / "bed"), "--report-only", "--ranks", "16", "64", "256"])
+    assert seen["ranks"] == (16, 64, 256)
 
 
 def test_drift_overlap_against_numpy(tmp_path):
