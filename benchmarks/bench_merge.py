@@ -20,6 +20,7 @@ import sys
 import time
 
 import yaml
+from mergekit_lssf.parameters import FusionSettings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
@@ -126,7 +127,7 @@ def bench_kernel(shapes, svd):
         aligned = unaligned + (u * sigma) @ v.T * 0.01
         ft = aligned + torch.randn(rows, cols) * 0.001
         t = time.perf_counter()
-        _, info = lssf_fuse(ft, aligned, unaligned, fusion="add", alpha=1.0, eta=0.9, max_rank=256)
+        _, info = lssf_fuse(ft, aligned, unaligned, FusionSettings(fusion="add", alpha=1.0, eta=0.9, max_rank=256))
         fast = time.perf_counter() - t
         line = f"| {rows}x{cols} | {fast:.2f} | rank {info.rank} |"
         t = time.perf_counter()

@@ -43,6 +43,7 @@ from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK  # noqa: E402
 from mergekit_lssf.precision import ulp  # noqa: E402
 from mergekit_lssf.safetensors_io import read_header  # noqa: E402
 from mergekit_lssf.toy_models import ToySpec, build_toy_models, is_linear_weight  # noqa: E402
+from mergekit_lssf.parameters import FusionSettings
 
 SETTINGS = {
     "defaults (entropy, restore)": dict(rank_rule="entropy"),
@@ -54,9 +55,9 @@ BF16 = torch.bfloat16
 def _one(ft: torch.Tensor, al: torch.Tensor, un: torch.Tensor, rule: str) -> Dict:
     """The measurements of one weight (float32 inputs ``ft``, ``al``, ``un``)."""
     common = dict(eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, rank_rule=rule, fusion="restore")
-    rank32 = safety_factors(al, un, **common).info.rank
+    rank32 = safety_factors(al, un, FusionSettings(**common)).info.rank
     ft16, al16, un16 = (x.to(BF16).float() for x in (ft, al, un))
-    factors = safety_factors(al16, un16, **common).with_finetune(ft16)
+    factors = safety_factors(al16, un16, FusionSettings(**common)).with_finetune(ft16)
     choice = factors.info.choice
     row = dict(rank_float32=rank32, rank_bf16=choice.rank, capped=choice.capped, rounding_edge=choice.rounding_edge,
                signal_rank=choice.signal_rank, shape=list(ft.shape))
@@ -133,7 +134,7 @@ def planted(out: str) -> str:
     for (m, n), rank in (((1024, 4096), 16), ((1024, 4096), 64), ((4096, 1024), 16), ((4096, 4096), 32)):
         for term in (0.15, 0.4, 1.5):
             ft, al, un = _bf16_triplet(m, n, term)
-            factors = safety_factors(al, un, eta=0.9, rank=rank, fusion="restore").with_finetune(ft)
+            factors = safety_factors(al, un, FusionSettings(eta=0.9, rank=rank, fusion="restore")).with_finetune(ft)
             _y, plain = write_fused(ft, factors, 1.0, out_dtype=BF16, rounding="nearest")
             started = time.perf_counter()
             _y, written = write_fused(ft, factors, 1.0, out_dtype=BF16)

@@ -43,6 +43,7 @@ import time
 from typing import Dict, List, Optional
 
 import yaml
+from mergekit_lssf.parameters import FusionSettings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -67,7 +68,8 @@ def _recipe(directory: str, method: str, name: str) -> str:
               "lssf": [{"model": "./aligned", "parameters": {"role": "aligned"}},
                        {"model": "./unaligned", "parameters": {"role": "unaligned"}}]}[method]
     doc = {"merge_method": method, "base_model": "./finetuned", "models": models,
-           "dtype": "float32", "out_dtype": "bfloat16"}
+           "dtype": "float32", "out_dtype": "bfloat16",
+           **({"parameters": {"round_to": "bfloat16"}} if method == "lssf" else {})}
     with open(os.path.join(directory, name), "w", encoding="utf-8") as fp:
         yaml.safe_dump(doc, fp)
     return name
@@ -138,7 +140,7 @@ def step_tests(args) -> Dict:
         for rule, fusion in (("entropy", "add"), ("entropy", "restore"), ("noise_floor", "restore")):
             expected, r = reference_fuse(ft, un + delta, un, alpha=0.8, eta=0.9, max_rank=256, rank_rule=rule, fusion=fusion)
             t = lambda x: torch.tensor(x, dtype=torch.float32, device=args.device)  # noqa: E731
-            got, info = lssf_fuse(t(ft), t(un + delta), t(un), alpha=0.8, eta=0.9, max_rank=256, rank_rule=rule, fusion=fusion)
+            got, info = lssf_fuse(t(ft), t(un + delta), t(un), FusionSettings(alpha=0.8, eta=0.9, max_rank=256, rank_rule=rule, fusion=fusion))
             error = float(np.abs(got.cpu().double().numpy() - expected).max() / np.abs(expected).max())
             checks.append({"spectrum": spectrum, "shape": [rows, cols], "rule": rule, "fusion": fusion,
                            "rank": info.rank, "reference_rank": r, "max_rel_error": error})
@@ -250,11 +252,11 @@ def step_executors(args) -> Dict:
     # concurrent kernel calls on the CPU: every thread gets its own sequential answer
     g = torch.Generator().manual_seed(5)
     jobs = [tuple(torch.randn(96, 128, generator=g) * 0.02 for _ in range(3)) for _ in range(8)]
-    sequential = [lssf_fuse(*j, fusion="add", alpha=1.0, eta=0.9)[0] for j in jobs]
+    sequential = [lssf_fuse(*j, FusionSettings(fusion="add", alpha=1.0, eta=0.9))[0] for j in jobs]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(4) as pool:
-        threaded = list(pool.map(lambda j: lssf_fuse(*j, fusion="add", alpha=1.0, eta=0.9)[0], jobs))
+        threaded = list(pool.map(lambda j: lssf_fuse(*j, FusionSettings(fusion="add", alpha=1.0, eta=0.9))[0], jobs))
     result["threads_match_sequence"] = all(torch.equal(a, b) for a, b in zip(sequential, threaded))
     result["ok"] = result["threads_match_sequence"]
     if args.device != "cuda":

@@ -1,9 +1,11 @@
 """``mergekit-lssf check``: what a recipe will do, in seconds, before any spectrum.
 
-Runs the merge's own pre-flight check (``recipe.prepare_recipe``), plans the recipe
-with mergekit's planner and reads only safetensors headers: every output tensor is
-listed as fused, with its effective parameters after filters and gradients, or kept
-from the fine-tune, with the reason. Includes the role-swap warning.
+Reads the recipe's one plan (``plan.plan_recipe``: the merge's own pre-flight check,
+so ``check`` and ``mergekit-yaml`` refuse the same recipes with the same errors),
+plans the tensors with mergekit's planner and reads only safetensors headers: every
+output tensor is listed as fused, with its effective parameters after filters and
+gradients (checked by the rules the merge method applies), or kept from the
+fine-tune, with the reason. Includes the plan's warnings.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from mergekit.options import MergeOptions
 
 from mergekit_lssf.fused import kept_reason
 from mergekit_lssf.guards import model_index
-from mergekit_lssf.parameters import FACTOR_PARAMETERS, PER_MODEL_PARAMETERS
-from mergekit_lssf.recipe import check_recipe, dtype_warning, prepare_recipe, role_check
+from mergekit_lssf.layout import parameter_layout
+from mergekit_lssf.parameters import FACTOR_PARAMETERS, PER_MODEL_PARAMETERS, settings_from
+from mergekit_lssf.plan import LSSFPlan
 from mergekit_lssf.traversal import planned_tensors
 
 
@@ -38,12 +41,11 @@ def _shapes(config: MergeConfiguration, refs: Dict[str, Any]):
     return {}, None
 
 
-def check(config: MergeConfiguration) -> Dict[str, List]:
-    """``{"fused": [...], "kept": [...], "warnings": [...]}`` for ``config``."""
+def check(plan: LSSFPlan) -> Dict[str, List]:
+    """``{"fused": [...], "kept": [...], "warnings": [...]}`` for a planned recipe."""
     options = MergeOptions(quiet=True)
-    config = prepare_recipe(config, trust_remote_code=options.trust_remote_code, warn=False)
-    refs = check_recipe(config, trust_remote_code=options.trust_remote_code)
-    warnings = [w for w in [role_check(config, refs), dtype_warning(config, refs)] if w]
+    config, refs = plan.config, plan.refs
+    warnings = list(plan.warnings)
     headers, source = _shapes(config, refs)
     if not headers:
         warnings.append(f"lssf: {config.base_model} is not a local safetensors folder: shapes are not known "
@@ -56,12 +58,15 @@ def check(config: MergeConfiguration) -> Dict[str, List]:
         name = task.output_weight.name
         stored = headers.get(name)
         shape = list(stored.shape) if stored else None
-        reason = kept_reason(name, shape, stored.floating if stored else None, task.output_weight.vocabulary_axis)
+        reason = kept_reason(name, shape, stored.floating if stored else None, task.output_weight.vocabulary_axis,
+                             layout=parameter_layout(config.base_model, name))
         if reason:
             kept.append({"name": name, "reason": reason})
             continue
         params = {k: _plain(v) for k, v in task.parameters.items() if k not in PER_MODEL_PARAMETERS}
-        fused.append({"name": name, "shape": shape, "parameters": {k: params.get(k) for k in ("alpha",) + FACTOR_PARAMETERS + ("subspace",)}})
+        settings_from(params, f"tensor {name}")  # the merge method's own rules, per tensor
+        fused.append({"name": name, "shape": shape, "parameters": {
+            k: params.get(k) for k in ("alpha",) + FACTOR_PARAMETERS + ("subspace", "round_to", "rounding")}})
     return {"fused": fused, "kept": kept, "warnings": warnings}
 
 
@@ -75,7 +80,8 @@ def table(result: Dict[str, List]) -> str:
             f"{p['rank_rule']} (eta {p['eta']:g}, max_rank {p['max_rank']})" if p["rank_rule"] == "entropy"
             else f"noise_floor (max_rank {p['max_rank']})")
         lines.append(f"fused  {row['name']:48s} {shape:>11s}  alpha {p['alpha']:g}, {rank}, "
-                     f"weight_max {p['weight_max']:g}, fusion {p['fusion']}" + (f", subspace {p['subspace']}" if p["subspace"] else ""))
+                     f"weight_max {p['weight_max']:g}, fusion {p['fusion']}" + (f", subspace {p['subspace']}" if p["subspace"] else "")
+                     + (f", round_to {p['round_to']} ({p['rounding']})" if p.get("round_to") else ""))
     for row in result["kept"]:
         lines.append(f"kept   {row['name']:48s} ({row['reason']})")
     lines.append(f"{len(result['fused'])} tensors fused, {len(result['kept'])} kept from the fine-tune")

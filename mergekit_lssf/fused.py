@@ -1,4 +1,4 @@
-"""Which tensors LSSF fuses: the one decision, by tensor name and shape.
+"""Which tensors LSSF fuses: the one decision, by the model's layout when known, else by name and shape.
 
 LSSF fuses the linear projections of attention and MLP blocks: 2-D floating-point
 ``*.weight`` tensors, and the stacked MoE expert weights of transformers 5's layout
@@ -15,14 +15,21 @@ keeps the fine-tune's value for everything else, and ``kept_reason`` says why:
 * ``1-D`` / ``3-D`` ... and ``not floating point``.
 
 mergekit 0.1.5's architecture metadata (``WeightInfo``) marks vocabulary axes but
-not which weights are linear projections, so the rest is decided by name. No torch
-or mergekit import.
+not which weights are linear projections. When the model's layout is known
+(``layout.py``: the architecture built on the meta device from its config, each
+parameter's module class), it decides: ``nn.Linear`` and ``Conv1D`` weights and
+stacked experts are linear maps, everything else is kept (``not a linear map``, with
+its module's class). Without it (no local config, an in-memory merge, a class
+transformers cannot build) the name rules above decide. No torch or mergekit import.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
+
+if TYPE_CHECKING:  # no torch import at run time
+    from mergekit_lssf.layout import ParameterLayout
 
 #: Vocabulary-indexed tensors by name.
 VOCABULARY_NAME = re.compile(
@@ -41,16 +48,22 @@ def is_vocabulary(name: str) -> bool:
 
 
 def kept_reason(name: Optional[str], shape: Optional[Sequence[int]], floating: Optional[bool] = True,
-                vocabulary_axis: Optional[int] = None) -> Optional[str]:
+                vocabulary_axis: Optional[int] = None,
+                layout: Optional["ParameterLayout"] = None) -> Optional[str]:
     """Why the tensor keeps the fine-tune's value, or None when LSSF fuses it.
 
     ``name``: the tensor's name (None or empty for unnamed in-memory tensors, which
     are judged by shape alone); ``shape``/``floating``: None when not known yet
     (a hub model before loading): the tensor is then judged by name alone.
+    ``layout``: the parameter's ``layout.ParameterLayout`` when the model's class is
+    known (it then decides what is a linear map: a ``Conv1D`` weight, stored
+    ``d_in x d_out``, is fused in its transposed form); None: the name rules decide.
     """
     name = name or ""
     if vocabulary_axis is not None or is_vocabulary(name):
         return "vocabulary"
+    if layout is not None:
+        return _kept_by_layout(name, shape, floating, layout)
     stacked = bool(STACKED_EXPERTS_NAME.search(name))
     if shape is not None and len(shape) != (3 if stacked else 2):
         return "1-D" if len(shape) == 1 else f"{len(shape)}-D"
@@ -65,7 +78,23 @@ def kept_reason(name: Optional[str], shape: Optional[Sequence[int]], floating: O
     return None
 
 
+def _kept_by_layout(name: str, shape: Optional[Sequence[int]], floating: Optional[bool],
+                    layout: "ParameterLayout") -> Optional[str]:
+    """``kept_reason`` when transformers told what the parameter is."""
+    if ROUTER_NAME.search(name):  # an nn.Linear router (Qwen-MoE's shared_expert_gate) indexes experts
+        return "router"
+    if not layout.linear:
+        if shape is not None and len(shape) == 1:
+            return "1-D"
+        return f"not a linear map ({layout.module})"
+    if shape is not None and len(shape) != layout.ndim:
+        return "1-D" if len(shape) == 1 else f"{len(shape)}-D"
+    if floating is False:
+        return "not floating point"
+    return None
+
+
 def fuses(name: Optional[str], shape: Optional[Sequence[int]], floating: Optional[bool] = True,
-          vocabulary_axis: Optional[int] = None) -> bool:
+          vocabulary_axis: Optional[int] = None, layout: Optional["ParameterLayout"] = None) -> bool:
     """True for the tensors LSSF fuses (see ``kept_reason``)."""
-    return kept_reason(name, shape, floating, vocabulary_axis) is None
+    return kept_reason(name, shape, floating, vocabulary_axis, layout) is None

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from mergekit_lssf.leading_eigh import LeadingEigh, gram_lower
+from mergekit_lssf.parameters import FusionSettings
 from mergekit_lssf.precision import (
     SIXTEEN_BIT,
     RoundingResult,
@@ -42,7 +43,7 @@ from mergekit_lssf.precision import (
     stored_precision,
     subspace_round,
 )
-from mergekit_lssf.vocabulary import FUSIONS, RANK_RULES, ROUNDINGS, SPECTRA, Fusion, RankRule, Rounding, Side, Spectrum
+from mergekit_lssf.vocabulary import FUSIONS, RANK_RULES, ROUNDINGS, SPECTRA, RankRule, Rounding, Side, Spectrum
 
 
 #: Singular values closer than this, relative to sigma_1, count as tied (Eq. 10).
@@ -386,17 +387,11 @@ def output_basis(subspace: SafetySubspace, r: int, delta: torch.Tensor) -> torch
 def safety_factors(
     w_aligned: torch.Tensor,
     w_unaligned: torch.Tensor,
+    settings: FusionSettings,
     *,
-    eta: float,
-    max_rank: Optional[int] = None,
-    weight_max: float = 1.0,
-    rank: Optional[int] = None,
-    rank_rule: RankRule = "entropy",
-    fusion: Fusion,
     subspace: Optional[SafetySubspace] = None,
     work_dtype: torch.dtype = torch.float32,
     compute_dtype: torch.dtype = torch.float64,
-    spectrum: Spectrum = "full",
     factors: bool = True,
 ) -> SafetyFactors:
     """Spectrum, rank and factors of the fused term of one weight.
@@ -409,23 +404,27 @@ def safety_factors(
     also after an upcast) the rounding edge of ``delta`` is computed and reported,
     and ``spectrum="signal"`` ranks the spectrum above it only. ``factors=False``:
     the spectrum and rank only (no basis vectors are computed, ``left``/``right`` are
-    None), which is what ``mergekit-lssf report`` reads.
+    None), which is what ``mergekit-lssf report`` reads. ``settings``: the rank rule
+    (``eta``, ``max_rank``, ``rank``, ``rank_rule``, ``spectrum``), ``weight_max`` and
+    ``fusion`` are read (``alpha`` and the rounding are ``write_fused``'s).
     """
+    fusion, weight_max = settings.fusion, settings.weight_max
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
     work = torch.promote_types(work_dtype, torch.float32)
     started = time.perf_counter()
     edge = rounding_edge(w_aligned, w_unaligned, stored_precision(w_aligned), stored_precision(w_unaligned))
     delta = w_aligned.to(work) - w_unaligned.to(work)
-    settings = dict(eta=eta, max_rank=max_rank, rank=rank, rule=rank_rule, edge=edge, spectrum=spectrum)
+    rule = dict(eta=settings.eta, max_rank=settings.max_rank, rank=settings.rank, rule=settings.rank_rule,
+                edge=edge, spectrum=settings.spectrum)
     available = None  # the data-free subspace has every singular vector
     if subspace is None:
-        vectors = _rank_of(settings, tuple(delta.shape)) if factors else (lambda _sigma: 0)
+        vectors = rank_rule(shape=tuple(delta.shape), **rule) if factors else (lambda _sigma: 0)
         subspace = data_free_subspace(delta, compute_dtype=compute_dtype, vectors=vectors)
     else:
         available = subspace.basis.shape[1]
     shape = subspace.shape or (subspace.basis.shape[0], subspace.sigma.numel())
-    choice = select_rank(subspace.sigma, shape=shape, **settings)
+    choice = select_rank(subspace.sigma, shape=shape, **rule)
     if available is not None and choice.rank > available:  # a calibrated basis may hold fewer vectors
         choice = _choice(available, choice.entropy_rank, True, *spectral_entropy(subspace.sigma),
                          choice.rule, choice.noise_floor_rank, choice.tau)
@@ -450,10 +449,6 @@ def safety_factors(
     return SafetyFactors(left, right, info, subspace.sigma, fusion, aligned, side)
 
 
-def _rank_of(settings, shape) -> Callable[[torch.Tensor], int]:
-    return rank_rule(shape=shape, **settings)
-
-
 def balanced_factors(
     left: torch.Tensor, right: torch.Tensor, alpha: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -475,35 +470,26 @@ def lssf_fuse(
     w_ft: torch.Tensor,
     w_aligned: torch.Tensor,
     w_unaligned: torch.Tensor,
+    settings: FusionSettings,
     *,
-    alpha: float,
-    eta: float,
-    max_rank: Optional[int] = None,
-    weight_max: float = 1.0,
-    rank: Optional[int] = None,
-    rank_rule: RankRule = "entropy",
-    fusion: Fusion,
     subspace: Optional[SafetySubspace] = None,
     compute_dtype: torch.dtype = torch.float64,
-    spectrum: Spectrum = "full",
-    out_dtype: Optional[torch.dtype] = None,
-    rounding: Rounding = "subspace",
 ) -> Tuple[torch.Tensor, FusionInfo]:
     """Fuse one 2-D weight: ``W_ft + alpha * P' (W_aligned - W_unaligned)`` (Eq. 13,
     ``fusion="add"``) or ``W_ft + alpha * P' (W_aligned - W_ft)`` (``"restore"``).
 
-    All three weights are ``(d_out, d_in)`` on one device. The result has
-    ``out_dtype`` (default ``w_ft``'s dtype), written with ``rounding`` (see
-    ``write_fused``). ``fusion`` has no default here: a recipe's default is ``restore``
-    and the paper's is ``add``, so a caller says which. Rank 0 (a zero ``delta``, or nothing above the noise floor)
-    returns ``w_ft`` itself. See ``safety_factors``.
+    All three weights are ``(d_out, d_in)`` on one device. ``settings`` holds every
+    parameter (``FusionSettings``; its ``fusion`` has no default: a recipe's default is
+    ``restore`` and the paper's is ``add``, so a caller says which). The result has
+    the dtype ``settings.round_to`` names (default ``w_ft``'s), written with
+    ``settings.rounding`` (see ``write_fused``). Rank 0 (a zero ``delta``, or nothing
+    above the noise floor) returns ``w_ft`` itself. ``subspace``: a calibrated basis
+    (None: the SVD of delta). See ``safety_factors``.
     """
-    factors = safety_factors(
-        w_aligned, w_unaligned, eta=eta, max_rank=max_rank, weight_max=weight_max,
-        rank=rank, rank_rule=rank_rule, fusion=fusion, subspace=subspace,
-        work_dtype=w_ft.dtype, compute_dtype=compute_dtype, spectrum=spectrum,
-    )
-    fused, _written = write_fused(w_ft, factors, alpha, out_dtype=out_dtype, rounding=rounding)
+    factors = safety_factors(w_aligned, w_unaligned, settings, subspace=subspace, work_dtype=w_ft.dtype,
+                             compute_dtype=compute_dtype)
+    out_dtype = getattr(torch, settings.round_to) if settings.round_to else None
+    fused, _written = write_fused(w_ft, factors, settings.alpha, out_dtype=out_dtype, rounding=settings.rounding)
     return fused, factors.info
 
 

@@ -16,36 +16,17 @@ from mergekit.merge_methods.base import (
     BasePolicy,
     FunctionalGroupMergeMethod,
     InputContract,
-    PerNonBase,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    PerInputValues,
     TensorGroup,
 )
-from mergekit.merge_methods.easy_define import merge_method
 
 from mergekit_lssf.fused import fuses
+from mergekit_lssf.layout import fuse_oriented, group_layout  # [issue 49 finding 7: layout]
 from mergekit_lssf.kernel import safety_factors, write_fused
-from mergekit_lssf.parameters import (
-    DEFAULT_ALPHA,
-    DEFAULT_ETA,
-    DEFAULT_FUSION,
-    DEFAULT_MAX_RANK,
-    DEFAULT_RANK_RULE,
-    DEFAULT_ROUNDING,
-    DEFAULT_SPECTRUM,
-    DEFAULT_WEIGHT_MAX,
-    Alpha,
-    Eta,
-    FusionName,
-    LSSFConfigError,
-    RankRuleName,
-    MaxRank,
-    Rank,
-    Role,
-    RoundingName,
-    SpectrumName,
-    Subspace,
-    WeightMax,
-    one_per_role,
-)
+from mergekit_lssf.parameters import PARAMETERS, FusionSettings, LSSFConfigError, one_per_role, settings_from
 from mergekit_lssf.stats import STATS, TensorRecord
 from mergekit_lssf.subspace_file import open_subspace
 
@@ -56,7 +37,7 @@ def is_fused(group: TensorGroup) -> bool:
     """True for the weights LSSF fuses (``fused.kept_reason``); False for the rest."""
     tensor = group.base.tensor
     return fuses(group.metadata.name, tuple(tensor.shape), tensor.is_floating_point(),
-                 group.metadata.vocabulary_axis)
+                 group.metadata.vocabulary_axis, layout=group_layout(group))  # [issue 49 finding 7: layout]
 
 
 def _inputs_by_role(group: TensorGroup, role: Dict[Hashable, str], name: str):
@@ -101,49 +82,36 @@ def checked_inputs(group: TensorGroup, role: Dict[Hashable, str], name: str):
     return group.base, aligned, unaligned
 
 
-@merge_method(
-    name="lssf",
-    pretty_name="LSSF (Low-Rank Safety Subspace Fusion)",
-    reference_url="https://arxiv.org/abs/2602.00038",
-    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=2),
-)
-def lssf_kernel(
-    group: TensorGroup,
-    role: PerNonBase[Role],
-    alpha: Alpha = DEFAULT_ALPHA,
-    eta: Eta = DEFAULT_ETA,
-    max_rank: MaxRank = DEFAULT_MAX_RANK,
-    weight_max: WeightMax = DEFAULT_WEIGHT_MAX,
-    rank: Rank = None,
-    rank_rule: RankRuleName = DEFAULT_RANK_RULE,
-    fusion: FusionName = DEFAULT_FUSION,
-    subspace: Subspace = None,
-    spectrum: SpectrumName = DEFAULT_SPECTRUM,
-    rounding: RoundingName = DEFAULT_ROUNDING,
-) -> torch.Tensor:
+def lssf_kernel(group: TensorGroup, /, *, role: PerInputValues, **values: Any) -> torch.Tensor:
+    """One output tensor of an lssf merge: a function of the three inputs and the
+    parameters only (``values``: the shared parameters of ``PARAMETERS``, already
+    validated one by one by mergekit; the rules between them are applied here, so
+    every entry point refuses what ``mergekit-yaml`` refuses)."""
     name = group.metadata.name or "<unnamed tensor>"
+    settings = settings_from(values, f"tensor {name}")
     finetuned, aligned, unaligned = checked_inputs(group, role, name)
     if not is_fused(group):
         STATS.add_passthrough()
         return finetuned.tensor
-    settings = dict(eta=eta, max_rank=max_rank, rank=rank, weight_max=weight_max,
-                    rank_rule=rank_rule, fusion=fusion, spectrum=spectrum)
     w_ft, w_al, w_un = finetuned.tensor, aligned.tensor, unaligned.tensor
+    # [issue 49 finding 7: layout] a Conv1D weight (d_in x d_out) is fused as its transpose
+    layout = group_layout(group)
     if w_ft.ndim == 3:  # stacked MoE experts (experts, d_out, d_in): each expert is one weight
-        return torch.stack([
-            _fuse_weight(f"{name}[{e}]", w_ft[e], w_al[e], w_un[e], settings, alpha, subspace, rounding)
-            for e in range(w_ft.shape[0])
-        ])
-    return _fuse_weight(name, w_ft, w_al, w_un, settings, alpha, subspace, rounding)
+        return torch.stack([fuse_oriented(layout, lambda f, a, u: _fuse_weight(f"{name}[{e}]", f, a, u, settings),
+                                          w_ft[e], w_al[e], w_un[e])
+                            for e in range(w_ft.shape[0])])
+    return fuse_oriented(layout, lambda f, a, u: _fuse_weight(name, f, a, u, settings), w_ft, w_al, w_un)
 
 
-def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.Tensor, settings: Dict[str, Any],
-                 alpha: float, subspace: Optional[str], rounding: str) -> torch.Tensor:
-    """One fused 2-D weight (``d_out x d_in``), recorded in STATS and logged."""
+def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.Tensor,
+                 settings: FusionSettings) -> torch.Tensor:
+    """One fused 2-D weight (``d_out x d_in``), recorded in STATS (for the summary
+    only: nothing read from it decides the result) and logged."""
+    round_to = getattr(torch, settings.round_to) if settings.round_to else None
     try:
-        factors = safety_factors(w_al, w_un, subspace=load_subspace(subspace, name, w_ft),
-                                 work_dtype=w_ft.dtype, **settings)
-        fused, written = write_fused(w_ft, factors, alpha, out_dtype=STATS.output_dtype, rounding=rounding)
+        factors = safety_factors(w_al, w_un, settings, subspace=load_subspace(settings.subspace, name, w_ft),
+                                 work_dtype=w_ft.dtype)
+        fused, written = write_fused(w_ft, factors, settings.alpha, out_dtype=round_to, rounding=settings.rounding)
     except RuntimeError as error:  # e.g. an eigensolver that did not converge
         raise RuntimeError(
             f"lssf: computing tensor {name} {tuple(w_ft.shape)} failed: {error}"
@@ -167,11 +135,11 @@ def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.
         name,
         tuple(w_ft.shape),
         choice.rank,
-        _rule_words(choice, settings["eta"]),
+        _rule_words(choice, settings.eta),
         f" (capped by max_rank from {_uncapped(choice)})" if choice.capped else "",
         choice.entropy_share,
         choice.energy_share,
-        settings["fusion"],
+        settings.fusion,
         _edge_words(choice),
         _written_words(written, fused.dtype) if choice.rank else "",
     )
@@ -240,4 +208,23 @@ class LSSFMergeMethod(FunctionalGroupMergeMethod):
         super().validate_inputs(input_ids, base_id, group_name=group_name)
 
 
-LSSF_METHOD = LSSFMergeMethod(lssf_kernel.spec, lssf_kernel.implementation)
+def method_spec() -> MergeMethodSpec:
+    """mergekit's spec of ``lssf``, read from the one declaration (``PARAMETERS``):
+    ``role`` per non-base model, every other parameter shared."""
+    specs = []
+    for p in PARAMETERS:
+        if p.per_model:
+            specs.append(ParameterSpec(p.name, p.annotation, ParameterScope.NON_BASE, description=p.doc))
+        else:
+            specs.append(ParameterSpec(p.name, p.annotation, ParameterScope.SHARED, default=p.default,
+                                       description=p.doc))
+    return MergeMethodSpec(
+        name="lssf",
+        pretty_name="LSSF (Low-Rank Safety Subspace Fusion)",
+        reference_url="https://arxiv.org/abs/2602.00038",
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=2),
+        parameters=tuple(specs),
+    )
+
+
+LSSF_METHOD = LSSFMergeMethod(method_spec(), lssf_kernel)

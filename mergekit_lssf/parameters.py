@@ -1,50 +1,247 @@
-"""Recipe parameters of ``merge_method: lssf``: names, defaults, and validators.
+"""Recipe parameters of ``merge_method: lssf``, each declared once.
 
-Each validator raises a message that names the recipe field, so a pydantic error
-raised deep inside mergekit's parameter resolution still says what is wrong.
-No torch or mergekit import: the recipe checker and the CLI share this module.
+``PARAMETERS`` is the one declaration: name, kind, allowed range, default and a
+one-line doc per parameter. Everything else reads it: the merge method's spec (the
+parameters mergekit binds, ``merge_method.LSSF_METHOD``), the recipe check and
+``check``, the validators mergekit runs on every value (also in
+``merge_state_dicts``), the rules between parameters (``settings_from``), and the
+README's parameter table (a test compares the two).
+
+Each validator raises a message that names the parameter, the value and the allowed
+range, so a pydantic error raised deep inside mergekit's parameter resolution still
+says what is wrong. No torch or mergekit import.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from pydantic import BeforeValidator
-from typing_extensions import Annotated, Literal
+from typing_extensions import Annotated
 
-from .vocabulary import FUSIONS, RANK_RULES, ROUNDINGS, SPECTRA
+from .vocabulary import FUSIONS, RANK_RULES, ROUNDINGS, ROUND_TO, SPECTRA
 
-#: Defaults, documented in the README (parameter table).
-DEFAULT_ALPHA = 1.0
-DEFAULT_ETA = 0.9
-DEFAULT_MAX_RANK: Optional[int] = 256
-DEFAULT_WEIGHT_MAX = 1.0
-DEFAULT_RANK_RULE = "entropy"  # the paper's Eq. 7
-DEFAULT_FUSION = "restore"  # beyond the paper, chosen on the safety testbed; "add" is the paper's Eq. 13
-DEFAULT_SPECTRUM = "full"  # Eq. 5-7 over every singular value, as the paper; "signal": above the rounding edge
-DEFAULT_ROUNDING = "subspace"  # 16-bit outputs keep the term's subspace through the cast; "nearest": plain cast
+#: ``alpha``'s bound for ``fusion: add``; ``restore`` stops at 1 (the aligned weights).
+ALPHA_MAX = 2.0
+#: The paper tunes ``alpha`` in about 0.5-1.0; ``add`` beyond this warns.
+ALPHA_PAPER_MAX = 1.0
+#: ``weight_max``'s bound (Eq. 10): the leading direction carries ``weight_max**2``.
+WEIGHT_MAX_MAX = 10.0
 
-#: Every recipe-level parameter with its default, for summaries and model cards.
-DEFAULTS = {
-    "alpha": DEFAULT_ALPHA, "eta": DEFAULT_ETA, "max_rank": DEFAULT_MAX_RANK,
-    "weight_max": DEFAULT_WEIGHT_MAX, "rank": None, "rank_rule": DEFAULT_RANK_RULE,
-    "fusion": DEFAULT_FUSION, "subspace": None, "spectrum": DEFAULT_SPECTRUM,
-    "rounding": DEFAULT_ROUNDING,
-}
-#: The parameters a weight's factors depend on (all but alpha, subspace and rounding).
-FACTOR_PARAMETERS = ("eta", "max_rank", "rank", "weight_max", "rank_rule", "fusion", "spectrum")
-
-#: Recipe-level parameters (``parameters:``), in the kernel's order.
-SHARED_PARAMETERS = ("alpha", "eta", "max_rank", "weight_max", "rank", "rank_rule", "fusion", "subspace",
-                     "spectrum", "rounding")
-#: Per-model parameters (``models: - parameters:``).
-PER_MODEL_PARAMETERS = ("role",)
 ROLES = ("aligned", "unaligned")
 
 
 class LSSFConfigError(ValueError):
     """A recipe or input that LSSF cannot merge; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One lssf parameter: how a recipe writes it and which values it may take.
+
+    kind: ``"number"`` (float), ``"integer"`` (gradients round to the nearest
+    integer), ``"choice"`` (one of ``choices``) or ``"path"`` (a file). ``low`` /
+    ``high``: the bounds (``*_open``: strict); ``nullable``: null is allowed (and is
+    the default when ``default`` is None). ``per_model``: set under each model's
+    ``parameters:`` (``role``), else under the recipe's.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    doc: str
+    low: Optional[float] = None
+    low_open: bool = False
+    high: Optional[float] = None
+    high_open: bool = False
+    choices: Tuple[str, ...] = ()
+    nullable: bool = False
+    per_model: bool = False
+    required: bool = False
+
+    def range_words(self) -> str:
+        """The allowed values in words, e.g. ``0 < alpha <= 2`` or ``one of add, restore``."""
+        if self.kind == "choice":
+            words = "one of " + ", ".join(self.choices)
+        elif self.kind == "path":
+            words = "a file path"
+        elif self.kind == "integer" and self.high is None:
+            words = f"an integer >= {_num(self.low)}"
+        else:
+            low = f"{_num(self.low)} {'<' if self.low_open else '<='} " if self.low is not None else ""
+            high = f" {'<' if self.high_open else '<='} {_num(self.high)}" if self.high is not None else ""
+            words = f"{low}{self.name}{high}"
+        return words + (" (or null)" if self.nullable else "")
+
+    def validate(self, value: Any) -> Any:
+        """The value as the method reads it; ``ValueError`` naming the parameter,
+        the value and the range when it is not allowed."""
+        if value is None and self.nullable:
+            return None
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ValueError(self._refusal(value))
+            return value
+        if self.kind == "path":
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"lssf parameter `{self.name}` must be the path of a file made by "
+                                 f"`mergekit-lssf calibrate`, got {value!r}")
+            return value
+        number = self._number(value)
+        if self.kind == "integer":
+            number = int(round(number))  # gradients interpolate between integer endpoints
+        if not self._in_range(number):
+            raise ValueError(self._refusal(value))
+        return number
+
+    def _number(self, value: Any) -> float:
+        if isinstance(value, bool) or value is None:
+            raise ValueError(self._refusal(value))
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(self._refusal(value)) from None
+        if not math.isfinite(number):
+            raise ValueError(self._refusal(value))
+        return number
+
+    def _in_range(self, number: float) -> bool:
+        if self.low is not None and (number <= self.low if self.low_open else number < self.low):
+            return False
+        if self.high is not None and (number >= self.high if self.high_open else number > self.high):
+            return False
+        return True
+
+    def _refusal(self, value: Any) -> str:
+        scope = "per-model parameter" if self.per_model else "parameter"
+        verb = "satisfy" if self.kind == "number" else "be"
+        return f"lssf {scope} `{self.name}` must {verb} {self.range_words()}, got {value!r}"
+
+    @property
+    def annotation(self) -> Any:
+        """The type mergekit binds (``ParameterSpec.value_type``): validated by ``validate``."""
+        python_type = {"number": float, "integer": Optional[int] if self.nullable else int}.get(
+            self.kind, Optional[str] if self.nullable else str)
+        if self.kind == "number" and self.nullable:
+            python_type = Optional[float]
+        return Annotated[python_type, BeforeValidator(self.validate)]
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+#: The one declaration of every lssf parameter, in the order the docs list them.
+PARAMETERS: Tuple[Parameter, ...] = (
+    Parameter("role", "choice", None, "per model: `aligned` or `unaligned`, exactly one of each",
+              choices=ROLES, per_model=True, required=True),
+    Parameter("fusion", "choice", "restore",
+              "`restore`: pull back to the aligned weights inside the subspace; `add`: the paper's Eq. 13",
+              choices=FUSIONS),
+    Parameter("alpha", "number", 1.0,
+              f"fusion coefficient (Eq. 13); at most 1 with `restore` (1 reaches the aligned weights inside "
+              f"the subspace), at most {_num(ALPHA_MAX)} with `add` (a warning above the paper's {_num(ALPHA_PAPER_MAX)})",
+              low=0.0, low_open=True, high=ALPHA_MAX),
+    Parameter("eta", "number", 0.9, "share of the spectral entropy the rank keeps (Eq. 7)",
+              low=0.0, low_open=True, high=1.0),
+    Parameter("max_rank", "integer", 256, "cap on the entropy rank; on bf16 checkpoints it usually decides the rank",
+              low=1, nullable=True),
+    Parameter("rank", "integer", None, "a fixed rank instead of the rule (not capped)", low=1, nullable=True),
+    Parameter("rank_rule", "choice", "entropy",
+              "`entropy` (Eq. 5-7) or `noise_floor` (Gavish-Donoho threshold; may give rank 0)", choices=RANK_RULES),
+    Parameter("weight_max", "number", 1.0,
+              "weight of the leading direction (Eq. 10-11); 1 = plain projector", low=1.0, high=WEIGHT_MAX_MAX),
+    Parameter("subspace", "path", None, "a file from `mergekit-lssf calibrate`; null = SVD of `delta`", nullable=True),
+    Parameter("spectrum", "choice", "full",
+              "`full`: Eq. 5-7 over every singular value; `signal`: on 16-bit inputs only those above the "
+              "rounding edge", choices=SPECTRA),
+    Parameter("round_to", "choice", None,
+              "the 16-bit dtype lssf rounds its output to, equal to the recipe's `out_dtype`; null: no rounding "
+              "by lssf (mergekit's writer casts to nearest)", choices=ROUND_TO, nullable=True),
+    Parameter("rounding", "choice", "subspace",
+              "how `round_to` rounds: `subspace` keeps the term's subspace through the cast; `nearest` = plain cast",
+              choices=ROUNDINGS),
+)
+BY_NAME: Dict[str, Parameter] = {p.name: p for p in PARAMETERS}
+
+#: Recipe-level parameters (``parameters:``) and per-model ones (``models: - parameters:``).
+SHARED_PARAMETERS = tuple(p.name for p in PARAMETERS if not p.per_model)
+PER_MODEL_PARAMETERS = tuple(p.name for p in PARAMETERS if p.per_model)
+#: Every recipe-level parameter with its default, for summaries and model cards.
+DEFAULTS = {p.name: p.default for p in PARAMETERS if not p.per_model}
+#: The parameters a weight's factors depend on (all but alpha, subspace and the rounding).
+FACTOR_PARAMETERS = ("eta", "max_rank", "rank", "weight_max", "rank_rule", "fusion", "spectrum")
+
+DEFAULT_ALPHA = DEFAULTS["alpha"]
+DEFAULT_ETA = DEFAULTS["eta"]
+DEFAULT_MAX_RANK: Optional[int] = DEFAULTS["max_rank"]
+DEFAULT_WEIGHT_MAX = DEFAULTS["weight_max"]
+DEFAULT_RANK_RULE = DEFAULTS["rank_rule"]  # the paper's Eq. 7
+DEFAULT_FUSION = DEFAULTS["fusion"]  # beyond the paper, chosen on the safety testbed; "add" is Eq. 13
+DEFAULT_SPECTRUM = DEFAULTS["spectrum"]
+DEFAULT_ROUNDING = DEFAULTS["rounding"]
+
+
+@dataclass(frozen=True)
+class FusionSettings:
+    """The effective parameters of one fused tensor, after the rules between them.
+
+    Built by ``settings_from``; the merge method, ``check`` and the recipe check all
+    go through it, so they accept and refuse the same values. The kernel
+    (``kernel.lssf_fuse``, ``kernel.safety_factors``) takes it as it is; ``subspace``
+    (a file path) is read by the mergekit glue, which passes the kernel the basis.
+    """
+
+    fusion: str  # no default: a recipe's is ``restore`` (settings_from fills it), the paper's ``add``
+    alpha: float = DEFAULTS["alpha"]
+    eta: float = DEFAULTS["eta"]
+    max_rank: Optional[int] = DEFAULTS["max_rank"]
+    rank: Optional[int] = DEFAULTS["rank"]
+    rank_rule: str = DEFAULTS["rank_rule"]
+    weight_max: float = DEFAULTS["weight_max"]
+    subspace: Optional[str] = DEFAULTS["subspace"]
+    spectrum: str = DEFAULTS["spectrum"]
+    round_to: Optional[str] = DEFAULTS["round_to"]
+    rounding: str = DEFAULTS["rounding"]
+
+
+def combination_problems(values: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
+    """``(errors, warnings)`` of the rules between parameters, for one set of
+    effective values (defaults filled in): ``alpha`` at most 1 with ``restore``;
+    ``add`` above the paper's range warns; ``spectrum: signal`` needs the entropy rule."""
+    errors, warnings = [], []
+    fusion, alpha = values.get("fusion", DEFAULT_FUSION), values.get("alpha", DEFAULT_ALPHA)
+    if fusion == "restore" and alpha is not None and alpha > 1:
+        errors.append(f"lssf parameter `alpha` must satisfy 0 < alpha <= 1 with `fusion: restore` "
+                      f"(above 1 it overshoots the aligned model), got {alpha!r}")
+    if fusion == "add" and alpha is not None and alpha > ALPHA_PAPER_MAX:
+        warnings.append(f"lssf: warning: `alpha: {alpha:g}` with `fusion: add` is beyond the paper's range "
+                        f"(about 0.5-{_num(ALPHA_PAPER_MAX)}); check generation with `mergekit-lssf eval`")
+    if values.get("spectrum") == "signal" and (values.get("rank") is not None
+                                                or values.get("rank_rule") == "noise_floor"):
+        errors.append("`spectrum: signal` applies the entropy rule above the rounding edge; it does nothing "
+                      "with a fixed `rank` or `rank_rule: noise_floor`")
+    return errors, warnings
+
+
+def settings_from(values: Mapping[str, Any], where: str = "lssf") -> FusionSettings:
+    """The ``FusionSettings`` of one tensor from its bound parameter values (any
+    missing one takes its default); each value is validated against its declaration
+    and the rules between them are applied. ``LSSFConfigError`` names ``where``."""
+    known = {f.name for f in fields(FusionSettings)}
+    checked: Dict[str, Any] = {}
+    for name in known:
+        value = values.get(name, DEFAULTS[name])
+        try:
+            checked[name] = BY_NAME[name].validate(value)
+        except ValueError as error:
+            raise LSSFConfigError(f"{where}: {error}") from None
+    errors, _warnings = combination_problems(checked)
+    if errors:
+        raise LSSFConfigError(f"{where}: {errors[0]}")
+    return FusionSettings(**checked)
 
 
 def one_per_role(roles: Dict[Any, str], context: str) -> Dict[str, Any]:
@@ -61,91 +258,11 @@ def one_per_role(roles: Dict[Any, str], context: str) -> Dict[str, Any]:
     return {role: keys[0] for role, keys in by_role.items()}
 
 
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"lssf parameter `{name}` must be a number, got {value!r}"
-            ) from None
-    if not math.isfinite(value):
-        raise ValueError(f"lssf parameter `{name}` must be finite, got {value!r}")
-    return float(value)
-
-
-def _alpha(value: Any) -> float:
-    return _number("alpha", value)
-
-
-def _eta(value: Any) -> float:
-    value = _number("eta", value)
-    if not 0 < value <= 1:
-        raise ValueError(f"lssf parameter `eta` must satisfy 0 < eta <= 1, got {value}")
-    return value
-
-
-def _weight_max(value: Any) -> float:
-    value = _number("weight_max", value)
-    if value < 1:
-        raise ValueError(f"lssf parameter `weight_max` must be >= 1, got {value}")
-    return value
-
-
-def _rank_validator(name: str):
-    def validate(value: Any) -> Optional[int]:
-        if value is None:
-            return None
-        number = _number(name, value)
-        # Gradients interpolate between integer endpoints; round to the nearest rank.
-        rounded = int(round(number))
-        if rounded < 1:
-            raise ValueError(
-                f"lssf parameter `{name}` must be an integer >= 1 (or null), got {value!r}"
-            )
-        return rounded
-
-    return validate
-
-
-def _subspace(value: Any) -> Optional[str]:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(
-            f"lssf parameter `subspace` must be the path of a file made by "
-            f"`mergekit-lssf calibrate`, got {value!r}"
-        )
-    return value
-
-
-def _choice(name: str, allowed) -> Any:
-    def validate(value: Any) -> str:
-        if value not in allowed:
-            raise ValueError(
-                f"lssf parameter `{name}` must be one of {', '.join(allowed)}, got {value!r}"
-            )
-        return value
-
-    return validate
-
-
-def _role(value: Any) -> str:
-    if value not in ROLES:
-        raise ValueError(
-            f"lssf per-model parameter `role` must be 'aligned' or 'unaligned', got {value!r}"
-        )
-    return value
-
-
-Alpha = Annotated[float, BeforeValidator(_alpha)]
-Eta = Annotated[float, BeforeValidator(_eta)]
-WeightMax = Annotated[float, BeforeValidator(_weight_max)]
-MaxRank = Annotated[Optional[int], BeforeValidator(_rank_validator("max_rank"))]
-Rank = Annotated[Optional[int], BeforeValidator(_rank_validator("rank"))]
-Subspace = Annotated[Optional[str], BeforeValidator(_subspace)]
-RankRuleName = Annotated[str, BeforeValidator(_choice("rank_rule", RANK_RULES))]
-FusionName = Annotated[str, BeforeValidator(_choice("fusion", FUSIONS))]
-SpectrumName = Annotated[str, BeforeValidator(_choice("spectrum", SPECTRA))]
-RoundingName = Annotated[str, BeforeValidator(_choice("rounding", ROUNDINGS))]
-Role = Annotated[Literal["aligned", "unaligned"], BeforeValidator(_role)]
+def readme_table() -> str:
+    """The README's parameter table, from ``PARAMETERS`` (a test compares them)."""
+    rows = ["| field | default | allowed | meaning |", "|---|---|---|---|",
+            "| `base_model` | required | a model, or `model+lora` | the fine-tune to repair |"]
+    for p in PARAMETERS:
+        default = "required" if p.required else ("null" if p.default is None else f"`{p.default}`")
+        rows.append(f"| `{p.name}` | {default} | {p.range_words()} | {p.doc} |")
+    return "\n".join(rows)

@@ -9,6 +9,10 @@ aligned model at load time, in a multi-LoRA server, or merged with
 W_ft)`` depends on the fine-tune: the adapter is for the recipe's ``base_model`` only,
 and its config, metadata and README say so.
 
+Each weight's factors are those of its ``d_out x d_in`` form (``layout.py``): for
+GPT-2-style ``Conv1D`` weights, stored ``d_in x d_out``, the adapter sets PEFT's
+``fan_in_fan_out``, so that ``merge_and_unload()`` adds ``(B @ A)^T`` to the stored weight.
+
 The adapter carries its provenance: safetensors metadata (``lssf_*`` keys) and a
 README.md with the models, the effective parameters, the ranks and the versions.
 """
@@ -18,28 +22,25 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
-from mergekit.config import MergeConfiguration
 from peft import LoraConfig
 
 from mergekit_lssf.kernel import balanced_factors
+from mergekit_lssf.layout import CONV1D, parameter_layout
 from mergekit_lssf.parameters import LSSFConfigError
-from mergekit_lssf.provenance import effective_parameters, fusion_words, roles, versions
-from mergekit_lssf.recipe import check_recipe
+from mergekit_lssf.provenance import fusion_words, roles, versions
+from mergekit_lssf.plan import LSSFPlan
 from mergekit_lssf.safetensors_io import StreamedWriter
-from mergekit_lssf.traversal import aligned_model, fused_factors
+from mergekit_lssf.traversal import fused_factors
 
 PREFIX = "base_model.model."
 #: The files ``extract_patch`` writes (an output folder holding any of them is refused).
 OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
 
-def extract_patch(
-    config: MergeConfiguration, out_dir: str, *, cuda: bool = False, dtype: torch.dtype = torch.float32,
-    lora_merge_cache: Optional[str] = None,
-) -> Dict[str, int]:
+def extract_patch(plan: LSSFPlan, out_dir: str, *, cuda: bool = False, dtype: torch.dtype = torch.float32) -> Dict[str, int]:
     """Write adapter_config.json and adapter_model.safetensors; returns rank per module.
 
     The factors are streamed to the adapter file one module at a time (part files,
@@ -48,8 +49,8 @@ def extract_patch(
     created = not os.path.exists(out_dir)
     writer = StreamedWriter(os.path.join(out_dir, "adapter_model.safetensors"))
     try:
-        ranks, fusions = _stream_factors(config, writer, cuda, dtype, lora_merge_cache)
-        _finish(config, out_dir, writer, ranks, fusions)
+        ranks, fusions, fan_in_fan_out = _stream_factors(plan, writer, cuda, dtype)
+        _finish(plan, out_dir, writer, ranks, fusions, fan_in_fan_out)
     finally:
         writer.close()
         if created and os.path.isdir(out_dir) and not os.listdir(out_dir):  # failed before writing
@@ -57,12 +58,13 @@ def extract_patch(
     return ranks
 
 
-def _stream_factors(config: MergeConfiguration, writer: StreamedWriter, cuda: bool, dtype: torch.dtype,
-                    lora_merge_cache: Optional[str]):
-    """Rank per module and the fusions seen; each module's A and B go to ``writer``."""
+def _stream_factors(plan: LSSFPlan, writer: StreamedWriter, cuda: bool, dtype: torch.dtype):
+    """Rank per module, the fusions seen and PEFT's ``fan_in_fan_out``; each module's A
+    and B go to ``writer``."""
     ranks: Dict[str, int] = {}
     fusions = set()
-    for tensor in fused_factors(config, cuda=cuda, lora_merge_cache=lora_merge_cache):
+    kinds = set()
+    for tensor in fused_factors(plan, cuda=cuda):
         if tensor.expert is not None:
             raise LSSFConfigError(
                 f"extract-patch: {tensor.name.rsplit('[', 1)[0]} is a stacked MoE expert weight, which a PEFT "
@@ -70,22 +72,45 @@ def _stream_factors(config: MergeConfiguration, writer: StreamedWriter, cuda: bo
         fusions.add(tensor.parameters["fusion"])
         alpha = tensor.parameters["alpha"]
         left, right = tensor.factors.left, tensor.factors.right
-        if left is None or alpha == 0:
+        if left is None:
             continue
+        # factors of the d_out x d_in form (traversal transposes a Conv1D weight): B @ A is
+        # PEFT's delta either way; a Conv1D target only needs fan_in_fan_out (see _fan_in_fan_out)
+        kinds.add(_kind(plan, tensor.name))
         b, a = balanced_factors(left, right, alpha)
         module = tensor.name.removesuffix(".weight")
         writer.add({f"{PREFIX}{module}.lora_A.weight": a.to(dtype), f"{PREFIX}{module}.lora_B.weight": b.to(dtype)})
         ranks[module] = b.shape[1]
     if not ranks:
-        raise LSSFConfigError("extract-patch: nothing to patch (every fused tensor has rank 0 or alpha 0); "
+        raise LSSFConfigError("extract-patch: nothing to patch (every fused tensor has rank 0); "
                               "nothing was written")
-    return ranks, fusions
+    return ranks, fusions, _fan_in_fan_out(kinds)
 
 
-def _finish(config: MergeConfiguration, out_dir: str, writer: StreamedWriter, ranks: Dict[str, int], fusions) -> None:
+def _kind(plan: LSSFPlan, name: str) -> str:
+    """``"conv1d"`` for a ``transformers`` ``Conv1D`` weight (``d_in x d_out``), else
+    ``"linear"`` (an ``nn.Linear``, or a model whose class is unknown: by name)."""
+    layout = parameter_layout(plan.config.base_model, name)
+    return CONV1D if layout is not None and layout.kind == CONV1D else "linear"
+
+
+def _fan_in_fan_out(kinds) -> bool:
+    """PEFT's ``fan_in_fan_out``: True for ``Conv1D`` targets (GPT-2 family), whose base
+    weight is ``d_in x d_out`` (PEFT then adds ``(B @ A)^T`` on merge; the unmerged
+    forward is ``x A^T B^T`` either way). One adapter config has one value, so a model
+    mixing ``Conv1D`` and ``nn.Linear`` targets is refused."""
+    if kinds == {CONV1D, "linear"}:
+        raise LSSFConfigError("extract-patch: this model mixes Conv1D and nn.Linear weights, which one PEFT "
+                              "adapter config (one fan_in_fan_out) cannot target; merge with mergekit-yaml "
+                              "instead (nothing was written)")
+    return kinds == {CONV1D}
+
+
+def _finish(plan: LSSFPlan, out_dir: str, writer: StreamedWriter, ranks: Dict[str, int], fusions,
+            fan_in_fan_out: bool = False) -> None:
     """The adapter file's header and metadata, adapter_config.json and README.md."""
-    models = roles(config, check_recipe(config))
-    parameters = effective_parameters(config)
+    models = roles(plan.config, plan.refs)
+    parameters = plan.parameters()
     for_finetune = "restore" in fusions
     top = max(ranks.values())
     patterns = {re.escape(m): r for m, r in ranks.items()}
@@ -96,10 +121,11 @@ def _finish(config: MergeConfiguration, out_dir: str, writer: StreamedWriter, ra
         rank_pattern=patterns,
         alpha_pattern=dict(patterns),  # lora_alpha = r: scaling 1, B @ A is the term
         lora_dropout=0.0,
+        fan_in_fan_out=fan_in_fan_out,  # Conv1D targets (GPT-2): weights stored d_in x d_out
         bias="none",
         task_type="CAUSAL_LM",
         # a restore patch only fits the fine-tune it was computed from
-        base_model_name_or_path=models["finetuned"] if for_finetune else str(aligned_model(config)),
+        base_model_name_or_path=models["finetuned"] if for_finetune else str(plan.aligned),
     )
     metadata = {
         "format": "pt",
@@ -109,17 +135,46 @@ def _finish(config: MergeConfiguration, out_dir: str, writer: StreamedWriter, ra
         "lssf_applies_to": ("only " + models["finetuned"]) if for_finetune
         else "any fine-tune of " + models["aligned"],
         "lssf_parameters": json.dumps(parameters, sort_keys=True),
-        "lssf_recipe": config.to_yaml(),
+        "lssf_recipe": plan.config.to_yaml(),
         "lssf_versions": json.dumps(versions(), sort_keys=True),
     }
     os.makedirs(out_dir, exist_ok=True)
     lora.save_pretrained(out_dir)
     writer.finish(metadata)
     with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as fp:
-        fp.write(_readme(models, parameters, ranks, for_finetune, out_dir))
+        fp.write(_readme(models, parameters, ranks, for_finetune, out_dir, plan.config.base_model))
 
 
-def _readme(models, parameters, ranks, for_finetune: bool, out_dir: str) -> str:
+def _pretrained_args(path) -> str:
+    """``from_pretrained``'s arguments for a mergekit ``ModelPath`` (path, revision)."""
+    revision = getattr(path, "revision", None)
+    return json.dumps(path.path) + (f", revision={json.dumps(revision)}" if revision else "")
+
+
+def load_snippet(finetuned, out_dir: str) -> str:
+    """Python that loads the fine-tune ``finetuned`` (the recipe's ``base_model``, a
+    mergekit ``ModelReference``) and applies the patch in ``out_dir``. A ``model+lora``
+    fine-tune is its model with its LoRA merged (as mergekit-yaml merges it in
+    ``--lora-merge-cache``); the patch is a second adapter on top. Paths are as the
+    recipe and ``--out`` gave them: relative ones are from the folder extract-patch
+    ran in."""
+    lines = [
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f"model = AutoModelForCausalLM.from_pretrained({_pretrained_args(finetuned.model)})",
+    ]
+    if getattr(finetuned, "lora", None) is not None:
+        lines.append(f"model = PeftModel.from_pretrained(model, {_pretrained_args(finetuned.lora)}).merge_and_unload()"
+                     "  # the fine-tune: its LoRA merged")
+    lines += [
+        f"model = PeftModel.from_pretrained(model, {json.dumps(out_dir)})  # the safety patch, applied at load time",
+        "model = model.merge_and_unload()  # optional: merged into the weights (mergekit-yaml's result)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _readme(models, parameters, ranks, for_finetune: bool, out_dir: str, finetuned=None) -> str:
     values = sorted(ranks.values())
     scope = (
         f"This patch uses `fusion: restore`, which depends on the fine-tune: apply it to "
@@ -130,6 +185,7 @@ def _readme(models, parameters, ranks, for_finetune: bool, out_dir: str) -> str:
         "as the recipe's base_model, which it does not depend on)."
     )
     v = versions()
+    snippet = load_snippet(finetuned, out_dir) if finetuned is not None else ""
     return f"""# LSSF safety patch (PEFT LoRA adapter)
 
 Made by mergekit-lssf {v['mergekit-lssf']} (`mergekit-lssf extract-patch`): the LSSF
@@ -145,11 +201,8 @@ safety term of every fused weight as exact LoRA factors, `B @ A` = the term, sca
 
 {scope}
 
+To load it (run from the folder extract-patch ran in: relative paths are the recipe's and `--out`'s):
+
 ```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained("{models['finetuned']}")
-model = PeftModel.from_pretrained(model, "{out_dir}")   # applied at load time
-model = model.merge_and_unload()                      # or merged into the weights
-```
+{snippet}```
 """

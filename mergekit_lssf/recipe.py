@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import yaml
@@ -20,9 +19,16 @@ from mergekit.io.tasks import LoaderCache
 from pydantic import ValidationError
 
 from mergekit_lssf.fused import fuses, is_vocabulary
-from mergekit_lssf.guards import check_model_folder, model_index, role_swap_warning, sample_names
-from mergekit_lssf.merge_method import LSSF_METHOD
-from mergekit_lssf.parameters import PER_MODEL_PARAMETERS, SHARED_PARAMETERS, LSSFConfigError, one_per_role
+from mergekit_lssf.guards import check_model_folder, lora_lineage_error, model_index, role_swap_warning, sample_names
+from mergekit_lssf.parameters import (
+    DEFAULTS,
+    PARAMETERS,
+    PER_MODEL_PARAMETERS,
+    SHARED_PARAMETERS,
+    LSSFConfigError,
+    combination_problems,
+    one_per_role,
+)
 from mergekit_lssf.subspace_file import open_subspace
 
 LOG = logging.getLogger("mergekit_lssf")
@@ -73,7 +79,7 @@ def _leaves(setting: Any) -> Iterator[Any]:
 
 
 def _validators() -> Dict[str, Any]:
-    return {p.name: p.validate for p in LSSF_METHOD.spec.parameters}
+    return {p.name: p.validate for p in PARAMETERS}
 
 
 def _check_values(where: str, settings: Settings, validators: Dict[str, Any]) -> None:
@@ -129,6 +135,7 @@ def check_recipe(
                 )
         _check_values(where, settings, validators)
         _check_spectrum(where, settings or {})
+    _check_alpha(config)
 
     roles: Dict[Any, str] = {}
     for where, model, settings in _model_inputs(config):
@@ -166,6 +173,7 @@ def check_recipe(
             )
 
     refs = one_per_role(roles, "the recipe has")
+    lora_lineage_error(config.base_model, refs["aligned"], refs["unaligned"])  # issue 49 finding 1: swapped BASE+LORA
     _check_shapes(config.base_model, refs)
     for where, settings in _shared_scopes(config):
         for value in _leaves((settings or {}).get("subspace")):
@@ -251,24 +259,11 @@ def _check_shapes(base: Any, refs: Dict[str, Any]) -> None:
             )
 
 
-def prepare_recipe(
-    config: MergeConfiguration, *, trust_remote_code: bool = False, warn: bool = True,
-    refs: Optional[Dict[str, Any]] = None,
-) -> MergeConfiguration:
-    """Check the recipe; align vocabularies to the fine-tune's when they differ.
-
-    LSSF keeps the fine-tune's embeddings and lm_head, so a fine-tune with added
-    tokens needs mergekit's ``tokenizer_source: base``; it is set here when the
-    recipe says nothing about tokenizers (the recipe file itself is not changed).
-    ``warn``: print the role-swap warning (``role_check``) to stderr. ``refs``: the
-    result of ``check_recipe(config)`` when the caller already has it.
-    """
-    if refs is None:
-        refs = check_recipe(config, trust_remote_code=trust_remote_code)
-    if warn:
-        for warning in (role_check(config, refs), dtype_warning(config, refs)):
-            if warning:
-                print(warning, file=sys.stderr)
+def with_tokenizer_source(config: MergeConfiguration, refs: Dict[str, Any]) -> MergeConfiguration:
+    """The recipe as mergekit runs it: LSSF keeps the fine-tune's embeddings and
+    lm_head, so a fine-tune with added tokens needs mergekit's ``tokenizer_source:
+    base``; it is set here when the recipe says nothing about tokenizers and the
+    vocabularies differ (the recipe file itself is not changed)."""
     if config.tokenizer is None and config.tokenizer_source is None:
         differing = vocabulary_differs(config.base_model, refs)
         if differing:
@@ -279,6 +274,67 @@ def prepare_recipe(
             )
             config = config.model_copy(update={"tokenizer_source": "base"})
     return config
+
+
+def _fusions_and_alphas(config: MergeConfiguration):
+    """Every ``fusion`` value any tensor can get (the default included when a scope
+    leaves it open) and every written ``alpha`` with its path."""
+    fusions, alphas = set(), []
+    top = config.parameters or {}
+    if "fusion" not in top:
+        fusions.add(DEFAULTS["fusion"])
+    for where, settings in _shared_scopes(config):
+        settings = settings or {}
+        fusions |= {v for v in _leaves(settings.get("fusion")) if v is not None}
+        if "alpha" in settings:
+            alphas += [(path, v) for path, v in _leaves_at(settings["alpha"], f"{where}.alpha") if v is not None]
+    return fusions, alphas
+
+
+def _check_alpha(config: MergeConfiguration) -> None:
+    """``alpha`` above 1 where a tensor may get ``fusion: restore`` (the merge method
+    applies the same rule per tensor, ``parameters.combination_problems``)."""
+    fusions, alphas = _fusions_and_alphas(config)
+    for fusion in sorted(fusions):
+        for path, alpha in alphas:
+            errors, _ = combination_problems({"fusion": fusion, "alpha": float(alpha)})
+            if errors:
+                raise LSSFConfigError(f"{path}: {errors[0]}")
+
+
+def scope_warnings(config: MergeConfiguration) -> List[str]:
+    """Warnings about values inside their range but outside the paper's (``add``
+    with ``alpha`` above the paper's range), one per recipe."""
+    fusions, alphas = _fusions_and_alphas(config)
+    for path, alpha in alphas:
+        for fusion in sorted(fusions):
+            _, warnings = combination_problems({"fusion": fusion, "alpha": float(alpha)})
+            if warnings:
+                return [f"{warnings[0]} ({path})"]
+    return []
+
+
+def rounding_problems(config: MergeConfiguration, written: Optional[str]) -> Tuple[List[str], List[str]]:
+    """``(errors, warnings)`` of ``round_to`` against the dtype the recipe writes
+    (``written``: ``out_dtype``, else ``dtype``). mergekit 0.1.5 does not tell a
+    merge method the output dtype, so lssf rounds to the dtype the recipe names in
+    ``round_to`` and the two must agree; a 16-bit output without it is written by
+    mergekit's plain cast, which keeps only part of a small term (a recipe that also
+    computes in that dtype, ``dtype: bfloat16``, is rounded by the kernel itself and
+    draws the narrower ``dtype_warning`` instead)."""
+    named = [(path, v) for where, settings in _shared_scopes(config)
+             for path, v in _leaves_at((settings or {}).get("round_to"), f"{where}.round_to") if v is not None]
+    for path, value in named:
+        if written != value:
+            wrote = f"writes {written} (`out_dtype`, else `dtype`)" if written else "sets no `out_dtype`"
+            return [f"{path}: `round_to: {value}` but the recipe {wrote}; set `out_dtype: {value}` or remove "
+                    "`round_to`"], []
+    computed = str(config.dtype or "") or None
+    if written in ("bfloat16", "float16") and written != computed and not named:
+        return [], [f"lssf: warning: the recipe writes {written} without the lssf parameter `round_to: {written}`: "
+                    "mergekit's writer then rounds each fused weight to nearest, which keeps only part of a small "
+                    f"term; add `round_to: {written}` under `parameters:`"]
+    return [], []
 
 
 #: Bits of the dtypes a recipe's ``dtype`` may name, and of safetensors' names for them.

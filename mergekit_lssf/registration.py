@@ -17,7 +17,8 @@ from mergekit_lssf.guards import check_output_folder
 from mergekit_lssf.merge_method import LSSF_METHOD
 from mergekit_lssf.model_card import append_card, summary_words
 from mergekit_lssf.parameters import LSSFConfigError
-from mergekit_lssf.recipe import check_lora_merge_cache, check_recipe, forget_loaders, prepare_recipe
+from mergekit_lssf.plan import plan_recipe
+from mergekit_lssf.recipe import forget_loaders
 from mergekit_lssf.stats import STATS
 
 METHOD_NAME = LSSF_METHOD.spec.name
@@ -78,22 +79,23 @@ def on_cli_loaded(module: ModuleType) -> None:
 
 
 def _run_lssf(original, merge_config, out_path, options, config_source):
+    """One lssf merge: the one plan of the recipe (every check before anything is
+    written), mergekit's own merge, then the summary and the model card. STATS only
+    feeds the summary: the method's output does not depend on it."""
     check_output_folder(out_path)
-    refs = check_recipe(merge_config, trust_remote_code=options.trust_remote_code)
-    check_lora_merge_cache(merge_config, options.lora_merge_cache)
-    merge_config = prepare_recipe(merge_config, trust_remote_code=options.trust_remote_code, refs=refs)
-    forget_loaders(merge_config)
-    STATS.reset(output_dtype=dtype_from_name(merge_config.out_dtype))
-    try:
-        result = original(merge_config, out_path, options=options, config_source=config_source)
-        if options.write_model_card:
-            append_card(out_path, merge_config, refs, STATS)
-        if not options.quiet:
-            print(summary_words(merge_config, refs, STATS), file=sys.stderr)
-        for warning in STATS.warnings():  # printed even with --quiet
-            print(warning, file=sys.stderr)
-    finally:  # a later in-memory merge in this process must not write in this recipe's out_dtype
-        STATS.output_dtype = None
+    plan = plan_recipe(merge_config, trust_remote_code=options.trust_remote_code,
+                       lora_merge_cache=options.lora_merge_cache)
+    for warning in plan.warnings:
+        print(warning, file=sys.stderr)
+    forget_loaders(plan.config)
+    STATS.reset(output_dtype=dtype_from_name(plan.written_dtype) if plan.written_dtype else None)
+    result = original(plan.config, out_path, options=options, config_source=config_source)
+    if options.write_model_card:
+        append_card(out_path, plan.config, plan.refs, STATS)
+    if not options.quiet:
+        print(summary_words(plan.config, plan.refs, STATS), file=sys.stderr)
+    for warning in STATS.warnings():  # printed even with --quiet
+        print(warning, file=sys.stderr)
     return result
 
 

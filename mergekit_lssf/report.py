@@ -14,10 +14,10 @@ import json
 import os
 from typing import Dict, List, Optional
 
-from mergekit.config import MergeConfiguration
 
 from mergekit_lssf.kernel import spectral_entropy
 from mergekit_lssf.stats import SIGNAL_SHARE_WARNING
+from mergekit_lssf.plan import LSSFPlan
 from mergekit_lssf.traversal import FusedTensor, fused_factors
 
 #: The files ``build_report`` writes (an output folder holding any of them is refused).
@@ -45,13 +45,11 @@ def _row(t: FusedTensor) -> Dict:
     }
 
 
-def build_report(config: MergeConfiguration, out_dir: str, *, cuda: bool = False,
-                 lora_merge_cache: Optional[str] = None) -> Dict:
-    """Compute the report for ``config`` and write it under ``out_dir`` (``lora_merge_cache``:
-    see ``traversal.fused_factors``)."""
+def build_report(plan: LSSFPlan, out_dir: str, *, cuda: bool = False) -> Dict:
+    """Compute the report of a planned recipe and write it under ``out_dir``."""
     rows: List[Dict] = []
     curves: Dict[str, List[float]] = {}
-    for tensor in fused_factors(config, cuda=cuda, factors=False, lora_merge_cache=lora_merge_cache):
+    for tensor in fused_factors(plan, cuda=cuda, factors=False):
         rows.append(_row(tensor))
         cum, _ = spectral_entropy(tensor.factors.sigma)
         total = float(cum[-1]) if cum.numel() else 0.0

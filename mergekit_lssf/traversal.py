@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterator, List, Optional
 
 import torch
 from tqdm import tqdm
 from mergekit.architecture import get_architecture_info
-from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import LoaderCache, SaveTensor
@@ -28,8 +27,10 @@ from mergekit.plan import MergePlanner
 
 from mergekit_lssf.kernel import SafetyFactors, safety_factors
 from mergekit_lssf.merge_method import checked_inputs, is_fused, load_subspace
-from mergekit_lssf.parameters import FACTOR_PARAMETERS
-from mergekit_lssf.recipe import check_lora_merge_cache, check_recipe, forget_loaders, prepare_recipe
+from mergekit_lssf.layout import as_out_in, group_layout  # [issue 49 finding 7: layout]
+from mergekit_lssf.parameters import FusionSettings, settings_from
+from mergekit_lssf.plan import LSSFPlan
+from mergekit_lssf.recipe import forget_loaders
 
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -86,25 +87,24 @@ class FactorTask(Task[Optional[List[FusedTensor]]]):
         group.validate_tensors()
         role = {m: p["role"] for m, p in src.input_parameters.items() if "role" in p}
         finetuned, aligned, unaligned = checked_inputs(group, role, name)
-        params = dict(src.parameters.items())
-        if finetuned.tensor.ndim == 3:  # stacked MoE experts, one weight per expert
-            return [_factors(f"{name}[{e}]", finetuned.tensor[e], aligned.tensor[e], unaligned.tensor[e], params,
-                             self.factors, e) for e in range(finetuned.tensor.shape[0])]
-        return [_factors(name, finetuned.tensor, aligned.tensor, unaligned.tensor, params, self.factors)]
+        params = settings_from(dict(src.parameters.items()), f"tensor {name}")
+        # [issue 49 finding 7: layout] Conv1D (d_in x d_out) weights as d_out x d_in, as the merge fuses them
+        layout = group_layout(group)
+        w_ft, w_al, w_un = (as_out_in(layout, x.tensor) for x in (finetuned, aligned, unaligned))
+        if w_ft.ndim == 3:  # stacked MoE experts, one weight per expert
+            return [_factors(f"{name}[{e}]", w_ft[e], w_al[e], w_un[e], params,
+                             self.factors, e) for e in range(w_ft.shape[0])]
+        return [_factors(name, w_ft, w_al, w_un, params, self.factors)]
 
 
-def _factors(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.Tensor, params: dict,
+def _factors(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.Tensor, settings: FusionSettings,
              with_factors: bool, expert: Optional[int] = None) -> FusedTensor:
-    factors = safety_factors(
-        w_al, w_un,
-        subspace=load_subspace(params["subspace"], name, w_al),
-        factors=with_factors,
-        **{k: params[k] for k in FACTOR_PARAMETERS},
-    ).with_finetune(w_ft)  # restore: the term for this fine-tune
+    factors = safety_factors(w_al, w_un, settings, subspace=load_subspace(settings.subspace, name, w_al),
+                             factors=with_factors).with_finetune(w_ft)  # restore: the term for this fine-tune
     cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32)  # noqa: E731
     factors = SafetyFactors(cpu(factors.left), cpu(factors.right), factors.info, factors.sigma.cpu(),
                             factors.fusion, side=factors.side)
-    return FusedTensor(name, tuple(w_ft.shape), params, factors, expert)
+    return FusedTensor(name, tuple(w_ft.shape), asdict(settings), factors, expert)
 
 
 def planned_tensors(config: MergeConfiguration, options: MergeOptions) -> list:
@@ -121,17 +121,13 @@ def planned_tensors(config: MergeConfiguration, options: MergeOptions) -> list:
     return [t.tensor_task for t in planned if isinstance(t, SaveTensor)]
 
 
-def fused_factors(
-    config: MergeConfiguration, *, cuda: bool = False, quiet: bool = False, factors: bool = True,
-    lora_merge_cache: Optional[str] = None,
-) -> Iterator[FusedTensor]:
-    """Yield a FusedTensor for every weight the recipe fuses, in model order
+def fused_factors(plan: LSSFPlan, *, cuda: bool = False, quiet: bool = False,
+                  factors: bool = True) -> Iterator[FusedTensor]:
+    """Yield a FusedTensor for every weight the planned recipe fuses, in model order
     (``factors=False``: spectra and ranks only, without computing the factors);
-    ``lora_merge_cache``: mergekit's folder for merged ``model+lora`` references."""
-    check_lora_merge_cache(config, lora_merge_cache)
-    options = MergeOptions(cuda=cuda, quiet=quiet, lora_merge_cache=lora_merge_cache)
-    config = prepare_recipe(config, trust_remote_code=options.trust_remote_code)
-    tasks = [FactorTask(source=t, factors=factors) for t in planned_tensors(config, options)]
+    ``model+lora`` inputs are merged in the plan's ``lora_merge_cache``."""
+    options = MergeOptions(cuda=cuda, quiet=quiet, lora_merge_cache=plan.lora_merge_cache)
+    tasks = [FactorTask(source=t, factors=factors) for t in planned_tensors(plan.config, options)]
     device = torch.device(options.device)
     executor = Executor(targets=tasks, math_device=device, storage_device=torch.device("cpu"))
     # one step per output tensor (mergekit's own bar would count every load task too)
@@ -140,9 +136,4 @@ def fused_factors(
         yield from result or []
 
 
-def aligned_model(config: MergeConfiguration) -> ModelReference:
-    """The recipe's aligned model (after the recipe check)."""
-    return check_recipe(config)["aligned"]
-
-
-__all__ = ["FusedTensor", "FactorTask", "aligned_model", "fused_factors", "planned_tensors"]
+__all__ = ["FusedTensor", "FactorTask", "fused_factors", "planned_tensors"]

@@ -15,8 +15,11 @@ RankRule = Literal["entropy", "noise_floor"]
 Fusion = Literal["add", "restore"]
 Spectrum = Literal["full", "signal"]
 Rounding = Literal["subspace", "nearest"]
+#: the 16-bit dtypes lssf can round its output to (``round_to``)
+RoundTo = Literal["bfloat16", "float16"]
 
 RANK_RULES = get_args(RankRule)
 FUSIONS = get_args(Fusion)
 SPECTRA = get_args(Spectrum)
 ROUNDINGS = get_args(Rounding)
+ROUND_TO = get_args(RoundTo)

@@ -50,7 +50,7 @@ def _share(written, target, ft):
 def test_bf16_triplet_merges_in_float32_and_writes_bf16_that_keeps_the_term(bf16_models, tmp_path):
     stored = load_file(bf16_models / "aligned" / "model.safetensors")
     assert {t.dtype for t in stored.values()} == {torch.bfloat16}
-    recipe = write_lssf_recipe(bf16_models, "bf16.yml", PARAMS, out_dtype="bfloat16")
+    recipe = write_lssf_recipe(bf16_models, "bf16.yml", {**PARAMS, "round_to": "bfloat16"}, out_dtype="bfloat16")
     result = run_cli(["mergekit-yaml", recipe, str(tmp_path / "merged"), "-v"], cwd=bf16_models)
     assert "narrower than float32" not in result.stderr  # the recommended recipe: no dtype warning
     assert "weights from 16-bit inputs; signal rank" in result.stderr
@@ -73,7 +73,8 @@ def test_bf16_triplet_merges_in_float32_and_writes_bf16_that_keeps_the_term(bf16
 
 
 def test_round_to_nearest_loses_the_term_and_says_which_tensors(bf16_models, tmp_path):
-    recipe = write_lssf_recipe(bf16_models, "nearest.yml", {**PARAMS, "rounding": "nearest"}, out_dtype="bfloat16")
+    recipe = write_lssf_recipe(bf16_models, "nearest.yml", {**PARAMS, "round_to": "bfloat16", "rounding": "nearest"},
+                               out_dtype="bfloat16")
     result = run_cli(["mergekit-yaml", recipe, str(tmp_path / "merged")], cwd=bf16_models)
     merged = load_state(tmp_path / "merged")
     shares = {name: _share(merged[name].double().numpy(), target, ft)

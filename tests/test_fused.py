@@ -13,10 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from helpers import load_state, write_lssf_recipe
 from mergekit_lssf.check import check
+from mergekit_lssf.plan import plan_recipe
 from mergekit_lssf.fused import kept_reason
 from mergekit_lssf.kernel import safety_factors
 from mergekit_lssf.recipe import load_recipe
 from mergekit_lssf.report import build_report
+from mergekit_lssf.parameters import FusionSettings
 
 
 @pytest.mark.parametrize("name, shape, floating, reason", [
@@ -95,8 +97,8 @@ def moe_dir(tmp_path_factory):
 def test_moe_toy_check_and_merge(moe_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(moe_dir)
     monkeypatch.setenv("MERGEKIT_LSSF_ROLE_CHECK", "0")
-    recipe = write_lssf_recipe(str(moe_dir), "recipe.yml", {}, out_dtype="bfloat16")
-    result = check(load_recipe(recipe))
+    recipe = write_lssf_recipe(str(moe_dir), "recipe.yml", {"round_to": "bfloat16"}, out_dtype="bfloat16")
+    result = check(plan_recipe(load_recipe(recipe), needs_weights=False))
     kept = {row["name"]: row["reason"] for row in result["kept"]}
     fused = {row["name"] for row in result["fused"]}
     assert kept["model.layers.0.mlp.gate.weight"] == "router"
@@ -131,7 +133,7 @@ def test_moe_toy_report_ranks_each_expert_and_skips_routers(moe_dir, tmp_path, m
     monkeypatch.chdir(moe_dir)
     monkeypatch.setenv("MERGEKIT_LSSF_ROLE_CHECK", "0")
     recipe = write_lssf_recipe(str(moe_dir), "report.yml", {})
-    rows = build_report(load_recipe(recipe), str(tmp_path / "report"))["tensors"]
+    rows = build_report(plan_recipe(load_recipe(recipe)), str(tmp_path / "report"))["tensors"]
     names = [r["name"] for r in rows]
     assert not any(n.endswith("mlp.gate.weight") for n in names), "a router was reported"
     load = lambda m: AutoModelForCausalLM.from_pretrained(moe_dir / m, dtype=torch.float32).state_dict()  # noqa: E731
@@ -140,5 +142,5 @@ def test_moe_toy_report_ranks_each_expert_and_skips_routers(moe_dir, tmp_path, m
     expert_rows = [r for r in rows if r["name"].startswith(stacked)]
     assert len(expert_rows) == al[stacked].shape[0], names
     for e, row in enumerate(expert_rows):
-        want = safety_factors(al[stacked][e], un[stacked][e], eta=0.9, max_rank=256, fusion="restore", factors=False)
+        want = safety_factors(al[stacked][e], un[stacked][e], FusionSettings(eta=0.9, max_rank=256, fusion="restore"), factors=False)
         assert row["rank"] == want.info.rank, (row, e)

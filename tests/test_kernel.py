@@ -13,6 +13,7 @@ from mergekit_lssf.kernel import (
     spectral_entropy,
 )
 from reference import make_delta, reference_alphas, reference_lssf, reference_rank, spectra
+from mergekit_lssf.parameters import FusionSettings
 
 SHAPES = [(48, 48), (32, 96), (96, 32), (160, 96), (96, 160), (300, 12), (12, 300), (1, 40), (40, 1)]
 ETAS = [0.3, 0.5, 0.8, 0.9, 0.99]
@@ -40,10 +41,7 @@ def test_fast_path_matches_float64_svd(shape, name):
         for weight_max in (1.0, 2.5):
             ref, r_ref = reference_lssf(ft, al, un, alpha=0.8, eta=eta, weight_max=weight_max)
             for dtype in (torch.float32, torch.float64):
-                out, info = lssf_fuse(
-                    *(torch.tensor(x, dtype=dtype) for x in (ft, al, un)),
-                    fusion="add", alpha=0.8, eta=eta, weight_max=weight_max,
-                )
+                out, info = lssf_fuse(*(torch.tensor(x, dtype=dtype) for x in (ft, al, un)), FusionSettings(fusion="add", alpha=0.8, eta=eta, weight_max=weight_max))
                 assert info.rank == r_ref, (name, shape, eta, dtype)
                 assert out.dtype == dtype
                 assert _rel(out, ref) < 1e-4, (name, shape, eta, dtype)
@@ -113,7 +111,7 @@ def test_weighted_projection_is_u_prime_u_prime_t():
     r = 6
     a = reference_alphas(s[:r], 2.0)
     expected = ft + 0.5 * sum(a[i] ** 2 * np.outer(u[:, i], u[:, i]) for i in range(r)) @ delta
-    out, info = lssf_fuse(*(torch.tensor(x) for x in (ft, al, un)), fusion="add", alpha=0.5, eta=0.9, rank=r, weight_max=2.0)
+    out, info = lssf_fuse(*(torch.tensor(x) for x in (ft, al, un)), FusionSettings(fusion="add", alpha=0.5, eta=0.9, rank=r, weight_max=2.0))
     assert info.rank == r
     assert _rel(out, expected) < 1e-10
 
@@ -128,7 +126,7 @@ def test_eta_one_equals_mergekit_task_arithmetic():
         expected = merge_tensors(
             [ft, al, un], "task_arithmetic", base_index=0, parameters={"weight": [0.7, -0.7]}
         )
-        out, info = lssf_fuse(ft, al, un, fusion="add", alpha=0.7, eta=1.0, max_rank=None)
+        out, info = lssf_fuse(ft, al, un, FusionSettings(fusion="add", alpha=0.7, eta=1.0, max_rank=None))
         assert info.rank == min(shape)
         assert _rel(out, expected) < 1e-10
 
@@ -136,7 +134,7 @@ def test_eta_one_equals_mergekit_task_arithmetic():
 def test_zero_delta_returns_finetuned_unchanged():
     ft = torch.randn(16, 24)
     same = torch.randn(16, 24)
-    out, info = lssf_fuse(ft, same, same.clone(), fusion="add", alpha=1.0, eta=0.9)
+    out, info = lssf_fuse(ft, same, same.clone(), FusionSettings(fusion="add", alpha=1.0, eta=0.9))
     assert info.rank == 0 and info.choice.entropy_share == 0.0
     assert torch.equal(out, ft) and not torch.isnan(out).any()
 
@@ -148,7 +146,7 @@ def test_tied_singular_values():
     ft, al, un = _weights((k, 60), spectrum, seed=7)
     for weight_max in (1.0, 2.0):
         ref, r_ref = reference_lssf(ft, al, un, alpha=1.0, eta=0.4, weight_max=weight_max)
-        out, info = lssf_fuse(*(torch.tensor(x) for x in (ft, al, un)), fusion="add", alpha=1.0, eta=0.4, weight_max=weight_max)
+        out, info = lssf_fuse(*(torch.tensor(x) for x in (ft, al, un)), FusionSettings(fusion="add", alpha=1.0, eta=0.4, weight_max=weight_max))
         assert r_ref == 4 and info.rank == 4
         assert _rel(out, ref) < 1e-8
 
@@ -166,19 +164,19 @@ def test_sign_and_rotation_of_basis_do_not_matter():
     rotated[:, :3] = u[:, :3] @ q
     args = [torch.tensor(x) for x in (ft, al, un)]
     kwargs = dict(alpha=1.0, eta=0.9, weight_max=2.0, fusion="add")
-    base, info = lssf_fuse(*args, subspace=SafetySubspace(s, u, "output"), **kwargs)
+    base, info = lssf_fuse(*args, FusionSettings(**kwargs), subspace=SafetySubspace(s, u, "output"))
     assert info.rank >= 3
     for basis, side in ((u * signs, "output"), (rotated, "output"), (vt.T * signs, "input")):
-        out, _ = lssf_fuse(*args, subspace=SafetySubspace(s, basis, side), **kwargs)
+        out, _ = lssf_fuse(*args, FusionSettings(**kwargs), subspace=SafetySubspace(s, basis, side))
         assert _rel(out, base) < 1e-10
-    data_free, _ = lssf_fuse(*args, **kwargs)
+    data_free, _ = lssf_fuse(*args, FusionSettings(**kwargs))
     assert _rel(data_free, base) < 1e-10
 
 
 def test_bfloat16_inputs_are_computed_in_float32():
     stored = [torch.tensor(x).to(torch.bfloat16) for x in _weights((64, 128), spectra(64)["planted_plus_noise"], seed=11)]
     ref, r_ref = reference_lssf(*(t.double().numpy() for t in stored), alpha=1.0, eta=0.9)
-    out, info = lssf_fuse(*stored, fusion="add", alpha=1.0, eta=0.9)
+    out, info = lssf_fuse(*stored, FusionSettings(fusion="add", alpha=1.0, eta=0.9))
     assert out.dtype == torch.bfloat16 and info.rank == r_ref
     assert _rel(out.double(), ref) < 4e-3  # only the final rounding to bf16
 
@@ -187,7 +185,7 @@ def test_subspace_basis_smaller_than_rank_is_capped():
     ft, al, un = (torch.randn(20, 30, dtype=torch.float64) for _ in range(3))
     full = data_free_subspace(al - un)
     small = SafetySubspace(full.sigma, full.basis[:, :3], full.side)
-    _, info = lssf_fuse(ft, al, un, fusion="add", alpha=1.0, eta=0.99, subspace=small)
+    _, info = lssf_fuse(ft, al, un, FusionSettings(fusion="add", alpha=1.0, eta=0.99), subspace=small)
     assert info.rank == 3 and info.choice.capped
 
 
@@ -202,8 +200,8 @@ def test_spectrum_only_gives_the_same_rank_and_spectrum(shape, settings, dtype):
 
     _, al, un = (torch.from_numpy(w).to(dtype) for w in _weights(shape, spectra(min(shape))["planted_plus_noise"]))
     settings = {"eta": 0.9, "max_rank": 256, "fusion": "add", **settings}
-    full = safety_factors(al, un, **settings)
-    ranks_only = safety_factors(al, un, factors=False, **settings)
+    full = safety_factors(al, un, FusionSettings(**settings))
+    ranks_only = safety_factors(al, un, FusionSettings(**settings), factors=False)
     assert ranks_only.left is None and ranks_only.right is None
     assert ranks_only.info.choice == full.info.choice and ranks_only.info.sigma_1 == full.info.sigma_1
     assert torch.equal(ranks_only.sigma, full.sigma)
@@ -215,4 +213,4 @@ def test_the_kernel_has_no_default_fusion():
     say which, so that nobody gets ``add`` where a recipe would have given ``restore``."""
     w = torch.eye(3)
     with pytest.raises(TypeError, match="fusion"):
-        lssf_fuse(w, w, torch.zeros(3, 3), alpha=1.0, eta=0.9)
+        lssf_fuse(w, w, torch.zeros(3, 3), FusionSettings(alpha=1.0, eta=0.9))

@@ -65,7 +65,7 @@ def test_bfloat16_state_dicts_keep_dtype():
     "roles, message",
     [
         ({"al": "aligned", "un": "aligned"}, "exactly one model with `role: aligned`"),
-        ({"al": "safe", "un": "unaligned"}, "must be 'aligned' or 'unaligned', got 'safe'"),
+        ({"al": "safe", "un": "unaligned"}, "must be one of aligned, unaligned, got 'safe'"),
     ],
 )
 def test_role_errors(roles, message):
@@ -85,10 +85,10 @@ def test_missing_role_and_base():
     [
         ("eta", 1.5, "`eta` must satisfy 0 < eta <= 1"),
         ("eta", 0.0, "`eta` must satisfy 0 < eta <= 1"),
-        ("weight_max", 0.5, "`weight_max` must be >= 1"),
+        ("weight_max", 0.5, "`weight_max` must satisfy 1 <= weight_max <= 10"),
         ("max_rank", 0, "`max_rank` must be an integer >= 1"),
         ("rank", -2, "`rank` must be an integer >= 1"),
-        ("alpha", float("nan"), "`alpha` must be finite"),
+        ("alpha", float("nan"), "`alpha` must satisfy 0 < alpha <= 2, got nan"),
         ("subspace", "basis.safetensors", "`subspace`: no such file 'basis.safetensors'"),
         ("subspace", "", "`subspace` must be the path of a file"),
     ],

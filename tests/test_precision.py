@@ -17,6 +17,7 @@ from mergekit_lssf.precision import (
     subspace_round,
     ulp,
 )
+from mergekit_lssf.parameters import FusionSettings
 
 BF16 = torch.bfloat16
 
@@ -142,7 +143,7 @@ def _reference_errors(written, target, basis, side):
 @pytest.mark.parametrize("term_ulps", [0.15, 0.4, 1.5])
 def test_subspace_rounding_keeps_the_term_that_round_to_nearest_drops(term_ulps):
     ft, al, un = _bf16_triplet(256, 768, term_ulps)
-    factors = safety_factors(al, un, eta=0.9, rank=16, fusion="restore").with_finetune(ft)
+    factors = safety_factors(al, un, FusionSettings(eta=0.9, rank=16, fusion="restore")).with_finetune(ft)
     target = ft.double() + factors.left.double() @ factors.right.double()
     plain, _ = write_fused(ft, factors, 1.0, out_dtype=BF16, rounding="nearest")
     kept, written = write_fused(ft, factors, 1.0, out_dtype=BF16)
@@ -175,7 +176,7 @@ def test_subspace_rounding_keeps_the_term_that_round_to_nearest_drops(term_ulps)
 
 def test_subspace_rounding_on_the_input_side():
     ft, al, un = _bf16_triplet(512, 192, 0.3, seed=5)
-    factors = safety_factors(al, un, eta=0.9, rank=8, fusion="add")
+    factors = safety_factors(al, un, FusionSettings(eta=0.9, rank=8, fusion="add"))
     assert factors.side == "input"
     basis, side = factors.subspace_basis()
     assert side == "input" and basis.shape == (192, 8)
@@ -190,7 +191,7 @@ def test_subspace_rounding_on_the_input_side():
 def test_full_rank_subspace_rounding_is_round_to_nearest():
     """eta = 1: the projector is the identity, and nothing beats round to nearest."""
     ft, al, un = _bf16_triplet(96, 160, 0.4, seed=6)
-    out, info = lssf_fuse(ft, al, un, alpha=0.7, eta=1.0, fusion="add", out_dtype=BF16)
+    out, info = lssf_fuse(ft, al, un, FusionSettings(alpha=0.7, eta=1.0, fusion="add", round_to='bfloat16'))
     assert info.rank == 96
     expected = (ft.double() + 0.7 * (al.double() - un.double())).to(BF16)  # task arithmetic, cast once
     plain = (ft + 0.7 * (al - un)).to(BF16)
@@ -200,9 +201,9 @@ def test_full_rank_subspace_rounding_is_round_to_nearest():
 
 def test_bf16_identities_zero_delta_and_sign_invariance():
     ft, al, un = _bf16_triplet(128, 200, 0.4, seed=7)
-    out, info = lssf_fuse(ft.to(BF16), al.to(BF16), al.to(BF16), fusion="add", alpha=1.0, eta=0.9)
+    out, info = lssf_fuse(ft.to(BF16), al.to(BF16), al.to(BF16), FusionSettings(fusion="add", alpha=1.0, eta=0.9))
     assert info.rank == 0 and torch.equal(out, ft.to(BF16))
-    sub = safety_factors(al, un, eta=0.9, rank=8, fusion="restore").with_finetune(ft)
+    sub = safety_factors(al, un, FusionSettings(eta=0.9, rank=8, fusion="restore")).with_finetune(ft)
     flipped = type(sub)(-sub.left, -sub.right, sub.info, sub.sigma, sub.fusion, None, sub.side)
     a, _ = write_fused(ft, sub, 1.0, out_dtype=BF16)
     b, _ = write_fused(ft, flipped, 1.0, out_dtype=BF16)

@@ -16,7 +16,13 @@ ALL_RECIPES = sorted(
     glob.glob(os.path.join(ROOT, "recipes", "*.yml")) + glob.glob(os.path.join(ROOT, "mergekit_lssf", "recipes", "*.yml"))
 )
 # demo-calibrated.yml needs the subspace file the demo makes: test_end_to_end runs it
-RECIPES = [p for p in ALL_RECIPES if not p.endswith("demo-calibrated.yml")]
+def _has_lssf_stage(path):
+    with open(path, encoding="utf-8") as fp:
+        return any(d and d.get("merge_method") == "lssf" for d in yaml.safe_load_all(fp))
+
+
+#: the lssf recipes (recipes/interpolate-baseline.yml is mergekit's `linear`; test_walkthrough merges it)
+RECIPES = [p for p in ALL_RECIPES if not p.endswith("demo-calibrated.yml") and _has_lssf_stage(p)]
 
 
 def _local_paths(value):
@@ -149,11 +155,11 @@ def _with(**changes):
         ({"base_model": None}, "requires the recipe field `base_model`"),
         ({"parameters__etaa": 0.9}, r"parameters.etaa: unknown lssf parameter `etaa`"),
         ({"parameters__eta": 1.2}, r"parameters.eta: lssf parameter `eta` must satisfy 0 < eta <= 1, got 1.2"),
-        ({"parameters__weight_max": 0.9}, r"parameters.weight_max: .*must be >= 1"),
+        ({"parameters__weight_max": 0.9}, r"parameters.weight_max: .*must satisfy 1 <= weight_max <= 10, got 0.9"),
         ({"parameters__max_rank": 0}, r"parameters.max_rank: .*integer >= 1"),
         ({"parameters__rank": 0}, r"parameters.rank: .*integer >= 1"),
         ({"parameters__subspace": "u.safetensors"}, r"parameters.subspace: lssf parameter `subspace`: no such file 'u.safetensors'"),
-        ({"parameters__alpha": [{"filter": "mlp", "value": "x"}, {"value": 1.0}]}, r"parameters.alpha\[0\]: .*must be a number"),
+        ({"parameters__alpha": [{"filter": "mlp", "value": "x"}, {"value": 1.0}]}, r"parameters.alpha\[0\]: .*`alpha` must satisfy 0 < alpha <= 2, got 'x'"),
         ({"parameters__eta": [0.5, 1.5]}, r"parameters.eta\[1\]: .*got 1.5"),
         ({"parameters__eta": [{"filter": "mlp", "value": [0.5, 0]}, {"value": 0.9}]}, r"parameters.eta\[0\].value\[1\]: .*got 0"),
         ({"parameters__fusion": "pull"}, r"parameters.fusion: .*one of add, restore, got 'pull'"),
@@ -165,7 +171,7 @@ def _with(**changes):
         ({"parameters__role": "aligned"}, r"parameters.role: `role` is a per-model parameter"),
         ({"models__0__parameters__alpha": 0.5}, r"models\[0\].parameters.alpha: `alpha` is a recipe-level"),
         ({"models__0__parameters__weight": 0.5}, r"models\[0\].parameters.weight: unknown lssf per-model"),
-        ({"models__0__parameters__role": "safe"}, r"models\[0\].parameters.role: .*'aligned' or 'unaligned', got 'safe'"),
+        ({"models__0__parameters__role": "safe"}, r"models\[0\].parameters.role: .*must be one of aligned, unaligned, got 'safe'"),
         ({"models__1__parameters__role": "aligned"}, r"exactly one model with `role: aligned`; the recipe has 2"),
         ({"models__1__parameters": None}, r"models\[1\]: model ./un needs `parameters: \{role: aligned\}`"),
     ],

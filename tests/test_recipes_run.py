@@ -19,11 +19,14 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from helpers import load_state, run_cli
 from mergekit_lssf.check import check
+from mergekit_lssf.plan import plan_recipe
 from mergekit_lssf.recipe import load_recipe
 from mergekit_lssf.toy_models import ToySpec, build_toy_models
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
-RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yml")))
+#: the shipped lssf recipes (interpolate-baseline.yml is mergekit's `linear`, run by test_walkthrough)
+RECIPES = [p for p in sorted(glob.glob(os.path.join(ROOT, "recipes", "*.yml")))
+           if "merge_method: lssf" in open(p, encoding="utf-8").read()]
 # what each model a recipe names stands for, longest first (Llama-3.1-8B-Instruct before Llama-3.1-8B)
 STANDS_FOR = [
     ("meta-llama/Llama-3.1-8B-Instruct", "llama/aligned"), ("meta-llama/Llama-3.1-8B", "llama/unaligned"),
@@ -170,7 +173,7 @@ def test_check_of_a_lora_recipe_reads_shapes_under_the_adapter(models, tmp_path)
     merge keeps every shape), so 1-D tensors are listed as kept, not as fused with shape ``?``."""
     text = _localised(open(os.path.join(ROOT, "recipes", "llama31-8b-lora.yml"), encoding="utf-8").read(), models, "llama")
     (tmp_path / "recipe.yml").write_text(text)
-    result = check(load_recipe(str(tmp_path / "recipe.yml")))
+    result = check(plan_recipe(load_recipe(str(tmp_path / "recipe.yml")), needs_weights=False))
     plain = load_state(models / "llama" / "aligned")
     assert {r["name"] for r in result["fused"]} == {n for n, t in plain.items() if n.endswith("proj.weight")}
     assert all(r["shape"] == list(plain[r["name"]].shape) for r in result["fused"])

@@ -12,6 +12,8 @@ from mergekit_lssf.toy_models import ToySpec, build_toy_models
 from helpers import load_state, run_cli, write_lssf_recipe
 from reference import reference_rank
 
+from mergekit_lssf.plan import plan_recipe
+
 PARAMS = {"alpha": [{"filter": "mlp", "value": 0.7}, {"value": 1.0}], "eta": 0.85, "weight_max": 1.5, "fusion": "add",
           "max_rank": [{"filter": "k_proj", "value": 2}, {"value": 256}]}
 
@@ -131,7 +133,7 @@ def test_patch_streams_one_module_at_a_time(models, tmp_path, monkeypatch):
     monkeypatch.setattr(StreamedWriter, "add", lambda self, tensors: events.append("add") or add(self, tensors))
     monkeypatch.chdir(models)
     monkeypatch.setenv("MERGEKIT_LSSF_ROLE_CHECK", "0")
-    ranks = patch_module.extract_patch(load_recipe(_write_recipe(models)), str(tmp_path / "p"))
+    ranks = patch_module.extract_patch(plan_recipe(load_recipe(_write_recipe(models))), str(tmp_path / "p"))
     assert events == ["factors", "add"] * len(ranks) and len(ranks) == 14
     adapter = load_file(tmp_path / "p" / "adapter_model.safetensors")
     for module, tensor in factors.items():
@@ -143,8 +145,8 @@ def test_patch_streams_one_module_at_a_time(models, tmp_path, monkeypatch):
     from mergekit_lssf import LSSFConfigError
 
     zero = write_lssf_recipe(models, "recipe-zero.yml", {**PARAMS, "alpha": 0.0})
-    with pytest.raises(LSSFConfigError, match="nothing to patch"):
-        patch_module.extract_patch(load_recipe(zero), str(tmp_path / "never"))
+    with pytest.raises(LSSFConfigError, match=r"0 < alpha <= 2, got 0.0"):  # alpha 0 patches nothing: refused
+        patch_module.extract_patch(plan_recipe(load_recipe(zero)), str(tmp_path / "never"))
     assert not (tmp_path / "never").exists()
 
 
@@ -161,10 +163,10 @@ def test_relative_paths_from_another_folder_read_that_folders_models(tmp_path, m
         build_toy_models(str(root), ToySpec(size="tiny", seed=seed, planted_rank=2 + 3 * seed))
         recipe = write_lssf_recipe(str(root), "r.yml", {"fusion": "add"})
         monkeypatch.chdir(root)
-        ranks[seed] = {t.name: t.factors.info.rank for t in fused_factors(load_recipe(recipe), quiet=True, factors=False)}
+        ranks[seed] = {t.name: t.factors.info.rank for t in fused_factors(plan_recipe(load_recipe(recipe)), quiet=True, factors=False)}
         absolute = write_lssf_recipe(str(root), "abs.yml", {"fusion": "add"}, base=str(root / "finetuned"))
         doc = (root / absolute).read_text().replace("./aligned", str(root / "aligned")).replace("./unaligned", str(root / "unaligned"))
         (root / absolute).write_text(doc)
-        fresh = {t.name: t.factors.info.rank for t in fused_factors(load_recipe(absolute), quiet=True, factors=False)}
+        fresh = {t.name: t.factors.info.rank for t in fused_factors(plan_recipe(load_recipe(absolute)), quiet=True, factors=False)}
         assert ranks[seed] == fresh, seed
     assert ranks[1] != ranks[2]

@@ -8,6 +8,7 @@ import torch
 from reference import make_delta, reference_fuse, reference_noise_floor
 
 from mergekit_lssf.kernel import gavish_donoho_omega, lssf_fuse, noise_floor, select_rank
+from mergekit_lssf.parameters import FusionSettings
 
 
 def _planted_plus_noise(rows, cols, planted_rank, seed, strength=8.0):
@@ -49,8 +50,7 @@ def test_noise_floor_rank_equals_reference_and_recovers_planted_rank(case):
     want, tau = reference_noise_floor(s, delta.shape)
     # through the kernel's own spectrum (Gram + eigensolver), as a merge computes it
     aligned = torch.from_numpy(delta)
-    _, info = lssf_fuse(torch.zeros_like(aligned), aligned, torch.zeros_like(aligned),
-                        fusion="add", alpha=1.0, eta=0.9, max_rank=None, rank_rule="noise_floor")
+    _, info = lssf_fuse(torch.zeros_like(aligned), aligned, torch.zeros_like(aligned), FusionSettings(fusion="add", alpha=1.0, eta=0.9, max_rank=None, rank_rule="noise_floor"))
     assert info.choice.rank == info.choice.noise_floor_rank == want, case
     assert info.choice.rule == "noise_floor"
     if want:
@@ -90,10 +90,9 @@ def test_rank_zero_leaves_the_weight_bit_identical():
     q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((64, 32)))
     aligned = torch.from_numpy(q).float()
     ft = torch.randn(64, 32)
-    out, info = lssf_fuse(ft, aligned, torch.zeros_like(aligned), fusion="add", alpha=1.0, eta=0.9, rank_rule="noise_floor")
+    out, info = lssf_fuse(ft, aligned, torch.zeros_like(aligned), FusionSettings(fusion="add", alpha=1.0, eta=0.9, rank_rule="noise_floor"))
     assert info.rank == 0 and out is ft
-    out, info = lssf_fuse(ft, aligned, torch.zeros_like(aligned), alpha=1.0, eta=0.9, rank_rule="noise_floor",
-                          fusion="restore")
+    out, info = lssf_fuse(ft, aligned, torch.zeros_like(aligned), FusionSettings(alpha=1.0, eta=0.9, rank_rule="noise_floor", fusion="restore"))
     assert info.rank == 0 and torch.equal(out, ft)
 
 
@@ -115,7 +114,7 @@ def test_fusions_and_rules_equal_the_reference(shape, rule, fusion, weight_max):
     want, r = reference_fuse(ft, al, un, **params)
     for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
         t = lambda x: torch.from_numpy(x).to(dtype)  # noqa: E731
-        got, info = lssf_fuse(t(ft), t(al), t(un), **params)
+        got, info = lssf_fuse(t(ft), t(al), t(un), FusionSettings(**params))
         assert info.rank == r
         assert got.dtype == dtype
         err = np.linalg.norm(got.double().numpy() - want) / np.linalg.norm(want - ft)
@@ -126,7 +125,7 @@ def test_fusions_and_rules_equal_the_reference(shape, rule, fusion, weight_max):
 def test_restore_at_alpha_one_gives_the_aligned_weights_inside_the_subspace(shape):
     ft, al, un = _triple(*shape, seed=3)
     t = lambda x: torch.from_numpy(x)  # noqa: E731
-    out, info = lssf_fuse(t(ft), t(al), t(un), alpha=1.0, eta=0.9, fusion="restore")
+    out, info = lssf_fuse(t(ft), t(al), t(un), FusionSettings(alpha=1.0, eta=0.9, fusion="restore"))
     u = np.linalg.svd(al - un, full_matrices=False)[0][:, : info.rank]
     np.testing.assert_allclose(u.T @ out.numpy(), u.T @ al, atol=1e-10)
     # and outside it, the fine-tune is untouched
@@ -138,7 +137,7 @@ def test_restore_never_adds_more_than_the_aligned_model_had():
     # a fine-tune that kept all of delta: restore changes nothing, add adds delta again
     ft, al, un = _triple(40, 60, seed=9)
     t = lambda x: torch.from_numpy(x)  # noqa: E731
-    out, info = lssf_fuse(t(al), t(al), t(un), alpha=1.0, eta=0.9, fusion="restore")
+    out, info = lssf_fuse(t(al), t(al), t(un), FusionSettings(alpha=1.0, eta=0.9, fusion="restore"))
     assert info.rank > 0
     np.testing.assert_allclose(out.numpy(), al, atol=1e-12)
 
@@ -148,7 +147,7 @@ def test_unknown_rule_or_fusion_is_named():
     with pytest.raises(ValueError, match="rank_rule must be one of entropy, noise_floor"):
         select_rank(s, eta=0.9, rule="gd")
     with pytest.raises(ValueError, match="fusion must be one of add, restore"):
-        lssf_fuse(torch.zeros(2, 2), torch.eye(2), torch.zeros(2, 2), alpha=1.0, eta=0.9, fusion="pull")
+        lssf_fuse(torch.zeros(2, 2), torch.eye(2), torch.zeros(2, 2), FusionSettings(alpha=1.0, eta=0.9, fusion="pull"))
 
 
 # ---- end to end: mergekit-yaml, report, extract-patch, recipe validation ----------

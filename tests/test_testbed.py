@@ -18,6 +18,7 @@ from lssf_testbed.settings import CELLS, CURVE_POINTS, Settings, candidate_name,
 from lssf_testbed.verdicts import seed_verdicts  # noqa: E402
 
 from mergekit_lssf.toy_models import ToySpec, build_toy_models  # noqa: E402
+from mergekit_lssf.parameters import FusionSettings
 
 MAIN_MODELS = {
     "unaligned", "aligned", "finetuned", "interpolate-0.5", "lssf-restore-rank2", "random-restore-rank2", "lssf-alpha0.5",
@@ -154,11 +155,12 @@ def test_repair_recipes_are_the_curve_points_computed_in_float32_written_in_the_
     expressible = [p.name for p in curves.points(s) if p.curve not in ("random-restore-rank", "safe-lora")]
     assert set(built) == set(expressible) | set(curves.RULES)
     assert all(r["dtype"] == "float32" and r["out_dtype"] == "bfloat16" for r in built.values())
-    assert built["lssf-restore"]["parameters"] == {} and built["lssf-restore"]["base_model"] == "ft"
-    assert built["lssf-noise-floor-restore"]["parameters"] == {"rank_rule": "noise_floor"}
-    assert built["lssf-signal-restore"]["parameters"] == {"spectrum": "signal"}
-    assert built["lssf-restore-rank64"]["parameters"] == {"rank": 64}
-    assert built["lssf-alpha0.5"]["parameters"] == {"fusion": "add", "alpha": 0.5}
+    bf16 = {"round_to": "bfloat16"}  # lssf rounds its own bf16 output, as the published runs did
+    assert built["lssf-restore"]["parameters"] == bf16 and built["lssf-restore"]["base_model"] == "ft"
+    assert built["lssf-noise-floor-restore"]["parameters"] == {"rank_rule": "noise_floor", **bf16}
+    assert built["lssf-signal-restore"]["parameters"] == {"spectrum": "signal", **bf16}
+    assert built["lssf-restore-rank64"]["parameters"] == {"rank": 64, **bf16}
+    assert built["lssf-alpha0.5"]["parameters"] == {"fusion": "add", "alpha": 0.5, **bf16}
     assert built["interpolate-0.25"] == {"merge_method": "linear", "dtype": "float32", "out_dtype": "bfloat16", "models": [
         {"model": "ft", "parameters": {"weight": 0.75}}, {"model": "al", "parameters": {"weight": 0.25}}]}
     assert built["resta-0.5"]["merge_method"] == "task_arithmetic" and built["resta-0.5"]["base_model"] == "al"
@@ -399,7 +401,7 @@ def test_random_restore_matches_the_rank_and_norm_of_its_lssf_point(tmp_path):
     ranks = []
     for name in repairs.fused_names(ft):
         a, u, w = al[name].double(), un[name].double(), ft[name].double()
-        f = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, rank=2, fusion="restore").with_finetune(w)
+        f = safety_factors(a, u, FusionSettings(eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, rank=2, fusion="restore")).with_finetune(w)
         ranks.append(f.info.rank)
         term = got[name].double() - w
         reference = (f.left @ f.right).double()

@@ -39,15 +39,18 @@ from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
 
 from .curves import points
 from .training import is_done
+from mergekit_lssf.parameters import FusionSettings
 
 def recipes(aligned: str, unaligned: str, finetuned: str, s, dtype: str) -> Dict[str, dict]:
     """name -> mergekit recipe (dict) of every repair of one fine-tune that mergekit
     can express: the ``interpolate``, ``lssf-restore-rank``, ``lssf-alpha``, ``resta``
     and ``resta-dare`` points and the rules; computed in float32, written in ``dtype``."""
     precision = {"dtype": "float32", "out_dtype": dtype}
+    # lssf rounds its own 16-bit output (subspace-preserving), as the published runs did
+    round_to = {"round_to": dtype} if dtype in ("bfloat16", "float16") else {}
 
     def lssf(**p):
-        return {"merge_method": "lssf", "base_model": finetuned, **precision, "parameters": p, "models": [
+        return {"merge_method": "lssf", "base_model": finetuned, **precision, "parameters": {**p, **round_to}, "models": [
             {"model": aligned, "parameters": {"role": "aligned"}},
             {"model": unaligned, "parameters": {"role": "unaligned"}}]}
 
@@ -134,7 +137,7 @@ def random_restore(aligned: str, unaligned: str, finetuned: str, path: str, seed
     out, ranks = dict(ft), []
     for name in fused_names(ft):
         a, u, w = al[name].float(), un[name].float(), ft[name].float()
-        factors = safety_factors(a, u, eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, rank=rank, fusion="restore").with_finetune(w)
+        factors = safety_factors(a, u, FusionSettings(eta=DEFAULT_ETA, max_rank=DEFAULT_MAX_RANK, rank=rank, fusion="restore")).with_finetune(w)
         r = factors.info.rank
         ranks.append(r)
         term = torch.zeros_like(w, dtype=torch.float64)
