@@ -18,8 +18,10 @@ from mergekit_lssf.calibrate import calibrate as run_calibration
 from mergekit_lssf.check import check as run_check, table
 from mergekit_lssf.demo import run_demo
 from mergekit_lssf.guards import check_model_folder, check_output_folder
+from mergekit_lssf.multi_recipe import check_documents, documents_table, is_multi_document
 from mergekit_lssf.parameters import LSSFConfigError
 from mergekit_lssf.patch import OUTPUTS as PATCH_OUTPUTS, extract_patch
+from mergekit_lssf.plan import plan_recipe
 from mergekit_lssf.provenance import versions
 from mergekit_lssf.recipe import load_recipe
 from mergekit_lssf.report import OUTPUTS as REPORT_OUTPUTS, build_report
@@ -98,8 +100,13 @@ def check(recipe: str, as_json: bool) -> None:
 
     Runs the merge's own pre-flight check and reads only file headers, so it takes
     seconds whatever the model size. Model paths are resolved from the current directory.
+    A multi-document recipe (mergekit-multi) is checked document by document.
     """
-    result = run_check(load_recipe(recipe))
+    if is_multi_document(recipe):  # issue 49 finding 10
+        result = check_documents(recipe, lambda config: run_check(plan_recipe(config, needs_weights=False)))
+        click.echo(json.dumps(result, indent=2) if as_json else documents_table(result, table))
+        return
+    result = run_check(plan_recipe(load_recipe(recipe), needs_weights=False))
     click.echo(json.dumps(result, indent=2) if as_json else table(result))
 
 
@@ -138,21 +145,28 @@ def calibrate(aligned_model, out_path, anchors, max_rank, device, batch_size, ma
 @click.option("--device", type=DEVICES, default="auto", show_default=True,
               help="Where the models run (auto: cuda when there is one).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the JSON result (every response with its `refused` flag) here.")
-def eval_command(model_dirs, prompts, benign, text_file, max_new_tokens, batch_size, device, out_path) -> None:
+@click.option("--tokenizer", "tokenizer", metavar="PATH", help="Tokenizer (folder or hub id) for a model folder that holds none.")
+def eval_command(model_dirs, prompts, benign, text_file, max_new_tokens, batch_size, device, out_path, tokenizer) -> None:
     """Refusal rate on harmful prompts, over-refusal on benign ones, and perplexity,
     for one or more models (MODEL_DIRS), on the same prompts; several models get one
     side-by-side table.
 
     Greedy generation with each model's chat template; a response is a refusal when
-    one of mergekit_lssf.evaluate.REFUSAL_MARKERS opens it (see the README).
+    one of mergekit_lssf.evaluate.REFUSAL_MARKERS opens it (see the README). A folder
+    without a tokenizer uses --tokenizer, else, for a model+lora fine-tune that
+    mergekit merged in --lora-merge-cache, the tokenizer of the model under the LoRA.
     """
+    sources = {}
     for model_dir in model_dirs:
-        ev.check_model_dir(model_dir)
+        sources[model_dir] = ev.check_model_dir(model_dir, tokenizer)
+        if sources[model_dir] != model_dir:
+            click.echo(f"eval: {model_dir} holds no tokenizer; using the one of {sources[model_dir]}", err=True)
     harmful = ev.harmbench_prompts("test") if prompts == "harmbench" else ev.read_prompts(prompts)
     benign_list = ev.read_prompts(benign) if benign else ev.benign_prompts("test")
     text = open(text_file, encoding="utf-8").read() if text_file else ev.benign_text()
     results = [ev.evaluate(m, harmful=harmful, benign=benign_list, text=text, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, device=_device(device, False)) for m in model_dirs]
+                           batch_size=batch_size, device=_device(device, False), tokenizer_source=sources[m])
+               for m in model_dirs]
     if out_path:
         with open(out_path, "w", encoding="utf-8") as fp:
             json.dump(results[0] if len(results) == 1 else {"models": results}, fp, indent=2)
@@ -181,7 +195,8 @@ def report(recipe: str, out_dir: str, device: str, cuda: bool, lora_merge_cache:
     Model paths in RECIPE are resolved from the current directory, as in mergekit-yaml.
     """
     check_output_folder(out_dir, REPORT_OUTPUTS, "a report")
-    result = build_report(load_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda", lora_merge_cache=lora_merge_cache)
+    plan = plan_recipe(load_recipe(recipe), lora_merge_cache=lora_merge_cache)
+    result = build_report(plan, out_dir, cuda=_device(device, cuda) == "cuda")
     s = result["summary"]
     click.echo(
         f"{s['tensors']} tensors: rank min {s['rank_min']} / mean {s['rank_mean']:.1f} / "
@@ -226,8 +241,8 @@ def extract_patch_command(recipe: str, legacy_out: str, out_dir: str, device: st
     if not out_dir:
         raise click.UsageError("missing option '--out': the folder for the adapter")
     check_output_folder(out_dir, PATCH_OUTPUTS, "an adapter")
-    ranks = extract_patch(load_recipe(recipe), out_dir, cuda=_device(device, cuda) == "cuda", dtype=getattr(torch, dtype),
-                          lora_merge_cache=lora_merge_cache)
+    plan = plan_recipe(load_recipe(recipe), lora_merge_cache=lora_merge_cache)
+    ranks = extract_patch(plan, out_dir, cuda=_device(device, cuda) == "cuda", dtype=getattr(torch, dtype))
     click.echo(
         f"Safety patch: {len(ranks)} modules, rank {min(ranks.values())}-{max(ranks.values())}, "
         f"written to {out_dir}/"

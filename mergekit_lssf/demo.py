@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from mergekit_lssf.calibrate import calibrate, default_anchors
+from mergekit_lssf.parameters import LSSFConfigError
+from mergekit_lssf.plan import plan_recipe
 from mergekit_lssf.recipe import load_recipe
 from mergekit_lssf.toy_models import ToySpec, build_toy_models
 from mergekit_lssf.traversal import fused_factors
@@ -29,7 +31,9 @@ def run_demo(workdir: str, size: str, device: str, calibrated: bool) -> None:
     """Build the toy models in ``workdir``, merge them with the demo recipe and print
     what the output restored (see ``report_restoration``)."""
     cuda = device == "cuda"
-    os.makedirs(workdir, exist_ok=True)
+    claim_folder(workdir, "--workdir")
+    merged = os.path.join(workdir, "merged")
+    remove_own_folder(merged)  # the demo's own output from an earlier run, and nothing else
     click.echo(f"Building toy models ({size}) in {workdir}/ ...")
     build_toy_models(workdir, ToySpec(size=size))
     name = "demo-calibrated.yml" if calibrated else "demo.yml"
@@ -37,15 +41,11 @@ def run_demo(workdir: str, size: str, device: str, calibrated: bool) -> None:
         fp.write(demo_recipe_text(name))
     if calibrated:
         demo_calibration(workdir, cuda)
-    merged = os.path.join(workdir, "merged")
-    if os.path.isdir(merged):  # the demo's own output from an earlier run
-        shutil.rmtree(merged)
+    claim_folder(merged, "the merge's output")
     command = [mergekit_yaml(), name, "merged"] + (["--cuda"] if cuda else [])
     click.echo(f"Running in {workdir}/: " + " ".join(command))
-    # the toy fine-tune erased the whole planted delta, so it is as close to the
-    # unaligned model as a swapped recipe would be: the role check would cry wolf
-    env = {**os.environ, "MERGEKIT_LSSF_ROLE_CHECK": "0"}
-    result = subprocess.run(command, cwd=workdir, env=env)
+    # no MERGEKIT_LSSF_ROLE_CHECK=0 here: the role check stays quiet on this correct recipe
+    result = subprocess.run(command, cwd=workdir)
     if result.returncode != 0:
         raise click.ClickException(f"mergekit-yaml failed with exit code {result.returncode}")
     report_restoration(workdir, merged, name)
@@ -55,6 +55,44 @@ def run_demo(workdir: str, size: str, device: str, calibrated: bool) -> None:
             "calibrated subspace restores only the part of it that the anchors' activations "
             "reach; on real models that part is the point (paper Eq. 4)."
         )
+
+
+#: The file that marks a folder as created by the demo: only such a folder is written
+#: into again or removed by a later run (issue 49: nothing the package runs replaces or
+#: deletes a file it did not create).
+DEMO_MARKER = ".mergekit-lssf-demo"
+
+
+def claim_folder(folder: str, what: str) -> None:
+    """Make ``folder`` the demo's: create it with the marker, or mark it when it is
+    empty; a folder that holds files and no marker is refused (one line, nothing
+    written), since the demo would overwrite them."""
+    marker = os.path.join(folder, DEMO_MARKER)
+    if os.path.isdir(folder) and os.path.exists(marker):
+        return
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise LSSFConfigError(
+            f"demo: {what} {folder} already exists and was not created by `mergekit-lssf demo` (it has no "
+            f"{DEMO_MARKER} file); the demo overwrites nothing it did not create: choose a new --workdir, "
+            f"or remove {folder} yourself (nothing was written or deleted)"
+        )
+    os.makedirs(folder, exist_ok=True)
+    with open(marker, "w", encoding="utf-8") as fp:
+        fp.write("created by mergekit-lssf demo; a later demo run may overwrite or remove this folder\n")
+
+
+def remove_own_folder(folder: str) -> None:
+    """Remove ``folder`` only when it carries the demo's marker; refuse otherwise."""
+    if not os.path.lexists(folder):
+        return
+    if os.path.isdir(folder) and not os.path.islink(folder) and os.path.exists(os.path.join(folder, DEMO_MARKER)):
+        shutil.rmtree(folder)
+        return
+    raise LSSFConfigError(
+        f"demo: {folder} was not written by `mergekit-lssf demo` (it has no {DEMO_MARKER} file); the demo "
+        f"deletes nothing it did not create: remove {folder} yourself, or choose a new --workdir "
+        "(nothing was written or deleted)"
+    )
 
 
 def demo_calibration(workdir: str, cuda: bool) -> None:
@@ -79,8 +117,8 @@ def _recipe_ranks(workdir: str, recipe: str) -> Dict[str, int]:
     previous = os.getcwd()
     os.chdir(workdir)  # recipe paths are relative to the demo folder
     try:
-        config = load_recipe(recipe)
-        return {t.name: t.factors.info.rank for t in fused_factors(config, quiet=True, factors=False)}
+        plan = plan_recipe(load_recipe(recipe))
+        return {t.name: t.factors.info.rank for t in fused_factors(plan, quiet=True, factors=False)}
     finally:
         os.chdir(previous)
 

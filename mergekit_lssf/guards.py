@@ -1,25 +1,44 @@
 """Checks that protect the user before anything is written: model folders that do not
-exist, output folders that already hold a model, and a recipe whose roles look swapped.
+exist, output folders that already hold a model or files mergekit would replace, and a
+recipe whose roles are (``lora_lineage_error``) or look (``role_swap_warning``) swapped.
 
-Reads only file listings, safetensors headers and, for the role check, a handful of
-tensors. No mergekit import: model references are the ones callers pass in.
+Reads only file listings, safetensors headers and, for the role checks, a handful of
+tensors or a fingerprint. No mergekit import: model references are the ones callers pass in.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import os
+import statistics
 from typing import Any, Dict, Iterable, List, Optional
+
+import torch
 
 from mergekit_lssf.parameters import LSSFConfigError
 from mergekit_lssf.safetensors_io import StoredTensor, folder_index, read_tensor
+from mergekit_lssf.subspace_file import model_fingerprint
 
 #: Files whose presence means a folder already holds model weights.
 MODEL_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json")
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
-#: How much closer to the marked-unaligned model a fine-tune must be to warn.
-SWAP_RATIO = 0.8
+#: Every file mergekit 0.1.5's ``run_merge`` may write in its output folder
+#: (mergekit/merge.py: weights and their index, config.json, the card README.md,
+#: mergekit_config.yml, a saved or copied tokenizer, generation_config.json and
+#: chat-template files); an output folder holding any of them is refused.
+MERGE_OUTPUTS = MODEL_FILES + (
+    "*.bin.index.json", "config.json", "README.md", "mergekit_config.yml", "tokenizer.json",
+    "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "video_preprocessor_config.json",
+)
+#: The role check warns when the fine-tune's median position along the directions of
+#: W_aligned - W_unaligned (0: the model marked unaligned, 1: the one marked aligned) is below this.
+SWAP_MEDIAN = 1 / 3
+#: Fewer directions than this (all sampled weights together): the role check says nothing.
+SWAP_MIN_DIRECTIONS = 8
 #: Fused weights sampled for the role check.
 SWAP_SAMPLES = 4
 
@@ -50,55 +69,156 @@ def existing_files(folder: str, patterns: Iterable[str]) -> List[str]:
     return sorted(f for f in os.listdir(folder) if any(fnmatch.fnmatch(f, p) for p in patterns))
 
 
-def check_output_folder(folder: str, patterns: Iterable[str] = MODEL_FILES, what: str = "model weights") -> None:
+def check_output_folder(folder: str, patterns: Optional[Iterable[str]] = None, what: Optional[str] = None) -> None:
     """Refuse an output folder that already holds files we would overwrite or leave
-    stale beside the new ones; nothing is deleted."""
-    found = existing_files(folder, patterns)
-    if found:
-        shown = ", ".join(found[:6]) + (f", ... ({len(found)} files)" if len(found) > 6 else "")
-        raise LSSFConfigError(
-            f"output folder {folder} already holds {what} ({shown}); choose an empty or new "
-            "folder, or remove them yourself (nothing was written or deleted)"
-        )
+    stale beside the new ones; nothing is deleted.
+
+    Without ``patterns`` (a merge): the files mergekit 0.1.5's ``run_merge`` writes
+    (``MERGE_OUTPUTS``: weights, config.json, README.md, mergekit_config.yml, tokenizer and
+    generation files), whoever wrote them: a folder holding the user's own README.md is
+    refused, not overwritten (issue 49)."""
+    found = existing_files(folder, MERGE_OUTPUTS if patterns is None else patterns)
+    if not found:
+        return
+    if what is None:
+        weights = existing_files(folder, MODEL_FILES)
+        what = "model weights" if weights else "files that the merge would replace"
+    shown = ", ".join(found[:6]) + (f", ... ({len(found)} files)" if len(found) > 6 else "")
+    raise LSSFConfigError(
+        f"output folder {folder} already holds {what} ({shown}); choose an empty or new "
+        "folder, or remove them yourself (nothing was written or deleted)"
+    )
 
 
 def role_swap_warning(finetuned: Any, aligned: Any, unaligned: Any, names: List[str]) -> Optional[str]:
-    """A warning when the fine-tune is clearly closer to the model marked unaligned.
+    """A warning when the fine-tune sits at the model marked unaligned along most
+    directions of the safety vector; None otherwise (and whenever it cannot tell).
 
-    The fine-tune is normally a descendant of the aligned model, so
-    ``||W_ft - W_aligned|| < ||W_ft - W_unaligned||``. With the roles swapped the
-    inequality turns round and the merge would subtract the safety vector. Compares
-    the summed distances over a few fused weights (``names``, from the middle of the
-    model); warns when ``d(ft, unaligned) < SWAP_RATIO * d(ft, aligned)``. It can be
-    wrong when the fine-tune really undid the alignment (walked back to the unaligned
-    weights), and it cannot tell when the drift dwarfs the safety vector (then it is
-    silent). Returns None when the models are not local safetensors folders.
+    What the weights can tell (issue 49): with ``delta = W_aligned - W_unaligned`` (as
+    the recipe marks them) and its singular directions ``(u_i, v_i, sigma_i)``, the
+    fine-tune's position along direction i is ``c_i = u_i^T (W_ft - W_unaligned) v_i /
+    sigma_i``: 0 at the model marked unaligned, 1 at the one marked aligned. A
+    fine-tune keeps its parent's position along most of these directions; one that
+    erased its safety moved back along the few top (safety) directions, not along the
+    many others (the tail of the alignment delta, or its 16-bit rounding). So in a
+    correct recipe the median of ``c_i`` over every direction of the sampled weights
+    stays near 1 even when the fine-tune walked most of the way back to the unaligned
+    weights, and with swapped roles it is near 0. Warns when the median is below
+    ``SWAP_MEDIAN`` over at least ``SWAP_MIN_DIRECTIONS`` directions.
+
+    Limits: the distance of the fine-tune to each model cannot tell a swap from erased
+    safety (the geometry of the three points is the same), and neither can this check
+    when the fine-tune moved back along *every* direction of delta alike (e.g. a LoRA
+    alignment stored in float32, whose delta has only its LoRA rank of directions, all
+    of them undone by the fine-tune): then it warns on a correct recipe. It is silent
+    when the sampled weights have no delta, when too few directions are left, and when
+    the models are not local safetensors folders (hub ids, ``model+lora``: see
+    ``lora_lineage_error``). ``MERGEKIT_LSSF_ROLE_CHECK=0`` silences it on every path
+    (merge, ``check``, ``report``, the demo).
     """
-    if os.environ.get("MERGEKIT_LSSF_ROLE_CHECK", "1") == "0":
+    if not role_check_enabled():
         return None
     indexes = [model_index(m) for m in (finetuned, aligned, unaligned)]
     if None in indexes or not names:
         return None
-    d_aligned = d_unaligned = 0.0
+    positions: List[float] = []
     for name in names:
         stored = [index.get(name) for index in indexes]
-        if None in stored or len({t.shape for t in stored}) != 1:
+        if None in stored or len({t.shape for t in stored}) != 1 or len(stored[0].shape) != 2:
             return None
         ft, al, un = (read_tensor(t).double() for t in stored)
-        d_aligned += float((ft - al).square().sum())
-        d_unaligned += float((ft - un).square().sum())
-    d_aligned, d_unaligned = d_aligned ** 0.5, d_unaligned ** 0.5
-    if d_unaligned < SWAP_RATIO * d_aligned:
+        positions += delta_positions(ft, al, un)
+    if len(positions) < SWAP_MIN_DIRECTIONS:
+        return None
+    median = statistics.median(positions)
+    if median < SWAP_MEDIAN:
         return (
-            f"lssf: WARNING: were the roles swapped? The fine-tune {finetuned} is closer to "
-            f"{unaligned}, marked `role: unaligned` (distance {d_unaligned:.4g}), than to "
-            f"{aligned}, marked `role: aligned` (distance {d_aligned:.4g}), on {len(names)} "
-            "sampled weights. A fine-tune normally descends from the aligned model; with the "
-            "roles swapped, LSSF subtracts the safety vector. Check the recipe (ignore this if "
-            "the fine-tune really walked back to the unaligned weights; "
-            "MERGEKIT_LSSF_ROLE_CHECK=0 silences it)."
+            f"lssf: WARNING: were the roles swapped? Along {len(positions)} directions of the safety vector "
+            f"(W_aligned - W_unaligned, {len(names)} sampled weights), the fine-tune {finetuned} sits at a median "
+            f"{median:.2f} of the way from {unaligned}, marked `role: unaligned` (0), to {aligned}, marked "
+            "`role: aligned` (1). A fine-tune of the aligned model keeps its position along most of them, even "
+            "where it erased its safety; with the roles swapped, LSSF subtracts the safety vector. Check the "
+            "recipe (MERGEKIT_LSSF_ROLE_CHECK=0 silences this)."
         )
     return None
+
+
+def role_check_enabled() -> bool:
+    """False when ``MERGEKIT_LSSF_ROLE_CHECK=0``: the one switch of the role heuristic."""
+    return os.environ.get("MERGEKIT_LSSF_ROLE_CHECK", "1").strip() != "0"
+
+
+def delta_positions(ft: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor) -> List[float]:
+    """``c_i`` of ``role_swap_warning`` for every singular direction of ``aligned -
+    unaligned`` above ``1e-5 sigma_1`` (the rest is float32 round-off), from the Gram
+    matrix of the smaller side (float64: milliseconds on k/v projections)."""
+    delta, moved = (aligned - unaligned).double(), (ft - unaligned).double()
+    if delta.shape[0] > delta.shape[1]:
+        delta, moved = delta.T, moved.T
+    if not bool(delta.any()):
+        return []
+    values, vectors = torch.linalg.eigh(delta @ delta.T)
+    keep = values > values.max() * 1e-10
+    basis, squared = vectors[:, keep], values[keep]
+    return (((basis.T @ moved) * (basis.T @ delta)).sum(1) / squared).tolist()
+
+
+def lora_lineage_error(finetuned: Any, aligned: Any, unaligned: Any) -> None:
+    """Refuse a ``base_model: BASE+LORA`` whose BASE is the model marked unaligned.
+
+    The fine-tune's lineage is known here: the LoRA's base is in the recipe, and the
+    adapter's ``adapter_config.json`` names the model it was trained on
+    (``base_model_name_or_path``). A fine-tune to repair descends from the aligned
+    model; with BASE the model marked ``role: unaligned`` the roles are swapped and LSSF
+    would subtract the safety vector. Models match by path (as written or resolved),
+    or, for two local folders, by ``subspace_file.model_fingerprint``. The adapter's
+    declared base counts only when the recipe's BASE is not the aligned model. Hub ids
+    are compared as written (nothing is downloaded). Not silenced by
+    ``MERGEKIT_LSSF_ROLE_CHECK``: this is known, not guessed."""
+    if getattr(finetuned, "lora", None) is None or getattr(unaligned, "lora", None) is not None:
+        return
+    base, other = finetuned.model.path, unaligned.model.path
+    plain_aligned = aligned.model.path if getattr(aligned, "lora", None) is None else None
+    if same_model(base, other):
+        raise LSSFConfigError(
+            f"base_model {finetuned} is a LoRA on {base}, the model marked `role: unaligned` ({unaligned}); "
+            f"a fine-tune to repair descends from the model marked `role: aligned` ({aligned}): the roles look "
+            "swapped (with them LSSF subtracts the safety vector); swap them in the recipe (nothing was written)"
+        )
+    declared = adapter_base(finetuned.lora.path)
+    if declared and not (plain_aligned and same_model(base, plain_aligned)) and same_model(declared, other):
+        raise LSSFConfigError(
+            f"base_model {finetuned}: the adapter's adapter_config.json says it was trained on {declared}, the "
+            f"model marked `role: unaligned` ({unaligned}); a fine-tune to repair descends from the model marked "
+            f"`role: aligned` ({aligned}): the roles look swapped; swap them in the recipe (nothing was written)"
+        )
+
+
+def adapter_base(lora_path: str) -> Optional[str]:
+    """``base_model_name_or_path`` of a local PEFT adapter folder, or None."""
+    path = os.path.join(os.path.expanduser(lora_path), "adapter_config.json")
+    try:
+        with open(path, encoding="utf-8") as fp:
+            value = json.load(fp).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two model references name the same model: the same string, the same local folder
+    once resolved, or two local folders with the same ``model_fingerprint``."""
+    if a == b:
+        return True
+    da, db = os.path.expanduser(a), os.path.expanduser(b)
+    if not (os.path.isdir(da) and os.path.isdir(db)):
+        return False
+    if os.path.realpath(da) == os.path.realpath(db):
+        return True
+    try:
+        return model_fingerprint(da) == model_fingerprint(db)
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def sample_names(shapes: Dict[str, tuple], is_candidate) -> List[str]:
