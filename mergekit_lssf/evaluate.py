@@ -10,9 +10,11 @@ opens with an apology as a refusal.
 
 from __future__ import annotations
 
+import binascii
 import json
 import math
 import os
+import re
 from importlib import resources
 from typing import Dict, List, Optional, Sequence
 
@@ -85,10 +87,13 @@ def perplexity(model, tokenizer, text: str, window: int = 256) -> float:
 
 def evaluate(model_dir: str, *, harmful: Sequence[str], benign: Sequence[str], text: Optional[str] = None,
              task: Optional[Sequence[Dict[str, str]]] = None, max_new_tokens: int = 48, batch_size: int = 16,
-             device: str = "cpu", progress: bool = True, keep_responses: bool = True) -> Dict:
+             device: str = "cpu", progress: bool = True, keep_responses: bool = True,
+             tokenizer_source: Optional[str] = None) -> Dict:
     """Refusal rate on ``harmful``, over-refusal on ``benign``, perplexity on ``text``,
-    and accuracy on ``task`` (``{"prompt", "label"}``: the answer's first word)."""
-    model, tokenizer = load_model(model_dir, device)
+    and accuracy on ``task`` (``{"prompt", "label"}``: the answer's first word).
+    ``tokenizer_source``: where the tokenizer comes from when ``model_dir`` has none
+    (see ``find_tokenizer``); default: ``model_dir`` itself."""
+    model, tokenizer = _load(model_dir, tokenizer_source or model_dir, device)
     harmful_answers = generate(model, tokenizer, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, desc="harmful prompts")
     benign_answers = generate(model, tokenizer, benign, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, desc="benign prompts")
     result = {
@@ -117,14 +122,119 @@ def responses(prompts: Sequence[str], answers: Sequence[str]) -> List[Dict]:
     return [{"prompt": p, "response": a, "refused": is_refusal(a)} for p, a in zip(prompts, answers)]
 
 
-def check_model_dir(model_dir: str) -> None:
-    """A model folder to evaluate: config, weights and a tokenizer (with its chat
-    template), named in the error when missing."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# mergekit 0.1.5 names a merged ``BASE+LORA`` in --lora-merge-cache
+# ``{basename(BASE)}_{crc32(BASE)}_{basename(LORA)}_{crc32(LORA)}`` (ModelReference.merged)
+# and writes only config.json and weights there: no tokenizer, and transformers >= 5
+# no longer records BASE in config.json's ``_name_or_path``.
+LORA_CACHE_NAME = re.compile(r"^(?P<base>.+)_(?P<crc>\d+)_(?P<lora>.+)_(?P<lcrc>\d+)$")
+
+
+def has_tokenizer(folder: str) -> bool:
+    return os.path.isdir(folder) and bool(set(os.listdir(folder)) & set(TOKENIZER_FILES))
+
+
+def _load(model_dir: str, tokenizer_source: str, device: str):
+    """``load_model``, with the tokenizer from ``tokenizer_source`` when it is not
+    ``model_dir`` (a folder or a hub id)."""
+    if tokenizer_source == model_dir:
+        return load_model(model_dir, device)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise LSSFConfigError(f"model: {model_dir} holds no tokenizer and the one of {tokenizer_source} could not be "
+                              f"loaded ({reason}); pass --tokenizer PATH") from error
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    return model, tokenizer
+
+
+def _usable(source: str) -> bool:
+    """A local folder with a tokenizer, or what can only be a hub id."""
+    if os.path.exists(source):
+        return has_tokenizer(source)
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", source))
+
+
+def _crc(path: str) -> str:
+    return str(binascii.crc32(path.encode()))
+
+
+def _lora_cache_base(model_dir: str) -> Optional[str]:
+    """The ``BASE`` of a ``BASE+LORA`` that mergekit merged into ``model_dir`` (a folder in
+    --lora-merge-cache), when it can be found: the path recorded in config.json
+    (``_name_or_path``, transformers < 5), else the folder or hub id whose name and crc32
+    match the folder's name, looked for in the current directory, beside the cache folder
+    and in the Hugging Face cache. None when nothing matches."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fp:
+            recorded = json.load(fp).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        recorded = ""
+    if recorded and os.path.abspath(recorded) != os.path.abspath(model_dir) and _usable(recorded):
+        return recorded
+    m = LORA_CACHE_NAME.match(os.path.basename(os.path.normpath(model_dir)))
+    if not m:
+        return None
+    name, crc = m.group("base"), m.group("crc")
+    # a hub id, as in the README's recipe: mergekit downloaded its tokenizer to the HF cache
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        for entry in sorted(os.listdir(HF_HUB_CACHE)):
+            if entry.startswith("models--") and entry.endswith("--" + name):
+                hub_id = entry[len("models--"):].replace("--", "/")
+                if _crc(hub_id) == crc:
+                    return hub_id
+    except (ImportError, OSError):
+        pass
+    # a local folder, spelled as the recipe spelled it, relative to where mergekit-yaml ran:
+    # most likely here, or the folder holding the cache
+    cache_parent = os.path.dirname(os.path.dirname(os.path.abspath(model_dir)))
+    for root in dict.fromkeys([os.getcwd(), cache_parent]):
+        for here, dirs, _ in os.walk(root):
+            depth = os.path.relpath(here, root).count(os.sep) + (here != root)
+            dirs[:] = [] if depth >= 4 else sorted(d for d in dirs if not d.startswith("."))
+            if os.path.basename(here) != name or here == root:
+                continue
+            rel = os.path.relpath(here, root)
+            spellings = [rel, "./" + rel, here, os.path.relpath(here)]
+            spellings += [s + "/" for s in spellings]
+            for spelling in spellings:
+                if _crc(spelling) == crc:
+                    return here
+    return None
+
+
+def find_tokenizer(model_dir: str, tokenizer: Optional[str] = None) -> str:
+    """Where ``model_dir``'s tokenizer comes from: the folder itself when it holds one,
+    else ``tokenizer`` (--tokenizer) when given, else, for a ``BASE+LORA`` that mergekit
+    merged in --lora-merge-cache (which holds no tokenizer), ``BASE``. A one-line error
+    naming the folder and --tokenizer when none is found."""
+    if has_tokenizer(model_dir):
+        return model_dir
+    if tokenizer:
+        if os.path.isdir(tokenizer) and not has_tokenizer(tokenizer):
+            raise LSSFConfigError(f"--tokenizer: {tokenizer} holds no tokenizer (tokenizer.json or tokenizer_config.json)")
+        return tokenizer
+    base = _lora_cache_base(model_dir)
+    if base and _usable(base):
+        return base
+    raise LSSFConfigError(f"model: {model_dir} holds no tokenizer (tokenizer.json or tokenizer_config.json) and is not "
+                          "a mergekit --lora-merge-cache folder whose base model was found; pass --tokenizer PATH "
+                          "(the fine-tune's base model folder or hub id)")
+
+
+def check_model_dir(model_dir: str, tokenizer: Optional[str] = None) -> str:
+    """A model folder to evaluate: config and weights, named in the error when missing;
+    returns where its tokenizer comes from (``find_tokenizer``)."""
     check_model_folder(model_dir, "model", local=True)
-    files = set(os.listdir(model_dir))
-    if not files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"}:
-        raise LSSFConfigError(f"model: {model_dir} holds no tokenizer (tokenizer.json or tokenizer_config.json); "
-                              "copy the fine-tune's tokenizer files there (mergekit-yaml --copy-tokenizer does)")
+    return find_tokenizer(model_dir, tokenizer)
 
 
 def side_by_side(results: Sequence[Dict]) -> str:

@@ -7,6 +7,7 @@ two minutes (torch comes from pip's cache or local disk, the rest from the regis
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,12 +33,32 @@ def _run(args, cwd, timeout=900):
     return result
 
 
+def _readme() -> str:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fp:
+        return fp.read()
+
+
+# the README's way to install without the source tree; the fixture below does the same
+WHEEL_BUILD = "pip wheel --no-deps . -w dist/"
+WHEEL_INSTALL = "pip install torch==2.13.0 && pip install dist/mergekit_lssf-*.whl"
+
+
+def test_the_readme_installs_from_the_clone_as_this_test_does():
+    """The package is not on a registry: the README says so and installs from the clone
+    (editable, or the wheel this module builds), never with a bare `pip install mergekit-lssf`."""
+    readme = _readme()
+    assert WHEEL_BUILD in readme and WHEEL_INSTALL in readme
+    assert "not on PyPI" in readme
+    assert not re.search(r"pip install mergekit-lssf\b", readme)
+
+
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory):
     """(wheel path, bin folder of a fresh virtualenv with that wheel installed)."""
     root = tmp_path_factory.mktemp("wheel")
     dist = root / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", ROOT, "-w", str(dist)], cwd=root)
+    # WHEEL_BUILD, run in the clone (-q and an absolute -w added)
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", ".", "-w", str(dist)], cwd=ROOT)
     (wheel,) = dist.glob("mergekit_lssf-*.whl")
     base_python = getattr(sys, "_base_executable", sys.executable)
     _run([base_python, "-m", "venv", str(root / "venv")], cwd=root)
@@ -110,7 +131,7 @@ def test_wheel_merges_bf16_checkpoints_as_users_have_them(wheel_venv, tmp_path):
 
     _, bin_dir = wheel_venv
     build_toy_models(str(tmp_path), ToySpec(size="tiny", dtype="bfloat16", seed=4))
-    recipe = write_lssf_recipe(tmp_path, "bf16.yml", {}, out_dtype="bfloat16")
+    recipe = write_lssf_recipe(tmp_path, "bf16.yml", {"round_to": "bfloat16"}, out_dtype="bfloat16")
     result = _run([str(bin_dir / "mergekit-yaml"), recipe, str(tmp_path / "merged")], cwd=tmp_path)
     assert "weights from 16-bit inputs; signal rank" in result.stderr
     assert "the written weights keep min" in result.stderr
@@ -125,7 +146,18 @@ def test_wheel_merges_bf16_checkpoints_as_users_have_them(wheel_venv, tmp_path):
 
 
 @pytest.mark.slow
-def test_wheel_demo_reads_its_packaged_recipe(wheel_venv, tmp_path):
+def test_wheel_runs_the_quickstart_demo_as_the_readme_quotes_it(wheel_venv, tmp_path):
+    """`mergekit-lssf demo` (the Quickstart's, default size) from the installed wheel, with
+    its packaged recipe: the line the README quotes, to within the last printed digit."""
     _, bin_dir = wheel_venv
-    out = _run([str(bin_dir / "mergekit-lssf"), "demo", "--size", "tiny", "--workdir", str(tmp_path / "demo")], cwd=tmp_path)
-    assert "Planted safety delta present" in out.stdout and "differ from the fine-tune: 0" in out.stdout, out.stdout[-2000:]
+    out = _run([str(bin_dir / "mergekit-lssf"), "demo", "--workdir", str(tmp_path / "demo")], cwd=tmp_path)
+    assert "differ from the fine-tune: 0" in out.stdout, out.stdout[-2000:]
+    pattern = (r"Planted safety delta present \(aligned = 1\.00\): fine-tune ([\d.]+) -> LSSF output ([\d.]+);"
+               r"\s+task drift kept ([\d.]+) \(mean over (\d+) fused tensors\)")
+    pattern = pattern.replace(" ", r"\s+")  # the README may wrap the line anywhere
+    quoted = re.search(pattern, _readme())
+    printed = re.search(pattern, out.stdout)
+    assert quoted, "the README no longer quotes the demo's result line"
+    assert printed, out.stdout[-2000:]
+    for q, p in zip(quoted.groups(), printed.groups()):
+        assert abs(float(q) - float(p)) <= 0.002, (quoted.group(0), printed.group(0))
