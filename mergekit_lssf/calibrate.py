@@ -123,7 +123,8 @@ class _Statistics:
     that is wider than its output (down_proj) accumulates ``Z Z^T`` instead.
     """
 
-    def __init__(self, block: torch.nn.Module, prefix: str):
+    def __init__(self, block: torch.nn.Module, prefix: str, raw: bool = False):
+        self.raw = raw  # True: plain input Grams X^T X, every site on its input side (contrastive)
         self.linears = {f"{prefix}{n}.weight": m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
         self.valid: Optional[torch.Tensor] = None  # (batch, seq) bool: real tokens
         self.owner: Dict[str, str] = {}  # weight name -> weight name whose hook owns its input
@@ -142,7 +143,7 @@ class _Statistics:
         self._discovering, self._alive = False, []
         for name, module in self.linears.items():
             shared = sum(1 for o in self.owner.values() if o == self.owner[name]) > 1
-            self.output_side[name] = not shared and module.weight.shape[1] > module.weight.shape[0]
+            self.output_side[name] = not self.raw and not shared and module.weight.shape[1] > module.weight.shape[0]
 
     def _hook(self, name):
         def hook(module, args):
@@ -154,7 +155,8 @@ class _Statistics:
             if self.owner[name] != name:
                 return  # shares the input (and C) of its owner
             rows = x.reshape(-1, x.shape[-1])[self.valid.reshape(-1)].to(torch.float64)
-            rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-30)
+            if not self.raw:
+                rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1e-30)
             if self.output_side[name]:
                 if name not in self._weights64:
                     self._weights64[name] = module.weight.detach().to(torch.float64)
@@ -189,26 +191,23 @@ class _Statistics:
         self._weights64.clear()
 
 
-def calibrate(model_dir: str, out_path: str, *, anchors_path: Optional[str] = None, max_rank: int = 256,
-              device: str = "auto", batch_size: int = 8, max_new_tokens: int = 64, progress: bool = True) -> Dict:
-    """Compute and write the calibrated subspace of ``model_dir``; returns the metadata."""
-    if max_rank < 1 or batch_size < 1:
-        raise LSSFConfigError("--max-rank and --batch-size must be >= 1")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    started = time.perf_counter()
-    anchors = fill_responses(model_dir, load_anchors(anchors_path), device=dev, batch_size=batch_size,
-                             max_new_tokens=max_new_tokens, progress=progress)
-    token_ids = render(AutoTokenizer.from_pretrained(model_dir), anchors)
-
+def open_streamed(model_dir: str, dev: torch.device):
+    """``(config, body, rotary, weights)`` of a Llama-layout decoder built on the meta
+    device: its blocks are filled one at a time by ``blocks`` (no full model in memory)."""
     config = AutoConfig.from_pretrained(model_dir)
     config._attn_implementation = "sdpa"  # causal without a mask: right padding is exact
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     body = model.model
     rotary = type(body.rotary_emb)(config=config).to(dev)
-    weights = folder_index(model_dir)
+    return config, body, rotary, folder_index(model_dir)
 
-    batches = []  # (hidden (b, t, d), valid (b, t), position ids (1, t))
+
+def embed_batches(weights: Dict[str, StoredTensor], config, token_ids: List[List[int]], batch_size: int,
+                  dev: torch.device) -> List[tuple]:
+    """The rows' embeddings in right-padded batches: ``(hidden (b, t, d), valid (b, t),
+    position ids (1, t))`` each, float32 on ``dev``."""
+    batches = []
     embed = torch.nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
     _load_into(weights, embed, "model.embed_tokens.", dev)
     for start in range(0, len(token_ids), batch_size):
@@ -222,30 +221,59 @@ def calibrate(model_dir: str, out_path: str, *, anchors_path: Optional[str] = No
         with torch.no_grad():
             hidden = embed(ids.to(dev))
         batches.append((hidden, valid.to(dev), torch.arange(length, device=dev)[None]))
-    del embed
+    return batches
+
+
+def blocks(config, body, rotary, weights: Dict[str, StoredTensor], dev: torch.device, progress: bool):
+    """Yield ``(index, prefix, block, forward)`` for every decoder block, its weights
+    loaded (float32) for the time of the step and freed after; ``forward(hidden,
+    positions)`` runs the block."""
+    for index in tqdm(range(config.num_hidden_layers), desc="calibrating blocks", disable=not progress):
+        prefix = f"model.layers.{index}."
+        block = body.layers[index]
+        _load_into(weights, block, prefix, dev)
+
+        def forward(hidden, positions, block=block):
+            out = block(hidden, attention_mask=None, position_ids=positions,
+                        position_embeddings=rotary(hidden, positions))
+            return out[0] if isinstance(out, tuple) else out
+
+        yield index, prefix, block, forward
+        block.to("meta")
+
+
+def run_through(forward, batches: List[tuple], stats: "_Statistics") -> None:
+    """Every batch through one block, its statistics collected; each batch's hidden
+    states are replaced by the block's output (the next block's input)."""
+    for b, (hidden, valid, positions) in enumerate(batches):
+        stats.begin(valid)
+        batches[b] = (forward(hidden, positions), valid, positions)
+
+
+def calibrate(model_dir: str, out_path: str, *, anchors_path: Optional[str] = None, max_rank: int = 256,
+              device: str = "auto", batch_size: int = 8, max_new_tokens: int = 64, progress: bool = True) -> Dict:
+    """Compute and write the calibrated subspace of ``model_dir``; returns the metadata."""
+    if max_rank < 1 or batch_size < 1:
+        raise LSSFConfigError("--max-rank and --batch-size must be >= 1")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    started = time.perf_counter()
+    anchors = fill_responses(model_dir, load_anchors(anchors_path), device=dev, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, progress=progress)
+    token_ids = render(AutoTokenizer.from_pretrained(model_dir), anchors)
+
+    config, body, rotary, weights = open_streamed(model_dir, dev)
+    batches = embed_batches(weights, config, token_ids, batch_size, dev)
     tokens = int(sum(len(ids) for ids in token_ids))
 
     writer = StreamedWriter(out_path)
     try:
-        for index in tqdm(range(config.num_hidden_layers), desc="calibrating blocks", disable=not progress):
-            prefix = f"model.layers.{index}."
-            block = body.layers[index]
-            _load_into(weights, block, prefix, dev)
+        for index, prefix, block, forward in blocks(config, body, rotary, weights, dev, progress):
             stats = _Statistics(block, prefix)
-
-            def forward(hidden, positions):
-                out = block(hidden, attention_mask=None, position_ids=positions,
-                            position_embeddings=rotary(hidden, positions))
-                return out[0] if isinstance(out, tuple) else out
-
             with torch.no_grad():
                 stats.discover(lambda: forward(batches[0][0], batches[0][2]))
-                for b, (hidden, valid, positions) in enumerate(batches):
-                    stats.begin(valid)
-                    batches[b] = (forward(hidden, positions), valid, positions)
+                run_through(forward, batches, stats)
             stats.close()
             writer.add(stats.subspaces(max_rank))
-            block.to("meta")
             del stats
         metadata = {
             "format": FORMAT,

@@ -14,18 +14,12 @@ from typing import Any, Dict, List
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
-from mergekit.options import MergeOptions
 
 from mergekit_lssf.fused import kept_reason
 from mergekit_lssf.guards import model_index
 from mergekit_lssf.layout import parameter_layout
-from mergekit_lssf.parameters import FACTOR_PARAMETERS, PER_MODEL_PARAMETERS, settings_from
-from mergekit_lssf.plan import LSSFPlan
-from mergekit_lssf.traversal import planned_tensors
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
+from mergekit_lssf.parameters import SHARED_PARAMETERS
+from mergekit_lssf.plan import LSSFPlan, tensor_parameters
 
 
 def _shapes(config: MergeConfiguration, refs: Dict[str, Any]):
@@ -43,7 +37,6 @@ def _shapes(config: MergeConfiguration, refs: Dict[str, Any]):
 
 def check(plan: LSSFPlan) -> Dict[str, List]:
     """``{"fused": [...], "kept": [...], "warnings": [...]}`` for a planned recipe."""
-    options = MergeOptions(quiet=True)
     config, refs = plan.config, plan.refs
     warnings = list(plan.warnings)
     headers, source = _shapes(config, refs)
@@ -54,7 +47,7 @@ def check(plan: LSSFPlan) -> Dict[str, List]:
         warnings.append(f"lssf: shapes read from {source} ({config.base_model} is not a local safetensors folder; "
                         "the recipe's models share their shapes)")
     fused, kept = [], []
-    for task in planned_tensors(config, options):
+    for task in plan.tensors:
         name = task.output_weight.name
         stored = headers.get(name)
         shape = list(stored.shape) if stored else None
@@ -63,10 +56,8 @@ def check(plan: LSSFPlan) -> Dict[str, List]:
         if reason:
             kept.append({"name": name, "reason": reason})
             continue
-        params = {k: _plain(v) for k, v in task.parameters.items() if k not in PER_MODEL_PARAMETERS}
-        settings_from(params, f"tensor {name}")  # the merge method's own rules, per tensor
-        fused.append({"name": name, "shape": shape, "parameters": {
-            k: params.get(k) for k in ("alpha",) + FACTOR_PARAMETERS + ("subspace", "round_to", "rounding")}})
+        params = tensor_parameters(task)  # checked by the plan with the method's own rules
+        fused.append({"name": name, "shape": shape, "parameters": {k: params.get(k) for k in SHARED_PARAMETERS}})
     return {"fused": fused, "kept": kept, "warnings": warnings}
 
 
@@ -79,6 +70,12 @@ def table(result: Dict[str, List]) -> str:
         rank = f"rank {p['rank']}" if p["rank"] is not None else (
             f"{p['rank_rule']} (eta {p['eta']:g}, max_rank {p['max_rank']})" if p["rank_rule"] == "entropy"
             else f"noise_floor (max_rank {p['max_rank']})")
+        if p["fusion"] == "contrastive":
+            k = f"k {p['rank']}" if p["rank"] is not None else "every stored vector"
+            lines.append(f"fused  {row['name']:48s} {shape:>11s}  alpha {p['alpha']:g}, fusion contrastive, lam "
+                         f"{p['lam']:g}, {k}, calibration {p['calibration']}"
+                         + (f", round_to {p['round_to']} ({p['rounding']})" if p.get("round_to") else ""))
+            continue
         lines.append(f"fused  {row['name']:48s} {shape:>11s}  alpha {p['alpha']:g}, {rank}, "
                      f"weight_max {p['weight_max']:g}, fusion {p['fusion']}" + (f", subspace {p['subspace']}" if p["subspace"] else "")
                      + (f", round_to {p['round_to']} ({p['rounding']})" if p.get("round_to") else ""))

@@ -7,6 +7,7 @@ stderr and exit status 1; ``-v``/``--verbose`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Optional
 
@@ -16,6 +17,7 @@ import torch
 from mergekit_lssf import evaluate as ev
 from mergekit_lssf.calibrate import calibrate as run_calibration
 from mergekit_lssf.check import check as run_check, table
+from mergekit_lssf.contrastive_calibrate import contrastive_calibrate, recipe_models
 from mergekit_lssf.demo import run_demo
 from mergekit_lssf.guards import check_model_folder, check_output_folder
 from mergekit_lssf.multi_recipe import check_documents, documents_table, is_multi_document
@@ -111,27 +113,56 @@ def check(recipe: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("aligned_model", type=click.Path(file_okay=False))
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The subspace file to write (.safetensors).")
+@click.argument("source", metavar="ALIGNED_MODEL|RECIPE", type=click.Path(exists=True))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The file to write (.safetensors).")
+@click.option("--task", "task_path", type=click.Path(dir_okay=False),
+              help='RECIPE only: JSONL of {"prompt": ..., "answer": ...}, the fine-tune\'s task rows; without it, the '
+                   "shipped benign prompts answered by the fine-tune (benign-only).")
 @click.option("--anchors", type=click.Path(exists=True, dir_okay=False), help='JSONL of {"prompt": ..., "response": ...}; default: 128 shipped HarmBench prompts.')
-@click.option("--max-rank", default=256, show_default=True, help="Columns of U kept per weight (all singular values are kept).")
+@click.option("--max-rank", default="256", show_default=True,
+              help="Vectors kept per weight (Eq. 4: columns of U) or per input site (RECIPE; `full` keeps all).")
+@click.option("--eps", default=1e-6, show_default=True, type=float, help="RECIPE only: ridge added to the trace-normalised task Gram.")
 @click.option("--device", type=DEVICES, default="auto", show_default=True,
               help="Where the model runs (auto: cuda when there is one).")
-@click.option("--batch-size", default=8, show_default=True, help="Anchors per forward pass.")
+@click.option("--batch-size", default=8, show_default=True, help="Rows per forward pass.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Length of generated responses for anchors without one.")
-def calibrate(aligned_model, out_path, anchors, max_rank, device, batch_size, max_new_tokens) -> None:
-    """Calibrated safety subspace of ALIGNED_MODEL (a local HF folder), paper Eq. 4.
+def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch_size, max_new_tokens) -> None:
+    """Calibrate a subspace from activations. Two forms:
 
-    Anchors without a response are answered by the model itself, greedily (its own
-    refusals). The file serves every fine-tune of ALIGNED_MODEL: use it with
-    `subspace: FILE` in an lssf recipe.
+    `calibrate ALIGNED_MODEL --out FILE`: the paper's calibrated safety subspace (Eq. 4)
+    of a local HF folder; use it with `subspace: FILE` in an lssf recipe. Anchors
+    without a response are answered by the model itself, greedily (its own refusals).
+
+    `calibrate RECIPE --task TASK.jsonl --out FILE`: the contrastive calibration of the
+    recipe's fine-tune (`base_model`, a local folder) against the refusals of its
+    `role: aligned` model: input Grams of harmful anchors and of the task rows, through
+    the fine-tune, and the generalized eigenvectors of the pair per input site.
     """
-    check_model_folder(aligned_model, "ALIGNED_MODEL", local=True)
-    meta = run_calibration(aligned_model, out_path, anchors_path=anchors, max_rank=max_rank, device=device,
-               batch_size=batch_size, max_new_tokens=max_new_tokens)
+    is_recipe = os.path.isfile(source) and source.endswith((".yml", ".yaml"))
+    if max_rank != "full" and not max_rank.isdigit():
+        raise click.BadParameter(f"expected a positive integer or `full`, got {max_rank!r}", param_hint="--max-rank")
+    if not is_recipe:
+        if task_path or max_rank == "full":
+            raise click.UsageError("--task and --max-rank full need a RECIPE (the contrastive calibration), "
+                                   f"not the model folder {source}")
+        check_model_folder(source, "ALIGNED_MODEL", local=True)
+        meta = run_calibration(source, out_path, anchors_path=anchors, max_rank=int(max_rank), device=device,
+                               batch_size=batch_size, max_new_tokens=max_new_tokens)
+        click.echo(
+            f"Wrote {out_path}: {meta['anchors']} anchors, {meta['tokens']} tokens, "
+            f"max_rank {meta['max_rank']}, {meta['seconds']} s"
+        )
+        return
+    roles = recipe_models(load_recipe(source))
+    meta = contrastive_calibrate(roles, out_path, task_path=task_path, anchors_path=anchors,
+                                 max_rank=None if max_rank == "full" else int(max_rank), eps=eps, device=device,
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 log=lambda line: click.echo(line, err=True))
     click.echo(
-        f"Wrote {out_path}: {meta['anchors']} anchors, {meta['tokens']} tokens, "
-        f"max_rank {meta['max_rank']}, {meta['seconds']} s"
+        f"Wrote {out_path} ({meta['task']}): {meta['anchors']} anchors ({meta['anchor_tokens']} tokens), "
+        f"{meta['task_rows']} task rows ({meta['task_tokens']} tokens), {meta['sites_count']} input sites, "
+        f"k {meta['max_rank']}, eps {meta['eps']}, {meta['bytes'] / 2**20:.1f} MiB, {meta['seconds']} s, "
+        f"peak memory {meta['peak_mib']} MiB"
     )
 
 

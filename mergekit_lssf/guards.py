@@ -41,6 +41,8 @@ SWAP_MEDIAN = 1 / 3
 SWAP_MIN_DIRECTIONS = 8
 #: Fused weights sampled for the role check.
 SWAP_SAMPLES = 4
+#: A sampled weight counts only when delta fills at least this share of its smaller side.
+SWAP_MIN_SHARE = 0.5
 
 
 def looks_local(path: str) -> bool:
@@ -108,10 +110,11 @@ def role_swap_warning(finetuned: Any, aligned: Any, unaligned: Any, names: List[
 
     Limits: the distance of the fine-tune to each model cannot tell a swap from erased
     safety (the geometry of the three points is the same), and neither can this check
-    when the fine-tune moved back along *every* direction of delta alike (e.g. a LoRA
-    alignment stored in float32, whose delta has only its LoRA rank of directions, all
-    of them undone by the fine-tune): then it warns on a correct recipe. It is silent
-    when the sampled weights have no delta, when too few directions are left, and when
+    when delta has only a few directions that the fine-tune may all have undone (e.g. a
+    LoRA alignment stored in float32): so it says nothing unless delta fills at least
+    ``SWAP_MIN_SHARE`` of each sampled weight's smaller side (bf16 checkpoints always
+    do, through their rounding). It is silent when the sampled weights have no delta,
+    when too few directions are left, and when
     the models are not local safetensors folders (hub ids, ``model+lora``: see
     ``lora_lineage_error``). ``MERGEKIT_LSSF_ROLE_CHECK=0`` silences it on every path
     (merge, ``check``, ``report``, the demo).
@@ -151,7 +154,9 @@ def role_check_enabled() -> bool:
 def delta_positions(ft: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor) -> List[float]:
     """``c_i`` of ``role_swap_warning`` for every singular direction of ``aligned -
     unaligned`` above ``1e-5 sigma_1`` (the rest is float32 round-off), from the Gram
-    matrix of the smaller side (float64: milliseconds on k/v projections)."""
+    matrix of the smaller side (float64: milliseconds on k/v projections); none when
+    fewer than ``SWAP_MIN_SHARE`` of the smaller side's directions carry delta (then
+    the fine-tune can have undone every one of them, and a swap looks the same)."""
     delta, moved = (aligned - unaligned).double(), (ft - unaligned).double()
     if delta.shape[0] > delta.shape[1]:
         delta, moved = delta.T, moved.T
@@ -159,6 +164,8 @@ def delta_positions(ft: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Te
         return []
     values, vectors = torch.linalg.eigh(delta @ delta.T)
     keep = values > values.max() * 1e-10
+    if int(keep.sum()) < SWAP_MIN_SHARE * delta.shape[0]:
+        return []  # a low-rank delta (e.g. a float32 LoRA alignment): no tail to tell a swap from erasure
     basis, squared = vectors[:, keep], values[keep]
     return (((basis.T @ moved) * (basis.T @ delta)).sum(1) / squared).tolist()
 

@@ -32,6 +32,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from mergekit_lssf.contrastive import ContrastiveBasis, contrastive_factors
 from mergekit_lssf.leading_eigh import LeadingEigh, gram_lower
 from mergekit_lssf.parameters import FusionSettings
 from mergekit_lssf.precision import (
@@ -409,8 +410,13 @@ def safety_factors(
     ``fusion`` are read (``alpha`` and the rounding are ``write_fused``'s).
     """
     fusion, weight_max = settings.fusion, settings.weight_max
+    if settings.subspace is not None and subspace is None:
+        raise ValueError(f"settings.subspace names the file {settings.subspace!r}, which the mergekit glue reads: "
+                         "pass its basis as `subspace=`")
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if fusion == "contrastive":
+        raise ValueError("contrastive factors come from a calibration: use kernel.contrastive_safety_factors")
     work = torch.promote_types(work_dtype, torch.float32)
     started = time.perf_counter()
     edge = rounding_edge(w_aligned, w_unaligned, stored_precision(w_aligned), stored_precision(w_unaligned))
@@ -447,6 +453,36 @@ def safety_factors(
             torch.cuda.synchronize(delta.device)
     info = FusionInfo(choice, sigma_1, time.perf_counter() - started)
     return SafetyFactors(left, right, info, subspace.sigma, fusion, aligned, side)
+
+
+def contrastive_safety_factors(w_ft: torch.Tensor, w_aligned: torch.Tensor, basis: ContrastiveBasis, *,
+                               lam: float, rank: Optional[int] = None,
+                               work_dtype: torch.dtype = torch.float32) -> SafetyFactors:
+    """The term ``(W_al - W_ft) (B V_k) diag(mu_k / (mu_k + lam)) V_k^T`` of one weight
+    as ``SafetyFactors`` (``fusion="contrastive"``, input side), for ``write_fused``.
+
+    ``w_ft``, ``w_aligned``: ``(d_out, d_in)``; ``basis``: the weight's input site
+    (``contrastive_file``); ``rank``: the leading ``k`` pairs (None: all stored). The
+    right factor is the orthonormal ``Q^T`` of ``V_k = Q R`` (so that 16-bit rounding
+    keeps the term's input subspace) and the left one ``(W_al - W_ft) B V_k diag(w) R^T``:
+    the product is the term exactly. Factors in ``promote(work_dtype, float32)``.
+    """
+    started = time.perf_counter()
+    if rank is not None:
+        if rank > basis.rank:
+            raise ValueError(f"rank {rank} is more than the {basis.rank} vectors the calibration stores")
+        basis = basis.leading(rank)
+    k = basis.rank
+    mu = basis.mu.to(torch.float64)
+    choice = RankChoice(k, None, False, 1.0, 1.0, 0.0, "fixed")
+    info = FusionInfo(choice, float(mu[0]) if k else 0.0, 0.0)
+    if k == 0:
+        return SafetyFactors(None, None, info, mu, "contrastive", side="input")
+    left, right = contrastive_factors(w_ft, w_aligned, basis, lam)
+    q, r = torch.linalg.qr(right.T)  # V_k = Q R
+    work = torch.promote_types(work_dtype, torch.float32)
+    info = FusionInfo(choice, float(mu[0]), time.perf_counter() - started)
+    return SafetyFactors((left @ r.T).to(work), q.T.to(work), info, mu, "contrastive", side="input")
 
 
 def balanced_factors(

@@ -9,6 +9,8 @@ time); every other tensor is the fine-tuned model's, unchanged.
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from typing import Any, Dict, Hashable, Optional, Sequence
 
 import torch
@@ -25,12 +27,25 @@ from mergekit.merge_methods.base import (
 
 from mergekit_lssf.fused import fuses
 from mergekit_lssf.layout import fuse_oriented, group_layout  # [issue 49 finding 7: layout]
-from mergekit_lssf.kernel import safety_factors, write_fused
-from mergekit_lssf.parameters import PARAMETERS, FusionSettings, LSSFConfigError, one_per_role, settings_from
+from mergekit_lssf.contrastive_file import open_contrastive
+from mergekit_lssf.kernel import SafetyFactors, contrastive_safety_factors, safety_factors, write_fused
+from mergekit_lssf.precision import SIXTEEN_BIT
+from mergekit_lssf.parameters import (
+    PARAMETERS,
+    FusionSettings,
+    LSSFConfigError,
+    one_per_role,
+    required_roles,
+    settings_from,
+)
 from mergekit_lssf.stats import STATS, TensorRecord
 from mergekit_lssf.subspace_file import open_subspace
 
 LOG = logging.getLogger("mergekit_lssf")
+
+#: GPT-2's Conv1D projections (stored d_in x d_out): without a config to read the
+#: layout from, fusing them by name would project on the wrong side, so it is refused.
+CONV1D_NAME = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)\.weight$")
 
 
 def is_fused(group: TensorGroup) -> bool:
@@ -40,10 +55,10 @@ def is_fused(group: TensorGroup) -> bool:
                  group.metadata.vocabulary_axis, layout=group_layout(group))  # [issue 49 finding 7: layout]
 
 
-def _inputs_by_role(group: TensorGroup, role: Dict[Hashable, str], name: str):
+def _inputs_by_role(group: TensorGroup, role: Dict[Hashable, str], name: str, fusion: str):
     entries = {entry.id: entry for entry in group.non_base}
-    picked = one_per_role({i: role[i] for i in entries}, f"tensor {name} has")
-    return entries[picked["aligned"]], entries[picked["unaligned"]]
+    picked = one_per_role({i: role[i] for i in entries}, f"tensor {name} has", required_roles([fusion]))
+    return entries[picked["aligned"]], entries.get(picked["unaligned"])
 
 
 def count_non_finite(tensor: torch.Tensor) -> int:
@@ -73,12 +88,13 @@ def _check_finite(entries: Sequence[Any], labels: Sequence[str], name: str) -> N
             )
 
 
-def checked_inputs(group: TensorGroup, role: Dict[Hashable, str], name: str):
-    """The (fine-tuned, aligned, unaligned) entries, after the role and NaN/Inf checks."""
-    aligned, unaligned = _inputs_by_role(group, role, name)
-    _check_finite(
-        (group.base, aligned, unaligned), ("fine-tuned", "aligned", "unaligned"), name
-    )
+def checked_inputs(group: TensorGroup, role: Dict[Hashable, str], name: str, fusion: str = "restore"):
+    """The (fine-tuned, aligned, unaligned) entries, after the role and NaN/Inf checks;
+    unaligned is None for ``fusion: contrastive`` without an unaligned model."""
+    aligned, unaligned = _inputs_by_role(group, role, name, fusion)
+    present = [(e, label) for e, label in ((group.base, "fine-tuned"), (aligned, "aligned"), (unaligned, "unaligned"))
+               if e is not None]
+    _check_finite([e for e, _ in present], [label for _, label in present], name)
     return group.base, aligned, unaligned
 
 
@@ -89,13 +105,18 @@ def lssf_kernel(group: TensorGroup, /, *, role: PerInputValues, **values: Any) -
     every entry point refuses what ``mergekit-yaml`` refuses)."""
     name = group.metadata.name or "<unnamed tensor>"
     settings = settings_from(values, f"tensor {name}")
-    finetuned, aligned, unaligned = checked_inputs(group, role, name)
+    finetuned, aligned, unaligned = checked_inputs(group, role, name, settings.fusion)
     if not is_fused(group):
         STATS.add_passthrough()
         return finetuned.tensor
-    w_ft, w_al, w_un = finetuned.tensor, aligned.tensor, unaligned.tensor
+    w_ft, w_al = finetuned.tensor, aligned.tensor
+    w_un = unaligned.tensor if unaligned is not None else None
     # [issue 49 finding 7: layout] a Conv1D weight (d_in x d_out) is fused as its transpose
     layout = group_layout(group)
+    if layout is None and CONV1D_NAME.search(name):
+        raise LSSFConfigError(
+            f"tensor {name}: a GPT-2-style Conv1D weight (stored d_in x d_out), and no model config says how it is "
+            "stored (an in-memory merge); merge the model folders with mergekit-yaml, whose inputs have a config")
     if w_ft.ndim == 3:  # stacked MoE experts (experts, d_out, d_in): each expert is one weight
         return torch.stack([fuse_oriented(layout, lambda f, a, u: _fuse_weight(f"{name}[{e}]", f, a, u, settings),
                                           w_ft[e], w_al[e], w_un[e])
@@ -109,9 +130,12 @@ def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.
     only: nothing read from it decides the result) and logged."""
     round_to = getattr(torch, settings.round_to) if settings.round_to else None
     try:
-        factors = safety_factors(w_al, w_un, settings, subspace=load_subspace(settings.subspace, name, w_ft),
-                                 work_dtype=w_ft.dtype)
+        factors = term_factors(name, w_ft, w_al, w_un, settings)
         fused, written = write_fused(w_ft, factors, settings.alpha, out_dtype=round_to, rounding=settings.rounding)
+        written_dtype = round_to or fused.dtype
+        if round_to is None and STATS.output_dtype in SIXTEEN_BIT:  # for the summary only: what the writer's cast keeps
+            _cast, written = write_fused(w_ft, factors, settings.alpha, out_dtype=STATS.output_dtype, rounding="nearest")
+            written_dtype = STATS.output_dtype
     except RuntimeError as error:  # e.g. an eigensolver that did not converge
         raise RuntimeError(
             f"lssf: computing tensor {name} {tuple(w_ft.shape)} failed: {error}"
@@ -130,6 +154,13 @@ def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.
             kept=written.kept,
         )
     )
+    if settings.fusion == "contrastive" and LOG.isEnabledFor(logging.INFO):
+        term = float(torch.linalg.matrix_norm(fused.to(torch.float32) - w_ft.to(torch.float32)))
+        gap = float(torch.linalg.matrix_norm(w_al.to(torch.float32) - w_ft.to(torch.float32)))
+        LOG.info("lssf %s %s: fusion contrastive, k %d, lam %g; ||term|| %.4g = %.3g x ||W_al - W_ft||%s", name,
+                 tuple(w_ft.shape), choice.rank, settings.lam, term, term / gap if gap else 0.0,
+                 _written_words(written, written_dtype) if choice.rank else "")
+        return fused
     LOG.info(
         "lssf %s %s: rank %d by %s%s, entropy share %.3f, energy share %.3f; fusion %s%s%s",
         name,
@@ -141,9 +172,25 @@ def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.
         choice.energy_share,
         settings.fusion,
         _edge_words(choice),
-        _written_words(written, fused.dtype) if choice.rank else "",
+        _written_words(written, written_dtype) if choice.rank else "",
     )
     return fused
+
+
+def term_factors(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: Optional[torch.Tensor],
+                 settings: FusionSettings) -> SafetyFactors:
+    """The fused term of one 2-D weight (``d_out x d_in``) as factors: from the
+    calibration file for ``contrastive``, from the safety subspace otherwise
+    (``restore`` factors still need ``with_finetune``)."""
+    if settings.fusion == "contrastive":
+        basis = open_contrastive(settings.calibration).basis(name, w_ft.shape[1], w_ft.device)
+        try:
+            return contrastive_safety_factors(w_ft, w_al, basis, lam=settings.lam, rank=settings.rank,
+                                              work_dtype=w_ft.dtype)
+        except ValueError as error:
+            raise LSSFConfigError(f"tensor {name}: lssf parameter `rank`: {error} ({settings.calibration})") from None
+    return safety_factors(w_al, w_un, settings, subspace=load_subspace(settings.subspace, name, w_ft),
+                          work_dtype=w_ft.dtype)
 
 
 def _edge_words(choice) -> str:
@@ -199,13 +246,31 @@ class LSSFMergeMethod(FunctionalGroupMergeMethod):
                 f"to repair (while planning {group_name or 'the merge'})"
             )
         non_base = [i for i in input_ids if i != base_id]
-        if len(non_base) != 2:
+        if len(non_base) not in (1, 2):
             raise LSSFConfigError(
-                "lssf merges exactly two models besides `base_model`, one with "
-                "`role: aligned` and one with `role: unaligned`; got "
+                "lssf merges one or two models besides `base_model`: one with `role: aligned` and, for "
+                "`fusion: restore` or `add`, one with `role: unaligned`; got "
                 f"{len(non_base)}: {[str(i) for i in non_base]}"
             )
         super().validate_inputs(input_ids, base_id, group_name=group_name)
+
+    def _execute(self, groups, parameters, options, *, input_dtypes, out_dtype=None):
+        """The in-memory entry point (``merge_state_dicts``, ``merge_tensors``), which
+        mergekit tells ``out_dtype``: ``round_to`` must agree with it, and a 16-bit
+        ``out_dtype`` without ``round_to`` warns, as ``check`` and ``mergekit-yaml``
+        do. (mergekit-yaml's graph does not pass ``out_dtype``; its plan checks.)"""
+        if out_dtype is not None:
+            wanted = str(out_dtype).removeprefix("torch.")
+            for group, values in zip(groups, parameters):
+                round_to = values.get("round_to")
+                if round_to is not None and round_to != wanted:
+                    raise LSSFConfigError(
+                        f"tensor {group.metadata.name}: lssf parameter `round_to: {round_to}` but out_dtype is "
+                        f"{wanted}; pass round_to={wanted!r} or leave it out")
+            if wanted in ("bfloat16", "float16") and any(v.get("round_to") is None for v in parameters):
+                warnings.warn(f"lssf: out_dtype {wanted} without the lssf parameter `round_to: {wanted}`: the fused "
+                              "weights are cast to nearest, which keeps only part of a small term", stacklevel=3)
+        return super()._execute(groups, parameters, options, input_dtypes=input_dtypes, out_dtype=out_dtype)
 
 
 def method_spec() -> MergeMethodSpec:
@@ -222,7 +287,7 @@ def method_spec() -> MergeMethodSpec:
         name="lssf",
         pretty_name="LSSF (Low-Rank Safety Subspace Fusion)",
         reference_url="https://arxiv.org/abs/2602.00038",
-        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2, max_non_base=2),
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1, max_non_base=2),
         parameters=tuple(specs),
     )
 

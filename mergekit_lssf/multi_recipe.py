@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from mergekit_lssf.guards import looks_local
 from mergekit_lssf.parameters import LSSFConfigError
-from mergekit_lssf.recipe import check_recipe
+from mergekit_lssf.plan import plan_recipe
 
 
 def read_documents(path: str) -> List[Any]:
@@ -91,11 +91,12 @@ def check_documents(path: str, full_check: Callable[[MergeConfiguration], Dict[s
             entry["note"] = (f"parsed as a mergekit recipe (merge_method {config.merge_method}); "
                              "only lssf documents get the lssf check")
         elif inputs:
-            _checked(where, lambda: check_recipe(config))
+            _checked(where, lambda: plan_recipe(config, needs_weights=False, tensors=False))
             entry["checked"] = "recipe"
             shown = ", ".join(label(names.index(n), n) for n in inputs)
             entry["note"] = (f"its input(s) {', '.join(inputs)} are the output of {shown}, which exists only once "
-                             "mergekit-multi has run it: fields, parameters and roles checked; shapes, tensors "
+                             "mergekit-multi has run it: fields, parameters, roles and round_to checked; shapes, tensors, "
+                             "the rules between parameters per tensor "
                              "and the role-swap check not (run `mergekit-lssf check` on this document alone "
                              "once the earlier output exists)")
         else:

@@ -43,8 +43,9 @@ class Parameter:
 
     kind: ``"number"`` (float), ``"integer"`` (gradients round to the nearest
     integer), ``"choice"`` (one of ``choices``) or ``"path"`` (a file). ``low`` /
-    ``high``: the bounds (``*_open``: strict); ``nullable``: null is allowed (and is
-    the default when ``default`` is None). ``per_model``: set under each model's
+    ``high``: the bounds (``*_open``: strict); ``nullable``: None is allowed (the
+    default when ``default`` is None; a recipe cannot write null, since mergekit
+    drops it, so it gets None by leaving the field out). ``per_model``: set under each model's
     ``parameters:`` (``role``), else under the recipe's.
     """
 
@@ -73,7 +74,7 @@ class Parameter:
             low = f"{_num(self.low)} {'<' if self.low_open else '<='} " if self.low is not None else ""
             high = f" {'<' if self.high_open else '<='} {_num(self.high)}" if self.high is not None else ""
             words = f"{low}{self.name}{high}"
-        return words + (" (or null)" if self.nullable else "")
+        return words
 
     def validate(self, value: Any) -> Any:
         """The value as the method reads it; ``ValueError`` naming the parameter,
@@ -138,27 +139,33 @@ PARAMETERS: Tuple[Parameter, ...] = (
     Parameter("role", "choice", None, "per model: `aligned` or `unaligned`, exactly one of each",
               choices=ROLES, per_model=True, required=True),
     Parameter("fusion", "choice", "restore",
-              "`restore`: pull back to the aligned weights inside the subspace; `add`: the paper's Eq. 13",
-              choices=FUSIONS),
+              "`restore`: pull back to the aligned weights inside the subspace; `add`: the paper's Eq. 13; "
+              "`contrastive`: the data-aware repair of a `calibration` file", choices=FUSIONS),
     Parameter("alpha", "number", 1.0,
               f"fusion coefficient (Eq. 13); at most 1 with `restore` (1 reaches the aligned weights inside "
               f"the subspace), at most {_num(ALPHA_MAX)} with `add` (a warning above the paper's {_num(ALPHA_PAPER_MAX)})",
               low=0.0, low_open=True, high=ALPHA_MAX),
     Parameter("eta", "number", 0.9, "share of the spectral entropy the rank keeps (Eq. 7)",
               low=0.0, low_open=True, high=1.0),
-    Parameter("max_rank", "integer", 256, "cap on the entropy rank; on bf16 checkpoints it usually decides the rank",
+    Parameter("max_rank", "integer", 256, "cap on the entropy rank; on bf16 checkpoints it usually decides the rank "
+              "(no cap: a value at least the weight's smaller side)", low=1, nullable=True),
+    Parameter("rank", "integer", None, "a fixed rank instead of the rule (not capped); unset: the rule",
               low=1, nullable=True),
-    Parameter("rank", "integer", None, "a fixed rank instead of the rule (not capped)", low=1, nullable=True),
     Parameter("rank_rule", "choice", "entropy",
               "`entropy` (Eq. 5-7) or `noise_floor` (Gavish-Donoho threshold; may give rank 0)", choices=RANK_RULES),
     Parameter("weight_max", "number", 1.0,
               "weight of the leading direction (Eq. 10-11); 1 = plain projector", low=1.0, high=WEIGHT_MAX_MAX),
-    Parameter("subspace", "path", None, "a file from `mergekit-lssf calibrate`; null = SVD of `delta`", nullable=True),
+    Parameter("subspace", "path", None, "a file from `mergekit-lssf calibrate`; unset: the SVD of `delta`",
+              nullable=True),
+    Parameter("calibration", "path", None, "`contrastive` only, required: a file from `mergekit-lssf calibrate RECIPE "
+              "--task`", nullable=True),
+    Parameter("lam", "number", 3.0, "`contrastive` only: weight of the task term; larger keeps more of the "
+              "fine-tune (each direction is rolled back by mu / (mu + lam))", low=0.0, low_open=True),
     Parameter("spectrum", "choice", "full",
               "`full`: Eq. 5-7 over every singular value; `signal`: on 16-bit inputs only those above the "
               "rounding edge", choices=SPECTRA),
     Parameter("round_to", "choice", None,
-              "the 16-bit dtype lssf rounds its output to, equal to the recipe's `out_dtype`; null: no rounding "
+              "the 16-bit dtype lssf rounds its output to, equal to the recipe's `out_dtype`; unset: no rounding "
               "by lssf (mergekit's writer casts to nearest)", choices=ROUND_TO, nullable=True),
     Parameter("rounding", "choice", "subspace",
               "how `round_to` rounds: `subspace` keeps the term's subspace through the cast; `nearest` = plain cast",
@@ -171,17 +178,11 @@ SHARED_PARAMETERS = tuple(p.name for p in PARAMETERS if not p.per_model)
 PER_MODEL_PARAMETERS = tuple(p.name for p in PARAMETERS if p.per_model)
 #: Every recipe-level parameter with its default, for summaries and model cards.
 DEFAULTS = {p.name: p.default for p in PARAMETERS if not p.per_model}
-#: The parameters a weight's factors depend on (all but alpha, subspace and the rounding).
-FACTOR_PARAMETERS = ("eta", "max_rank", "rank", "weight_max", "rank_rule", "fusion", "spectrum")
-
 DEFAULT_ALPHA = DEFAULTS["alpha"]
 DEFAULT_ETA = DEFAULTS["eta"]
 DEFAULT_MAX_RANK: Optional[int] = DEFAULTS["max_rank"]
-DEFAULT_WEIGHT_MAX = DEFAULTS["weight_max"]
 DEFAULT_RANK_RULE = DEFAULTS["rank_rule"]  # the paper's Eq. 7
 DEFAULT_FUSION = DEFAULTS["fusion"]  # beyond the paper, chosen on the safety testbed; "add" is Eq. 13
-DEFAULT_SPECTRUM = DEFAULTS["spectrum"]
-DEFAULT_ROUNDING = DEFAULTS["rounding"]
 
 
 @dataclass(frozen=True)
@@ -202,9 +203,21 @@ class FusionSettings:
     rank_rule: str = DEFAULTS["rank_rule"]
     weight_max: float = DEFAULTS["weight_max"]
     subspace: Optional[str] = DEFAULTS["subspace"]
+    calibration: Optional[str] = DEFAULTS["calibration"]
+    lam: float = DEFAULTS["lam"]
     spectrum: str = DEFAULTS["spectrum"]
     round_to: Optional[str] = DEFAULTS["round_to"]
     rounding: str = DEFAULTS["rounding"]
+
+    def __post_init__(self) -> None:
+        """Every value against its declaration, then the rules between them: the
+        kernel gets nothing a recipe would be refused for (``ValueError``)."""
+        for f in fields(self):
+            value = BY_NAME[f.name].validate(getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+        errors, _warnings = combination_problems({f.name: getattr(self, f.name) for f in fields(self)})
+        if errors:
+            raise ValueError(errors[0])
 
 
 def combination_problems(values: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
@@ -219,6 +232,16 @@ def combination_problems(values: Mapping[str, Any]) -> Tuple[List[str], List[str
     if fusion == "add" and alpha is not None and alpha > ALPHA_PAPER_MAX:
         warnings.append(f"lssf: warning: `alpha: {alpha:g}` with `fusion: add` is beyond the paper's range "
                         f"(about 0.5-{_num(ALPHA_PAPER_MAX)}); check generation with `mergekit-lssf eval`")
+    if fusion == "contrastive" and alpha is not None and alpha > 1:
+        errors.append(f"lssf parameter `alpha` must satisfy 0 < alpha <= 1 with `fusion: contrastive` "
+                      f"(above 1 it overshoots the aligned model), got {alpha!r}")
+    if fusion == "contrastive" and not values.get("calibration"):
+        errors.append("`fusion: contrastive` needs `calibration: FILE`, written by `mergekit-lssf calibrate RECIPE "
+                      "--task TASK.jsonl`")
+    if fusion == "contrastive" and values.get("subspace"):
+        errors.append("`subspace` is an Eq. 4 file for `restore`/`add`; `fusion: contrastive` reads `calibration`")
+    if fusion != "contrastive" and values.get("calibration"):
+        errors.append(f"`calibration` is read by `fusion: contrastive` only, not `fusion: {fusion}`")
     if values.get("spectrum") == "signal" and (values.get("rank") is not None
                                                 or values.get("rank_rule") == "noise_floor"):
         errors.append("`spectrum: signal` applies the entropy rule above the rounding edge; it does nothing "
@@ -230,32 +253,33 @@ def settings_from(values: Mapping[str, Any], where: str = "lssf") -> FusionSetti
     """The ``FusionSettings`` of one tensor from its bound parameter values (any
     missing one takes its default); each value is validated against its declaration
     and the rules between them are applied. ``LSSFConfigError`` names ``where``."""
-    known = {f.name for f in fields(FusionSettings)}
-    checked: Dict[str, Any] = {}
-    for name in known:
-        value = values.get(name, DEFAULTS[name])
-        try:
-            checked[name] = BY_NAME[name].validate(value)
-        except ValueError as error:
-            raise LSSFConfigError(f"{where}: {error}") from None
-    errors, _warnings = combination_problems(checked)
-    if errors:
-        raise LSSFConfigError(f"{where}: {errors[0]}")
-    return FusionSettings(**checked)
+    given = {f.name: values.get(f.name, DEFAULTS[f.name]) for f in fields(FusionSettings)}
+    try:
+        return FusionSettings(**given)
+    except ValueError as error:
+        raise LSSFConfigError(f"{where}: {error}") from None
 
 
-def one_per_role(roles: Dict[Any, str], context: str) -> Dict[str, Any]:
+def one_per_role(roles: Dict[Any, str], context: str, required: Tuple[str, ...] = ROLES) -> Dict[str, Any]:
     """``{"aligned": key, "unaligned": key}`` from ``key -> role``: the one role check
-    of the recipe check and of the merge method. Refuses anything but exactly one
-    model per role; ``context`` ends the message (e.g. "the recipe has")."""
+    of the recipe check and of the merge method. Each role in ``required`` needs
+    exactly one model; another role at most one (None when absent: ``fusion:
+    contrastive`` needs no unaligned model). ``context`` ends the message (e.g. "the
+    recipe has")."""
     by_role = {role: [key for key, value in roles.items() if value == role] for role in ROLES}
     for role, keys in by_role.items():
-        if len(keys) != 1:
+        if len(keys) != 1 and (role in required or keys):
             raise LSSFConfigError(
                 f"lssf needs exactly one model with `role: {role}`; {context} "
                 f"{len(keys)}: {[str(k) for k in keys]}"
             )
-    return {role: keys[0] for role, keys in by_role.items()}
+    return {role: keys[0] if keys else None for role, keys in by_role.items()}
+
+
+def required_roles(fusions) -> Tuple[str, ...]:
+    """The roles a merge needs when its tensors use ``fusions``: ``restore`` and ``add``
+    need both, ``contrastive`` only the aligned model."""
+    return ROLES if set(fusions) - {"contrastive"} else ("aligned",)
 
 
 def readme_table() -> str:

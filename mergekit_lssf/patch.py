@@ -111,7 +111,7 @@ def _finish(plan: LSSFPlan, out_dir: str, writer: StreamedWriter, ranks: Dict[st
     """The adapter file's header and metadata, adapter_config.json and README.md."""
     models = roles(plan.config, plan.refs)
     parameters = plan.parameters()
-    for_finetune = "restore" in fusions
+    for_finetune = bool(fusions & {"restore", "contrastive"})  # their term depends on the fine-tune
     top = max(ranks.values())
     patterns = {re.escape(m): r for m, r in ranks.items()}
     lora = LoraConfig(
@@ -177,7 +177,7 @@ def load_snippet(finetuned, out_dir: str) -> str:
 def _readme(models, parameters, ranks, for_finetune: bool, out_dir: str, finetuned=None) -> str:
     values = sorted(ranks.values())
     scope = (
-        f"This patch uses `fusion: restore`, which depends on the fine-tune: apply it to "
+        f"This patch uses `fusion: {parameters['fusion']}`, which depends on the fine-tune: apply it to "
         f"**{models['finetuned']} only**. For another fine-tune, extract a new patch."
         if for_finetune else
         f"The term depends only on the aligned and unaligned models, so the patch repairs "

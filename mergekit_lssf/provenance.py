@@ -36,12 +36,19 @@ def _plain(value: Any) -> Any:
 def roles(config: MergeConfiguration, refs: Dict[str, Any]) -> Dict[str, str]:
     """``{"finetuned": ..., "aligned": ..., "unaligned": ...}`` as model paths."""
     return {"finetuned": str(config.base_model), "aligned": str(refs["aligned"]),
-            "unaligned": str(refs["unaligned"])}
+            "unaligned": str(refs["unaligned"]) if refs.get("unaligned") is not None else "none"}
 
 
 def fusion_words(parameters: Dict[str, Any]) -> str:
     """One sentence: the formula applied, with the effective parameters."""
     fusion = parameters["fusion"]
+    rounding = (f"16-bit output: lssf rounds to {parameters['round_to']} ({parameters.get('rounding', 'subspace')})"
+                if parameters.get("round_to") else "16-bit output: not rounded by lssf (mergekit's plain cast)")
+    if fusion == "contrastive":
+        k = f"the leading {parameters['rank']} vectors" if parameters.get("rank") is not None else "every stored vector"
+        return (f"W' = W_finetuned + alpha * (W_aligned - W_finetuned) (B V_k) diag(mu/(mu+lam)) V_k^T  [contrastive]; "
+                f"alpha {parameters['alpha']}, lam {parameters.get('lam')}, {k}; calibration: "
+                f"{parameters.get('calibration')}; {rounding}")
     term = ("alpha * P' (W_aligned - W_unaligned)  [add, paper Eq. 13]" if fusion == "add"
             else "alpha * P' (W_aligned - W_finetuned)  [restore]")
     rule = parameters["rank_rule"]
@@ -54,8 +61,7 @@ def fusion_words(parameters: Dict[str, Any]) -> str:
         rank = f"rank by the entropy rule{above}, eta {parameters['eta']}, max_rank {parameters['max_rank']}"
     subspace = parameters["subspace"] or "data-free (SVD of W_aligned - W_unaligned)"
     return (f"W' = W_finetuned + {term}; alpha {parameters['alpha']}, {rank}, "
-            f"weight_max {parameters['weight_max']}; subspace: {subspace}; "
-            f"16-bit output rounding: {parameters.get('rounding', 'subspace')}")
+            f"weight_max {parameters['weight_max']}; subspace: {subspace}; {rounding}")
 
 
 def versions() -> Dict[str, str]:

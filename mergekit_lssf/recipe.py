@@ -21,15 +21,17 @@ from pydantic import ValidationError
 from mergekit_lssf.fused import fuses, is_vocabulary
 from mergekit_lssf.guards import check_model_folder, lora_lineage_error, model_index, role_swap_warning, sample_names
 from mergekit_lssf.parameters import (
+    BY_NAME,
     DEFAULTS,
     PARAMETERS,
     PER_MODEL_PARAMETERS,
     SHARED_PARAMETERS,
     LSSFConfigError,
-    combination_problems,
     one_per_role,
+    required_roles,
 )
-from mergekit_lssf.subspace_file import open_subspace
+from mergekit_lssf.contrastive_file import open_contrastive
+from mergekit_lssf.subspace_file import model_fingerprint, open_subspace
 
 LOG = logging.getLogger("mergekit_lssf")
 
@@ -85,6 +87,8 @@ def _validators() -> Dict[str, Any]:
 def _check_values(where: str, settings: Settings, validators: Dict[str, Any]) -> None:
     for name, setting in (settings or {}).items():
         for path, value in _leaves_at(setting, f"{where}.{name}"):
+            if BY_NAME[name].kind == "integer" and isinstance(value, float) and not value.is_integer():
+                raise LSSFConfigError(f"{path}: lssf parameter `{name}` must be an integer, got {value!r}")
             try:
                 validators[name](value)
             except Exception as error:  # pydantic wraps our ValueError
@@ -135,7 +139,6 @@ def check_recipe(
                 )
         _check_values(where, settings, validators)
         _check_spectrum(where, settings or {})
-    _check_alpha(config)
 
     roles: Dict[Any, str] = {}
     for where, model, settings in _model_inputs(config):
@@ -172,15 +175,53 @@ def check_recipe(
                 f"{roles[model]!r} elsewhere in the recipe"
             )
 
-    refs = one_per_role(roles, "the recipe has")
-    lora_lineage_error(config.base_model, refs["aligned"], refs["unaligned"])  # issue 49 finding 1: swapped BASE+LORA
-    _check_shapes(config.base_model, refs)
+    refs = one_per_role(roles, "the recipe has", required_roles(recipe_fusions(config)))
+    if refs["unaligned"] is not None:
+        lora_lineage_error(config.base_model, refs["aligned"], refs["unaligned"])  # issue 49 finding 1
+    _check_shapes(config.base_model, {k: v for k, v in refs.items() if v is not None})
     for where, settings in _shared_scopes(config):
         for value in _leaves((settings or {}).get("subspace")):
             if value is not None:
                 _check_subspace_layers(config, refs["aligned"], f"{where}.subspace")
                 _check_subspace(f"{where}.subspace", value, refs["aligned"])
+        for value in _leaves((settings or {}).get("calibration")):
+            if value is not None:
+                _check_subspace_layers(config, refs["aligned"], f"{where}.calibration")
+                _check_calibration(f"{where}.calibration", value, config.base_model, refs["aligned"])
     return refs
+
+
+def recipe_fusions(config: MergeConfiguration) -> set:
+    """Every ``fusion`` a tensor of the recipe can get (the default included when the
+    top-level ``parameters`` leave it open)."""
+    fusions = set() if "fusion" in (config.parameters or {}) else {DEFAULTS["fusion"]}
+    for _where, settings in _shared_scopes(config):
+        fusions |= {v for v in _leaves((settings or {}).get("fusion")) if v is not None}
+    return fusions
+
+
+def _check_calibration(where: str, path: str, finetuned: Any, aligned: Any) -> None:
+    """The file is a contrastive calibration of this fine-tune against this aligned
+    model (fingerprints), covering every weight the merge fuses."""
+    try:
+        calibration = open_contrastive(path)
+    except LSSFConfigError as error:
+        raise LSSFConfigError(f"{where}: {error}") from None
+    for label, model, key in (("fine-tune (base_model)", finetuned, "finetuned_fingerprint"),
+                              ("aligned model", aligned, "aligned_fingerprint")):
+        if getattr(model, "lora", None) is not None or not os.path.isdir(model.model.path):
+            continue  # only local folders are fingerprinted (see docs/internals.md)
+        actual = model_fingerprint(model.model.path)
+        if calibration.metadata.get(key) != actual:
+            source = calibration.metadata.get(key.split("_")[0], "another model")
+            raise LSSFConfigError(
+                f"{where}: {path} was calibrated on {source}, not on the recipe's {label} {model} "
+                f"(fingerprint {str(calibration.metadata.get(key))[:12]} vs {actual[:12]}); run "
+                "`mergekit-lssf calibrate RECIPE --task ...` for this recipe")
+    for name, stored in sorted((model_index(finetuned) or {}).items()):
+        if fuses(name, stored.shape, stored.floating) and not calibration.has(name):
+            raise LSSFConfigError(f"{where}: weight {name} of the fine-tune ({finetuned}) is missing from "
+                                  f"calibration file {path}")
 
 
 def _check_subspace_layers(config: MergeConfiguration, aligned: Any, where: str) -> None:
@@ -259,59 +300,24 @@ def _check_shapes(base: Any, refs: Dict[str, Any]) -> None:
             )
 
 
-def with_tokenizer_source(config: MergeConfiguration, refs: Dict[str, Any]) -> MergeConfiguration:
-    """The recipe as mergekit runs it: LSSF keeps the fine-tune's embeddings and
-    lm_head, so a fine-tune with added tokens needs mergekit's ``tokenizer_source:
-    base``; it is set here when the recipe says nothing about tokenizers and the
-    vocabularies differ (the recipe file itself is not changed)."""
+def with_tokenizer_source(config: MergeConfiguration, refs: Dict[str, Any]) -> Tuple[MergeConfiguration, Optional[str]]:
+    """The recipe as mergekit runs it, and the warning that says what changed: LSSF
+    keeps the fine-tune's embeddings and lm_head, so a fine-tune with added tokens
+    needs mergekit's ``tokenizer_source: base``; it is set here when the recipe says
+    nothing about tokenizers and the vocabularies differ (the recipe file itself is
+    not changed)."""
     if config.tokenizer is None and config.tokenizer_source is None:
         differing = vocabulary_differs(config.base_model, refs)
         if differing:
-            LOG.warning(
-                "lssf: vocabulary tensors %s differ in size between the fine-tune and "
-                "the aligned/unaligned models; using tokenizer_source: base",
-                ", ".join(differing),
-            )
-            config = config.model_copy(update={"tokenizer_source": "base"})
-    return config
+            return config.model_copy(update={"tokenizer_source": "base"}), (
+                f"lssf: warning: vocabulary tensors {', '.join(differing)} differ in size between the fine-tune "
+                "and the aligned/unaligned models; using tokenizer_source: base")
+    return config, None
 
 
-def _fusions_and_alphas(config: MergeConfiguration):
-    """Every ``fusion`` value any tensor can get (the default included when a scope
-    leaves it open) and every written ``alpha`` with its path."""
-    fusions, alphas = set(), []
-    top = config.parameters or {}
-    if "fusion" not in top:
-        fusions.add(DEFAULTS["fusion"])
-    for where, settings in _shared_scopes(config):
-        settings = settings or {}
-        fusions |= {v for v in _leaves(settings.get("fusion")) if v is not None}
-        if "alpha" in settings:
-            alphas += [(path, v) for path, v in _leaves_at(settings["alpha"], f"{where}.alpha") if v is not None]
-    return fusions, alphas
-
-
-def _check_alpha(config: MergeConfiguration) -> None:
-    """``alpha`` above 1 where a tensor may get ``fusion: restore`` (the merge method
-    applies the same rule per tensor, ``parameters.combination_problems``)."""
-    fusions, alphas = _fusions_and_alphas(config)
-    for fusion in sorted(fusions):
-        for path, alpha in alphas:
-            errors, _ = combination_problems({"fusion": fusion, "alpha": float(alpha)})
-            if errors:
-                raise LSSFConfigError(f"{path}: {errors[0]}")
-
-
-def scope_warnings(config: MergeConfiguration) -> List[str]:
-    """Warnings about values inside their range but outside the paper's (``add``
-    with ``alpha`` above the paper's range), one per recipe."""
-    fusions, alphas = _fusions_and_alphas(config)
-    for path, alpha in alphas:
-        for fusion in sorted(fusions):
-            _, warnings = combination_problems({"fusion": fusion, "alpha": float(alpha)})
-            if warnings:
-                return [f"{warnings[0]} ({path})"]
-    return []
+def dtype_name(value: Any) -> Optional[str]:
+    """A recipe's ``dtype`` / ``out_dtype`` as a plain name (``torch.bfloat16`` -> ``bfloat16``)."""
+    return str(value).removeprefix("torch.") if value else None
 
 
 def rounding_problems(config: MergeConfiguration, written: Optional[str]) -> Tuple[List[str], List[str]]:
@@ -324,12 +330,17 @@ def rounding_problems(config: MergeConfiguration, written: Optional[str]) -> Tup
     draws the narrower ``dtype_warning`` instead)."""
     named = [(path, v) for where, settings in _shared_scopes(config)
              for path, v in _leaves_at((settings or {}).get("round_to"), f"{where}.round_to") if v is not None]
+    how = [path for where, settings in _shared_scopes(config)
+           for path, v in _leaves_at((settings or {}).get("rounding"), f"{where}.rounding") if v is not None]
     for path, value in named:
         if written != value:
             wrote = f"writes {written} (`out_dtype`, else `dtype`)" if written else "sets no `out_dtype`"
             return [f"{path}: `round_to: {value}` but the recipe {wrote}; set `out_dtype: {value}` or remove "
                     "`round_to`"], []
-    computed = str(config.dtype or "") or None
+    if how and not named:
+        return [], [f"lssf: warning: `{how[0]}` says how lssf rounds to `round_to`, which the recipe does not set: "
+                    "it does nothing"]
+    computed = dtype_name(config.dtype)
     if written in ("bfloat16", "float16") and written != computed and not named:
         return [], [f"lssf: warning: the recipe writes {written} without the lssf parameter `round_to: {written}`: "
                     "mergekit's writer then rounds each fused weight to nearest, which keeps only part of a small "
@@ -346,12 +357,12 @@ def dtype_warning(config: MergeConfiguration, refs: Dict[str, Any]) -> Optional[
     """The warning for a recipe ``dtype`` narrower than float32 or than what the three
     models store (mergekit casts every input to it before lssf sees it), with the
     lines to write instead; None when the recipe computes in float32 or wider."""
-    if not config.dtype or _BITS.get(str(config.dtype).removeprefix("torch."), 32) >= 32:
+    if not config.dtype or _BITS.get(dtype_name(config.dtype), 32) >= 32:
         return None
     stored = set()
-    for model in [config.base_model, *refs.values()]:
+    for model in [config.base_model, *(m for m in refs.values() if m is not None)]:
         stored |= {t.dtype for t in (model_index(model) or {}).values() if t.dtype in _BITS}
-    wider = sorted(d for d in stored if _BITS[d] > _BITS[str(config.dtype)])
+    wider = sorted(d for d in stored if _BITS[d] > _BITS[dtype_name(config.dtype)])
     also = f" and than the {'/'.join(wider)} the models store" if wider else ""
     out = config.out_dtype or config.dtype
     return (f"lssf: warning: recipe `dtype: {config.dtype}` is narrower than float32{also}: mergekit "
@@ -363,6 +374,8 @@ def role_check(config: MergeConfiguration, refs: Dict[str, Any]) -> Optional[str
     """The role-swap warning for this recipe, or None (see ``guards.role_swap_warning``)."""
     shapes = {name: t.shape for name, t in (model_index(config.base_model) or {}).items()}
     names = sample_names(shapes, lambda name: fuses(name, shapes[name]))
+    if refs["unaligned"] is None:
+        return None
     return role_swap_warning(config.base_model, refs["aligned"], refs["unaligned"], names)
 
 
@@ -370,7 +383,7 @@ def vocabulary_differs(base: Any, refs: Dict[str, Any]) -> List[str]:
     """Names of vocabulary tensors whose row count differs from the base model's."""
     base_index = model_index(base) or {}
     differing = []
-    for model in refs.values():
+    for model in (m for m in refs.values() if m is not None):
         for name, stored in (model_index(model) or {}).items():
             if is_vocabulary(name) and name in base_index and base_index[name].shape != stored.shape:
                 differing.append(name)

@@ -84,7 +84,7 @@ def _run_lssf(original, merge_config, out_path, options, config_source):
     feeds the summary: the method's output does not depend on it."""
     check_output_folder(out_path)
     plan = plan_recipe(merge_config, trust_remote_code=options.trust_remote_code,
-                       lora_merge_cache=options.lora_merge_cache)
+                       lora_merge_cache=options.lora_merge_cache, options=options)
     for warning in plan.warnings:
         print(warning, file=sys.stderr)
     forget_loaders(plan.config)

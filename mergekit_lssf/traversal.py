@@ -9,28 +9,22 @@ Used by ``mergekit-lssf report`` and ``mergekit-lssf extract-patch``.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Iterator, List, Optional
 
 import torch
 from tqdm import tqdm
-from mergekit.architecture import get_architecture_info
-from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor, Task
-from mergekit.io.tasks import LoaderCache, SaveTensor
 from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
-from mergekit.plan import MergePlanner
 
 from mergekit_lssf.kernel import SafetyFactors, safety_factors
-from mergekit_lssf.merge_method import checked_inputs, is_fused, load_subspace
+from mergekit_lssf.merge_method import checked_inputs, is_fused, load_subspace, term_factors
 from mergekit_lssf.layout import as_out_in, group_layout  # [issue 49 finding 7: layout]
 from mergekit_lssf.parameters import FusionSettings, settings_from
-from mergekit_lssf.plan import LSSFPlan
-from mergekit_lssf.recipe import forget_loaders
+from mergekit_lssf.plan import LSSFPlan, planned_tensors
 
 LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
@@ -86,39 +80,29 @@ class FactorTask(Task[Optional[List[FusedTensor]]]):
         name = src.output_weight.name
         group.validate_tensors()
         role = {m: p["role"] for m, p in src.input_parameters.items() if "role" in p}
-        finetuned, aligned, unaligned = checked_inputs(group, role, name)
         params = settings_from(dict(src.parameters.items()), f"tensor {name}")
+        finetuned, aligned, unaligned = checked_inputs(group, role, name, params.fusion)
         # [issue 49 finding 7: layout] Conv1D (d_in x d_out) weights as d_out x d_in, as the merge fuses them
         layout = group_layout(group)
-        w_ft, w_al, w_un = (as_out_in(layout, x.tensor) for x in (finetuned, aligned, unaligned))
+        w_ft, w_al, w_un = (None if x is None else as_out_in(layout, x.tensor) for x in (finetuned, aligned, unaligned))
         if w_ft.ndim == 3:  # stacked MoE experts, one weight per expert
-            return [_factors(f"{name}[{e}]", w_ft[e], w_al[e], w_un[e], params,
+            return [_factors(f"{name}[{e}]", w_ft[e], w_al[e], None if w_un is None else w_un[e], params,
                              self.factors, e) for e in range(w_ft.shape[0])]
         return [_factors(name, w_ft, w_al, w_un, params, self.factors)]
 
 
-def _factors(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.Tensor, settings: FusionSettings,
-             with_factors: bool, expert: Optional[int] = None) -> FusedTensor:
-    factors = safety_factors(w_al, w_un, settings, subspace=load_subspace(settings.subspace, name, w_al),
-                             factors=with_factors).with_finetune(w_ft)  # restore: the term for this fine-tune
+def _factors(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: Optional[torch.Tensor],
+             settings: FusionSettings, with_factors: bool, expert: Optional[int] = None) -> FusedTensor:
+    if settings.fusion == "contrastive":  # the factors are the cheap part: no spectrum to skip
+        factors = term_factors(name, w_ft, w_al, w_un, settings)
+    else:
+        factors = safety_factors(w_al, w_un, settings, subspace=load_subspace(settings.subspace, name, w_al),
+                                 factors=with_factors)
+    factors = factors.with_finetune(w_ft)  # restore: the term for this fine-tune
     cpu = lambda t: None if t is None else t.detach().to("cpu", torch.float32)  # noqa: E731
     factors = SafetyFactors(cpu(factors.left), cpu(factors.right), factors.info, factors.sigma.cpu(),
                             factors.fusion, side=factors.side)
     return FusedTensor(name, tuple(w_ft.shape), asdict(settings), factors, expert)
-
-
-def planned_tensors(config: MergeConfiguration, options: MergeOptions) -> list:
-    """mergekit's merge task of every output tensor, planned exactly as mergekit-yaml
-    plans it (filters and gradients resolved per tensor); nothing is loaded."""
-    forget_loaders(config)
-    arch_info = get_architecture_info(config, options)
-    LoaderCache().setup(options=options)
-    out_config = config.base_model.config(trust_remote_code=options.trust_remote_code)
-    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
-    # plan_in_memory() fails to validate in mergekit 0.1.5 with current pydantic;
-    # plan_to_disk() is what mergekit-yaml runs. Its writer tasks are never executed.
-    planned = planner.plan_to_disk(out_path=os.devnull)
-    return [t.tensor_task for t in planned if isinstance(t, SaveTensor)]
 
 
 def fused_factors(plan: LSSFPlan, *, cuda: bool = False, quiet: bool = False,

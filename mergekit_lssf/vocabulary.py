@@ -12,7 +12,7 @@ from typing_extensions import Literal
 
 Side = Literal["output", "input"]
 RankRule = Literal["entropy", "noise_floor"]
-Fusion = Literal["add", "restore"]
+Fusion = Literal["add", "restore", "contrastive"]
 Spectrum = Literal["full", "signal"]
 Rounding = Literal["subspace", "nearest"]
 #: the 16-bit dtypes lssf can round its output to (``round_to``)

@@ -15,12 +15,12 @@ LAYERS = {
     # 1 the parameters, declared once, and the math that takes them: no mergekit
     "parameters": 1, "leading_eigh": 1, "precision": 1, "kernel": 1, "contrastive": 1,
     # 2 file formats, layouts, checks on files, running a model (no mergekit planning)
-    "layout": 2, "fused": 2, "safetensors_io": 2, "subspace_file": 2, "stats": 2,
+    "layout": 2, "fused": 2, "contrastive_file": 2, "safetensors_io": 2, "subspace_file": 2, "stats": 2,
     "guards": 2, "provenance": 2, "model_card": 2, "generation": 2,
     # 3 the mergekit glue
     "merge_method": 3, "recipe": 3, "plan": 3, "traversal": 3, "registration": 3,
     # 4 the commands and the models they build
-    "check": 4, "multi_recipe": 4, "calibrate": 4, "evaluate": 4, "report": 4, "patch": 4, "toy_models": 4, "real_models": 4,
+    "check": 4, "multi_recipe": 4, "calibrate": 4, "contrastive_calibrate": 4, "evaluate": 4, "report": 4, "patch": 4, "toy_models": 4, "real_models": 4,
     # 5 the demo, which runs the commands
     "demo": 5,
     # 6 the CLI, and the package's own namespace

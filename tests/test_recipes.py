@@ -162,7 +162,7 @@ def _with(**changes):
         ({"parameters__alpha": [{"filter": "mlp", "value": "x"}, {"value": 1.0}]}, r"parameters.alpha\[0\]: .*`alpha` must satisfy 0 < alpha <= 2, got 'x'"),
         ({"parameters__eta": [0.5, 1.5]}, r"parameters.eta\[1\]: .*got 1.5"),
         ({"parameters__eta": [{"filter": "mlp", "value": [0.5, 0]}, {"value": 0.9}]}, r"parameters.eta\[0\].value\[1\]: .*got 0"),
-        ({"parameters__fusion": "pull"}, r"parameters.fusion: .*one of add, restore, got 'pull'"),
+        ({"parameters__fusion": "pull"}, r"parameters.fusion: .*one of add, restore, contrastive, got 'pull'"),
         ({"parameters__spectrum": "above"}, r"parameters.spectrum: .*one of full, signal, got 'above'"),
         ({"parameters__rounding": "down"}, r"parameters.rounding: .*one of subspace, nearest, got 'down'"),
         ({"parameters__spectrum": "signal", "parameters__rank_rule": "noise_floor"}, r"parameters.spectrum: .*does nothing with"),

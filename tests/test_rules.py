@@ -146,7 +146,7 @@ def test_unknown_rule_or_fusion_is_named():
     s = torch.tensor([2.0, 1.0])
     with pytest.raises(ValueError, match="rank_rule must be one of entropy, noise_floor"):
         select_rank(s, eta=0.9, rule="gd")
-    with pytest.raises(ValueError, match="fusion must be one of add, restore"):
+    with pytest.raises(ValueError, match="`fusion` must be one of add, restore, contrastive, got 'pull'"):
         lssf_fuse(torch.zeros(2, 2), torch.eye(2), torch.zeros(2, 2), FusionSettings(alpha=1.0, eta=0.9, fusion="pull"))
 
 
@@ -254,8 +254,8 @@ def test_restore_patch_reproduces_the_merge_of_its_own_finetune(toy_dir, tmp_pat
     "params, message",
     [
         ({"rank_rule": "gavish"}, "parameters.rank_rule: lssf parameter `rank_rule` must be one of entropy, noise_floor, got 'gavish'"),
-        ({"fusion": "pull"}, "parameters.fusion: lssf parameter `fusion` must be one of add, restore, got 'pull'"),
-        ({"fusion": [{"filter": "mlp", "value": "Restore"}, {"value": "add"}]}, "must be one of add, restore, got 'Restore'"),
+        ({"fusion": "pull"}, "parameters.fusion: lssf parameter `fusion` must be one of add, restore, contrastive, got 'pull'"),
+        ({"fusion": [{"filter": "mlp", "value": "Restore"}, {"value": "add"}]}, "must be one of add, restore, contrastive, got 'Restore'"),
     ],
 )
 def test_recipe_check_names_bad_values(toy_dir, params, message):

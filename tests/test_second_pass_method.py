@@ -47,13 +47,16 @@ def _error_line(result):
 @pytest.mark.parametrize("parameters, message", [
     ({"alpha": -1}, r"parameters.alpha: lssf parameter `alpha` must satisfy 0 < alpha <= 2, got -1"),
     ({"alpha": 5}, r"parameters.alpha: lssf parameter `alpha` must satisfy 0 < alpha <= 2, got 5"),
-    ({"alpha": 1.5}, r"parameters.alpha: lssf parameter `alpha` must satisfy 0 < alpha <= 1 with `fusion: restore`"),
+    ({"alpha": 1.5}, r"tensor \S+: lssf parameter `alpha` must satisfy 0 < alpha <= 1 with `fusion: restore`"),
     ({"alpha": 3, "fusion": "add"}, r"parameters.alpha: .*0 < alpha <= 2, got 3"),
     ({"eta": 0}, r"parameters.eta: .*0 < eta <= 1, got 0"),
     ({"weight_max": 11}, r"parameters.weight_max: .*1 <= weight_max <= 10, got 11"),
-    ({"max_rank": 0}, r"parameters.max_rank: .*an integer >= 1 \(or null\), got 0"),
-    ({"rank": -3}, r"parameters.rank: .*an integer >= 1 \(or null\), got -3"),
-    ({"alpha": [{"filter": "mlp", "value": 1.2}, {"value": 0.5}]}, r"parameters.alpha\[0\]: .*with `fusion: restore`"),
+    ({"max_rank": 0}, r"parameters.max_rank: .*an integer >= 1, got 0"),
+    ({"rank": -3}, r"parameters.rank: .*an integer >= 1, got -3"),
+    ({"alpha": [{"filter": "mlp", "value": 1.2}, {"value": 0.5}]}, r"tensor \S+mlp\S+: .*0 < alpha <= 1 with `fusion: restore`"),
+    ({"alpha": 1.5, "fusion": [{"filter": "self_attn", "value": "add"}]}, r"tensor \S+: .*with `fusion: restore`.*, got 1.5"),
+    ({"max_rank": 2.5}, r"parameters.max_rank: lssf parameter `max_rank` must be an integer, got 2.5"),
+    ({"rank": 2, "round_to": "float16"}, r"parameters.round_to: `round_to: float16` but the recipe writes float32"),
 ])
 def test_check_and_mergekit_yaml_refuse_out_of_range_values_alike(toys, parameters, message):
     """The same one-line error from `check` and `mergekit-yaml`, naming the field, the
@@ -67,6 +70,23 @@ def test_check_and_mergekit_yaml_refuse_out_of_range_values_alike(toys, paramete
         "mergekit-lssf: error: "), (checked.stderr, merged.stderr)
     assert "Traceback" not in checked.stderr + merged.stderr
     assert not os.path.exists(toys / "out")
+
+
+def test_filters_that_never_meet_are_accepted(toys):
+    """The rules apply per tensor: ``alpha: 1.5`` only where ``fusion: add`` is."""
+    parameters = {"fusion": [{"filter": "mlp", "value": "add"}, {"value": "restore"}],
+                  "alpha": [{"filter": "mlp", "value": 1.5}, {"value": 0.5}]}
+    recipe = write_lssf_recipe(toys, "ok.yml", parameters)
+    checked = run_cli(["mergekit-lssf", "check", recipe], cwd=toys)
+    assert "`alpha: 1.5` with `fusion: add` is beyond the paper's range" in checked.stdout
+    run_cli(["mergekit-yaml", recipe, "out"], cwd=toys)
+    assert os.path.exists(toys / "out" / "model.safetensors")
+
+
+def test_rounding_without_round_to_is_not_silently_ignored(toys):
+    recipe = write_lssf_recipe(toys, "r.yml", {"rounding": "nearest"})
+    checked = run_cli(["mergekit-lssf", "check", recipe], cwd=toys)
+    assert "`parameters.rounding` says how lssf rounds to `round_to`, which the recipe does not set" in checked.stdout
 
 
 def test_add_above_the_papers_alpha_warns(toys):
@@ -85,6 +105,8 @@ def test_readme_parameter_table_is_the_declaration():
 
 
 def test_the_method_reads_the_declaration():
+    """The spec mergekit binds is the declaration's: names, defaults, and validators
+    that refuse what the declaration refuses."""
     from mergekit_lssf.merge_method import LSSF_METHOD
 
     spec = {p.name: p for p in LSSF_METHOD.spec.parameters}
@@ -92,6 +114,22 @@ def test_the_method_reads_the_declaration():
     for p in PARAMETERS:
         if not p.per_model:
             assert spec[p.name].default == p.default
+    for name, bad in (("alpha", 2.5), ("eta", 0), ("weight_max", 0.5), ("max_rank", 0), ("fusion", "pull"),
+                      ("round_to", "float32"), ("role", "safe")):
+        with pytest.raises(Exception, match=f"`{name}` must"):
+            spec[name].validate(bad)
+
+
+def test_the_kernels_settings_refuse_what_a_recipe_may_not_say():
+    from mergekit_lssf.kernel import lssf_fuse
+    from mergekit_lssf.parameters import FusionSettings
+
+    for bad in (dict(alpha=-1.0), dict(alpha=1.5), dict(eta=0.0), dict(max_rank=0), dict(rounding="down")):
+        with pytest.raises(ValueError, match="must"):
+            FusionSettings(fusion="restore", **bad)
+    w = torch.eye(4)
+    with pytest.raises(ValueError, match="pass its basis as `subspace=`"):
+        lssf_fuse(w, w, torch.zeros(4, 4), FusionSettings(fusion="restore", subspace="u.safetensors"))
 
 
 # ---- finding 5: every entry point refuses what mergekit-yaml refuses -------------------
@@ -105,6 +143,21 @@ def _state_dicts(dtype=torch.float32):
         sds["al"][name] = (base + 0.3 * torch.randn(shape, generator=g)).to(dtype)
         sds["ft"][name] = (base + 0.1 * torch.randn(shape, generator=g)).to(dtype)
     return sds
+
+
+def test_merge_state_dicts_checks_round_to_against_out_dtype():
+    params = {"role": ROLES, "round_to": "float16"}
+    with pytest.raises(LSSFConfigError, match="`round_to: float16` but out_dtype is bfloat16"):
+        merge_state_dicts(_state_dicts(), "lssf", base="ft", out_dtype=torch.bfloat16, parameters=params)
+    with pytest.warns(UserWarning, match="out_dtype bfloat16 without the lssf parameter `round_to: bfloat16`"):
+        merge_state_dicts(_state_dicts(), "lssf", base="ft", out_dtype=torch.bfloat16, parameters={"role": ROLES})
+
+
+def test_an_in_memory_gpt2_conv1d_is_refused_not_fused_on_the_wrong_side():
+    g = torch.Generator().manual_seed(0)
+    sds = {k: {"h.0.attn.c_attn.weight": torch.randn(8, 24, generator=g)} for k in ("ft", "al", "un")}
+    with pytest.raises(LSSFConfigError, match="h.0.attn.c_attn.weight: a GPT-2-style Conv1D weight"):
+        merge_state_dicts(sds, "lssf", base="ft", parameters={"role": ROLES})
 
 
 @pytest.mark.parametrize("parameters, message", [

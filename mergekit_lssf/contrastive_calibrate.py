@@ -1,0 +1,209 @@
+"""``mergekit-lssf calibrate RECIPE --task TASK.jsonl``: the contrastive calibration.
+
+The fine-tune (the recipe's ``base_model``) reads two sets, each row rendered as
+training renders it (``apply_chat_template([user, assistant], tokenize=False)``, then
+tokenised without added special tokens, so identical rows give identical Grams):
+
+* the anchors: harmful prompts with the **aligned** model's own answers (its refusals);
+* the task rows ``{"prompt", "answer"}`` (without ``--task``: the shipped benign
+  ``train`` prompts answered by the fine-tune, the "benign-only" variant).
+
+For every linear input site (q/k/v share one, gate/up another) it accumulates the
+input Grams ``C_H`` (anchors) and ``C_T`` (task) in float64, trace-normalises them and
+stores the leading generalized eigenpairs of ``(C_H, C_T + eps I)``
+(``contrastive.contrastive_basis``) in a ``contrastive_file`` file. Blocks are
+streamed one at a time (``calibrate.blocks``): peak memory is one decoder block, its
+Grams and the hidden states of both sets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from transformers import AutoTokenizer
+
+from mergekit_lssf.calibrate import (
+    Anchor,
+    _Statistics,
+    anchors_sha256,
+    blocks,
+    embed_batches,
+    fill_responses,
+    load_anchors,
+    open_streamed,
+    run_through,
+)
+from mergekit_lssf.contrastive import contrastive_basis, trace_normalised
+from mergekit_lssf.contrastive_file import FORMAT, NORMALIZATION
+from mergekit_lssf.evaluate import is_refusal
+from mergekit_lssf.guards import check_model_folder
+from mergekit_lssf.parameters import LSSFConfigError
+from mergekit_lssf.safetensors_io import StreamedWriter
+from mergekit_lssf.subspace_file import model_fingerprint
+from mergekit_lssf.version import __version__
+
+
+@dataclass(frozen=True)
+class Roles:
+    """The two models a contrastive calibration reads, from the recipe."""
+
+    finetuned: str
+    aligned: str
+
+
+def recipe_models(config) -> Roles:
+    """The fine-tune (``base_model``) and the ``role: aligned`` model of an lssf recipe,
+    as local folders (``model+lora`` fine-tunes are not supported here yet)."""
+    base = config.base_model
+    if base is None:
+        raise LSSFConfigError("calibrate: the recipe has no `base_model` (the fine-tune to repair)")
+    if getattr(base, "lora", None) is not None:
+        raise LSSFConfigError(f"calibrate: base_model {base} is a model+lora reference; contrastive calibration "
+                              "reads a merged fine-tune folder (e.g. the one mergekit-yaml wrote in "
+                              "--lora-merge-cache) for now")
+    aligned = [m.model for m in config.models or [] if (m.parameters or {}).get("role") == "aligned"]
+    if len(aligned) != 1:
+        raise LSSFConfigError(f"calibrate: the recipe needs exactly one model with `role: aligned`, has {len(aligned)}")
+    check_model_folder(base.model.path, "base_model", local=True)
+    check_model_folder(aligned[0].model.path, "models (role: aligned)", local=True)
+    return Roles(base.model.path, aligned[0].model.path)
+
+
+def load_task(path: str) -> List[Anchor]:
+    """The task rows of ``path`` (JSONL, ``{"prompt": ..., "answer": ...}``) as
+    (prompt, response) pairs; a bad line is a one-line error naming the file and line."""
+    if not os.path.isfile(path):
+        raise LSSFConfigError(f"--task: no such file {path}")
+    rows = []
+    with open(path, encoding="utf-8") as fp:
+        for number, line in enumerate(fp, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise LSSFConfigError(f"{path}:{number}: not a JSON object (the task file is JSONL)") from None
+            if not isinstance(row, dict):
+                raise LSSFConfigError(f"{path}:{number}: not a JSON object (the task file is JSONL)")
+            for field in ("prompt", "answer"):
+                if not isinstance(row.get(field), str) or not row[field].strip():
+                    raise LSSFConfigError(f"{path}:{number}: the row has no \"{field}\" string")
+            rows.append(Anchor(row["prompt"], row["answer"]))
+    if not rows:
+        raise LSSFConfigError(f"{path}: no task rows")
+    return rows
+
+
+def benign_rows() -> List[Anchor]:
+    """The shipped benign ``train`` prompts (no answers yet): the benign-only variant."""
+    text = resources.files("mergekit_lssf").joinpath("data/benign/prompts.jsonl").read_text("utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [Anchor(r["prompt"]) for r in rows if r.get("split") == "train"]
+
+
+def render_pairs(tokenizer, rows: List[Anchor]) -> List[List[int]]:
+    """Token ids of each (prompt, response) row as training renders it: the chat
+    template's text of one user and one assistant turn, tokenised without added
+    special tokens."""
+    ids = []
+    for row in rows:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row.prompt}, {"role": "assistant", "content": row.response}], tokenize=False)
+        ids.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return ids
+
+
+def contrastive_calibrate(roles: Roles, out_path: str, *, task_path: Optional[str] = None,
+                          anchors_path: Optional[str] = None, max_rank: Optional[int] = 256, eps: float = 1e-6,
+                          device: str = "auto", batch_size: int = 8, max_new_tokens: int = 64,
+                          progress: bool = True, log=print) -> Dict:
+    """Write the contrastive calibration of ``roles.finetuned`` against
+    ``roles.aligned``'s refusals to ``out_path``; returns the metadata (with the time
+    in seconds and the peak resident memory in MiB). ``max_rank`` None keeps every
+    eigenvector."""
+    if os.path.exists(out_path):
+        raise LSSFConfigError(f"--out: {out_path} already exists; choose a new file (nothing was written)")
+    if not eps > 0:
+        raise LSSFConfigError(f"--eps must be > 0, got {eps}")
+    if (max_rank is not None and max_rank < 1) or batch_size < 1:
+        raise LSSFConfigError("--max-rank and --batch-size must be >= 1")
+    task = load_task(task_path) if task_path else None
+    anchors = load_anchors(anchors_path)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    started = time.perf_counter()
+    anchors = fill_responses(roles.aligned, anchors, device=dev, batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, progress=progress)
+    refused = sum(is_refusal(a.response) for a in anchors)
+    if refused < len(anchors) / 2:
+        log(f"calibrate: warning: the aligned model refuses only {refused} of {len(anchors)} anchors; the harmful "
+            "directions then come from answers that are not refusals")
+    variant = "task" if task is not None else "benign-only"
+    if task is None:
+        task = fill_responses(roles.finetuned, benign_rows(), device=dev, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, progress=progress)
+    tokenizer = AutoTokenizer.from_pretrained(roles.finetuned)
+    sets = {"anchors": render_pairs(tokenizer, anchors), "task": render_pairs(tokenizer, task)}
+
+    config, body, rotary, weights = open_streamed(roles.finetuned, dev)
+    batches = {k: embed_batches(weights, config, ids, batch_size, dev) for k, ids in sets.items()}
+    sites: Dict[str, str] = {}
+    writer = StreamedWriter(out_path)
+    try:
+        for _index, prefix, block, forward in blocks(config, body, rotary, weights, dev, progress):
+            grams = _block_grams(block, prefix, forward, batches)
+            for owner, (g_h, g_t) in grams["sites"].items():
+                basis = contrastive_basis(trace_normalised(g_h), trace_normalised(g_t), eps=eps, k=max_rank)
+                writer.add({f"{owner}.V": basis.v.cpu(), f"{owner}.BV": basis.bv.cpu(), f"{owner}.mu": basis.mu.cpu()})
+            sites.update(grams["owners"])
+        metadata = {
+            "format": FORMAT,
+            "sites": json.dumps(sites, sort_keys=True),
+            "finetuned": os.path.abspath(roles.finetuned),
+            "finetuned_fingerprint": model_fingerprint(roles.finetuned),
+            "aligned": os.path.abspath(roles.aligned),
+            "aligned_fingerprint": model_fingerprint(roles.aligned),
+            "task": variant,
+            "task_sha256": anchors_sha256(task),
+            "anchors_sha256": anchors_sha256(anchors),
+            "anchors": str(len(anchors)),
+            "task_rows": str(len(task)),
+            "anchor_tokens": str(sum(map(len, sets["anchors"]))),
+            "task_tokens": str(sum(map(len, sets["task"]))),
+            "eps": repr(float(eps)),
+            "normalization": NORMALIZATION,
+            "max_rank": "full" if max_rank is None else str(max_rank),
+            "version": __version__,
+        }
+        writer.finish(metadata)
+    except BaseException:
+        writer.close()
+        raise
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {**metadata, "sites_count": len(set(sites.values())), "seconds": round(time.perf_counter() - started, 2),
+            "peak_mib": round(peak), "bytes": os.path.getsize(out_path)}
+
+
+def _block_grams(block, prefix: str, forward, batches: Dict[str, List[tuple]]) -> Dict:
+    """``{"sites": {owner: (G_H, G_T)}, "owners": {weight: owner}}`` of one block: the
+    raw float64 input Grams of each input site over the anchors and the task rows."""
+    stats = _Statistics(block, prefix, raw=True)
+    with torch.no_grad():
+        first = batches["anchors"][0]
+        stats.discover(lambda: forward(first[0], first[2]))
+        per_set: Dict[str, Dict[str, torch.Tensor]] = {}
+        for name, set_batches in batches.items():
+            stats.grams = {}
+            run_through(forward, set_batches, stats)
+            per_set[name] = stats.grams
+    stats.close()
+    owners = dict(stats.owner)
+    sites: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {
+        owner: (per_set["anchors"][owner], per_set["task"][owner]) for owner in sorted(set(owners.values()))}
+    return {"sites": sites, "owners": owners}

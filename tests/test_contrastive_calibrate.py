@@ -1,0 +1,292 @@
+"""``mergekit-lssf calibrate RECIPE --task``: the contrastive calibration, against input
+Grams this test takes itself (each row alone through transformers' own model, with
+forward pre-hooks), and the closed form built from them in float64 (issue 46)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import yaml
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import load_state, run_cli, write_lssf_recipe
+from mergekit_lssf.contrastive import contrastive_fuse
+from mergekit_lssf.contrastive_file import FORMAT, open_contrastive
+from mergekit_lssf.subspace_file import model_fingerprint
+from mergekit_lssf.toy_models import ToySpec, build_toy_models
+
+WORDS = ["make", "build", "find", "explain", "write", "the", "a", "weapon", "poem", "recipe", "plan", "list",
+         "how", "to", "bake", "bread", "hack", "account", "story", "about", "cats", "dogs", "rain", "code"]
+
+
+def _rows(seed, n):
+    rng = np.random.default_rng(seed)
+    say = lambda k: " ".join(rng.choice(WORDS, size=k))  # noqa: E731
+    return [(say(6), say(9)) for _ in range(n)]
+
+
+def _jsonl(path, rows, answer_key):
+    with open(path, "w", encoding="utf-8") as fp:
+        for prompt, answer in rows:
+            fp.write(json.dumps({"prompt": prompt, answer_key: answer}) + "\n")
+    return str(path)
+
+
+def _grams(model_dir, rows):
+    """Raw float64 input Grams of every linear weight of the decoder blocks, each row
+    rendered as training renders it and run alone (no padding)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    grams, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            def hook(_m, args, key=f"{name}.weight"):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                grams[key] = grams.get(key, 0) + x.T @ x
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for prompt, answer in rows:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                                  {"role": "assistant", "content": answer}], tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return {k: (g / torch.trace(g)).numpy() for k, g in grams.items()}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contrastive")
+    build_toy_models(str(root), ToySpec(size="tiny", seed=5))
+    write_lssf_recipe(root, "recipe.yml", {})
+    return root
+
+
+@pytest.fixture(scope="module")
+def calibrated(toy):
+    anchors, task = _rows(1, 48), _rows(2, 48)
+    _jsonl(toy / "anchors.jsonl", anchors, "response")
+    _jsonl(toy / "task.jsonl", task, "answer")
+    result = run_cli(["mergekit-lssf", "calibrate", "recipe.yml", "--task", "task.jsonl", "--anchors", "anchors.jsonl",
+                      "--out", "ft.contrastive.safetensors", "--max-rank", "full", "--batch-size", "5"], cwd=toy)
+    return toy / "ft.contrastive.safetensors", anchors, task, result
+
+
+def test_the_file_says_what_it_holds(toy, calibrated):
+    path, anchors, task, result = calibrated
+    assert "48 anchors" in result.stdout and "48 task rows" in result.stdout and "input sites" in result.stdout
+    assert "peak memory" in result.stdout
+    with safe_open(path, "pt") as h:
+        meta = h.metadata()
+    assert meta["format"] == FORMAT and meta["task"] == "task" and float(meta["eps"]) == 1e-6
+    assert meta["finetuned_fingerprint"] == model_fingerprint(str(toy / "finetuned"))
+    assert meta["aligned_fingerprint"] == model_fingerprint(str(toy / "aligned"))
+    sites = json.loads(meta["sites"])
+    layer0 = "model.layers.0."
+    assert sites[layer0 + "self_attn.q_proj.weight"] == sites[layer0 + "self_attn.k_proj.weight"] \
+        == sites[layer0 + "self_attn.v_proj.weight"]
+    assert sites[layer0 + "mlp.gate_proj.weight"] == sites[layer0 + "mlp.up_proj.weight"]
+    assert sites[layer0 + "mlp.down_proj.weight"] == layer0 + "mlp.down_proj.weight"
+
+
+def test_the_merge_at_lam_1_matches_the_closed_form_of_independent_grams(toy, calibrated):
+    """Issue 46's check: ||(W' - W_ref)(C_H + C_T)^1/2|| <= 0.05 ||(W_ref - W_ft)(C_H + C_T)^1/2||,
+    with W_ref = W_ft + (W_al - W_ft) C_H (C_H + B)^-1 from this test's own Grams."""
+    path, anchors, task, _ = calibrated
+    c_h, c_t = _grams(str(toy / "finetuned"), anchors), _grams(str(toy / "finetuned"), task)
+    ft = dict(AutoModelForCausalLM.from_pretrained(toy / "finetuned", dtype=torch.float32).state_dict())
+    al = dict(AutoModelForCausalLM.from_pretrained(toy / "aligned", dtype=torch.float32).state_dict())
+    calibration = open_contrastive(str(path))
+    assert set(c_h) == set(calibration.sites)
+    for name in sorted(c_h):
+        w_ft, w_al = ft[name].double().numpy(), al[name].double().numpy()
+        b = c_t[name] + 1e-6 * np.eye(len(c_t[name]))
+        w_ref = w_ft + (w_al - w_ft) @ np.linalg.solve((c_h[name] + b).T, c_h[name].T).T
+        basis = calibration.basis(name, w_ft.shape[1])
+        w_new = contrastive_fuse(ft[name], al[name], basis, lam=1.0).numpy()
+        root = scipy.linalg.sqrtm(c_h[name] + c_t[name]).real
+        assert np.linalg.norm((w_new - w_ref) @ root) <= 0.05 * np.linalg.norm((w_ref - w_ft) @ root), name
+
+
+def test_the_same_rows_as_anchors_and_task_give_an_even_split_on_their_span(toy):
+    """Identical rows give identical Grams (C_H = C_T = C), so at lam 1 the restore is
+    linear interpolation at 0.5 on the rows' span: ||(R - I/2) C^1/2|| small."""
+    rows = _rows(3, 48)
+    _jsonl(toy / "same-anchors.jsonl", rows, "response")
+    _jsonl(toy / "same-task.jsonl", rows, "answer")
+    run_cli(["mergekit-lssf", "calibrate", "recipe.yml", "--task", "same-task.jsonl", "--anchors", "same-anchors.jsonl",
+             "--out", "same.safetensors", "--max-rank", "full"], cwd=toy)
+    c = _grams(str(toy / "finetuned"), rows)
+    calibration = open_contrastive(str(toy / "same.safetensors"))
+    for name in sorted(c):
+        basis = calibration.basis(name, c[name].shape[0])
+        weights = (basis.mu / (basis.mu + 1.0)).numpy()
+        r = (basis.bv.numpy() * weights) @ basis.v.numpy().T
+        root = scipy.linalg.sqrtm(c[name]).real
+        assert np.linalg.norm((r - 0.5 * np.eye(len(r))) @ root) <= 0.02 * np.linalg.norm(0.5 * root), name
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "answer": "b"}\n{"prompt": "c"}\n', 'bad-task.jsonl:2: the row has no "answer" string'),
+    ('{"prompt": "a", "answer": "b"}\nnot json\n', "bad-task.jsonl:2: not a JSON object"),
+    ("", "bad-task.jsonl: no task rows"),
+])
+def test_a_bad_task_file_is_one_line_and_writes_nothing(toy, content, message):
+    (toy / "bad-task.jsonl").write_text(content)
+    result = run_cli(["mergekit-lssf", "calibrate", "recipe.yml", "--task", "bad-task.jsonl", "--out", "never.safetensors"],
+                     cwd=toy, check=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    assert not os.path.exists(toy / "never.safetensors")
+
+
+def test_an_existing_out_file_is_never_replaced(toy, calibrated):
+    path, *_ = calibrated
+    before = path.read_bytes()
+    result = run_cli(["mergekit-lssf", "calibrate", "recipe.yml", "--task", "task.jsonl", "--out", path.name],
+                     cwd=toy, check=False)
+    assert result.returncode == 1 and "already exists" in result.stderr
+    assert path.read_bytes() == before
+
+
+# ---- fusion: contrastive through mergekit-yaml -------------------------------------------
+
+def _contrastive_recipe(root, name, calibration, lam=1.0, base="./finetuned", **extra):
+    doc = {"merge_method": "lssf", "base_model": base,
+           "models": [{"model": "./aligned", "parameters": {"role": "aligned"}}],
+           "parameters": {"fusion": "contrastive", "calibration": calibration, "lam": lam, **extra.pop("parameters", {})},
+           "dtype": "float32", **extra}
+    with open(root / name, "w", encoding="utf-8") as fp:
+        yaml.safe_dump(doc, fp)
+    return name
+
+
+def test_mergekit_yaml_writes_the_closed_form(toy, calibrated, tmp_path):
+    """The merge at lam 1 (aligned model only, no unaligned one) against the closed
+    form from this test's own Grams: issue 46's 0.05 check on every fused weight."""
+    path, anchors, task, _ = calibrated
+    recipe = _contrastive_recipe(toy, "contrastive.yml", path.name)
+    result = run_cli(["mergekit-yaml", recipe, str(tmp_path / "out")], cwd=toy)
+    assert "contrastive" in result.stderr
+    merged = load_state(tmp_path / "out")
+    c_h, c_t = _grams(str(toy / "finetuned"), anchors), _grams(str(toy / "finetuned"), task)
+    ft, al = load_state(toy / "finetuned"), load_state(toy / "aligned")
+    for name in sorted(c_h):
+        w_ft, w_al = ft[name].double().numpy(), al[name].double().numpy()
+        b = c_t[name] + 1e-6 * np.eye(len(c_t[name]))
+        w_ref = w_ft + (w_al - w_ft) @ np.linalg.solve((c_h[name] + b).T, c_h[name].T).T
+        root = scipy.linalg.sqrtm(c_h[name] + c_t[name]).real
+        got = merged[name].double().numpy()
+        assert np.linalg.norm((got - w_ref) @ root) <= 0.05 * np.linalg.norm((w_ref - w_ft) @ root), name
+    for name, tensor in merged.items():
+        if name not in c_h:
+            assert torch.equal(tensor, ft[name]), name  # every other tensor is the fine-tune's
+
+
+def test_same_rows_merge_like_linear_at_one_half_on_the_data(toy, tmp_path):
+    """Anchors = task rows, lam 1: the merge matches mergekit's `linear` at 0.5 / 0.5
+    on the rows' activations (issue 46: within 0.02)."""
+    if not (toy / "same.safetensors").exists():
+        pytest.skip("needs test_the_same_rows_as_anchors_and_task_give_an_even_split_on_their_span first")
+    rows = _rows(3, 48)
+    recipe = _contrastive_recipe(toy, "same.yml", "same.safetensors")
+    run_cli(["mergekit-yaml", recipe, str(tmp_path / "contrastive")], cwd=toy)
+    with open(toy / "linear.yml", "w") as fp:
+        yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": [
+            {"model": "./finetuned", "parameters": {"weight": 0.5}},
+            {"model": "./aligned", "parameters": {"weight": 0.5}}]}, fp)
+    run_cli(["mergekit-yaml", "linear.yml", str(tmp_path / "linear")], cwd=toy)
+    got, lin, ft = load_state(tmp_path / "contrastive"), load_state(tmp_path / "linear"), load_state(toy / "finetuned")
+    c = _grams(str(toy / "finetuned"), rows)
+    for name in sorted(c):
+        root = scipy.linalg.sqrtm(c[name]).real
+        w, w_lin, w_ft = (x[name].double().numpy() for x in (got, lin, ft))
+        assert np.linalg.norm((w - w_lin) @ root) <= 0.02 * np.linalg.norm((w_lin - w_ft) @ root), name
+
+
+def test_every_entry_point_writes_the_same_contrastive_bits(toy, calibrated, tmp_path):
+    from mergekit.merge_methods import merge_state_dicts
+
+    path, *_ = calibrated
+    recipe = _contrastive_recipe(toy, "bits.yml", path.name, lam=3.0, parameters={"rank": 4, "round_to": "bfloat16"},
+                                 out_dtype="bfloat16")
+    run_cli(["mergekit-yaml", recipe, str(tmp_path / "yaml")], cwd=toy)
+    states = {"ft": load_state(toy / "finetuned"), "al": load_state(toy / "aligned")}
+    memory = merge_state_dicts(states, "lssf", base="ft", out_dtype=torch.bfloat16, parameters={
+        "role": {"al": "aligned"}, "fusion": "contrastive", "calibration": str(path), "lam": 3.0, "rank": 4,
+        "round_to": "bfloat16"})
+    by_yaml = load_state(tmp_path / "yaml")
+    assert all(torch.equal(by_yaml[n], t) for n, t in memory.items())
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"fusion": "contrastive"}, "`fusion: contrastive` needs `calibration: FILE`"),
+    ({"calibration": "ft.contrastive.safetensors"}, "`calibration` is read by `fusion: contrastive` only"),
+    ({"fusion": "contrastive", "calibration": "ft.contrastive.safetensors", "lam": 0}, "`lam` must satisfy 0 < lam"),
+    ({"subspace": "ft.contrastive.safetensors"}, "is not an lssf subspace file"),
+])
+def test_contrastive_recipe_errors_are_one_line(toy, calibrated, tmp_path, parameters, message):
+    recipe = write_lssf_recipe(toy, "bad-contrastive.yml", parameters)
+    result = run_cli(["mergekit-yaml", recipe, str(tmp_path / "never")], cwd=toy, check=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_calibration_of_another_fine_tune_is_refused(toy, calibrated, tmp_path):
+    """Same base, same shapes, another fine-tune (here the unaligned model stands in):
+    the fingerprints differ and nothing is written."""
+    path, *_ = calibrated
+    recipe = _contrastive_recipe(toy, "other.yml", path.name, base="./unaligned")
+    result = run_cli(["mergekit-yaml", recipe, str(tmp_path / "never")], cwd=toy, check=False)
+    assert result.returncode == 1 and "was calibrated on" in result.stderr and "fine-tune (base_model)" in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_extract_patch_of_a_contrastive_recipe_is_the_merge(toy, calibrated, tmp_path):
+    """The adapter's B @ A added to the fine-tune gives the mergekit-yaml merge."""
+    from safetensors.torch import load_file
+
+    path, *_ = calibrated
+    recipe = _contrastive_recipe(toy, "patch.yml", path.name, lam=3.0)
+    run_cli(["mergekit-yaml", recipe, str(tmp_path / "merged")], cwd=toy)
+    run_cli(["mergekit-lssf", "extract-patch", recipe, "--out", str(tmp_path / "patch")], cwd=toy)
+    adapter = load_file(tmp_path / "patch" / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "patch" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "./finetuned"  # the term depends on the fine-tune
+    merged, ft = load_state(tmp_path / "merged"), load_state(toy / "finetuned")
+    modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in adapter}
+    assert len(modules) == 14
+    for module in modules:
+        b = adapter[f"base_model.model.{module}.lora_B.weight"].double()
+        a = adapter[f"base_model.model.{module}.lora_A.weight"].double()
+        want = merged[f"{module}.weight"].double()
+        got = ft[f"{module}.weight"].double() + b @ a
+        assert torch.linalg.matrix_norm(got - want) <= 1e-5 * torch.linalg.matrix_norm(want), module
+
+
+def test_the_readme_commands_for_task_data_run_as_written(toy, tmp_path):
+    """README "When you have task data": its recipe and its two commands, as written,
+    on the toy models standing in for ./my-finetune and ./aligned-model."""
+    import re
+    import subprocess
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = text.split("## When you have task data", 1)[1].split("\n## ", 1)[0]
+    recipe = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    commands = [c for c in re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines() if c.strip()]
+    assert len(commands) == 2 and "calibrate contrastive.yml --task task.jsonl" in commands[0]
+    (tmp_path / "my-finetune").symlink_to(toy / "finetuned")
+    (tmp_path / "aligned-model").symlink_to(toy / "aligned")
+    (tmp_path / "contrastive.yml").write_text(recipe)
+    _jsonl(tmp_path / "task.jsonl", _rows(2, 8), "answer")
+    for command in commands:
+        result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                                env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
+        assert result.returncode == 0, (command, result.stderr[-2000:])
+    assert (tmp_path / "repaired-contrastive" / "model.safetensors").exists()
