@@ -191,6 +191,8 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     settings = Settings.tiny(str(tmp_path / "toy" / "unaligned"))
     bed = Testbed(str(tmp_path / "bed"), settings, log=lambda m: None)
     summary = bed.run()  # every cell; the primary cells with both tiny seeds
+    # issue 49 finding 2: the role check stays quiet on every cell's correct recipes (main, align-full, attack...)
+    assert "were the roles swapped" not in capsys.readouterr().err
     cells = summary["cells"]
     assert set(cells) == set(CELLS)
     assert cells["main"]["seeds"] == cells["align-full"]["seeds"] == [0, 1] and cells["attack"]["seeds"] == [0]
