@@ -127,7 +127,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 # ``{basename(BASE)}_{crc32(BASE)}_{basename(LORA)}_{crc32(LORA)}`` (ModelReference.merged)
 # and writes only config.json and weights there: no tokenizer, and transformers >= 5
 # no longer records BASE in config.json's ``_name_or_path``.
-LORA_CACHE_NAME = re.compile(r"^(?P<base>.+)_(?P<crc>\d+)_(?P<lora>.+)_(?P<lcrc>\d+)$")
 
 
 def has_tokenizer(folder: str) -> bool:
@@ -165,24 +164,20 @@ def _crc(path: str) -> str:
     return str(binascii.crc32(path.encode()))
 
 
-def _lora_cache_base(model_dir: str) -> Optional[str]:
-    """The ``BASE`` of a ``BASE+LORA`` that mergekit merged into ``model_dir`` (a folder in
-    --lora-merge-cache), when it can be found: the path recorded in config.json
-    (``_name_or_path``, transformers < 5), else the folder or hub id whose name and crc32
-    match the folder's name, looked for in the current directory, beside the cache folder
-    and in the Hugging Face cache. None when nothing matches."""
-    try:
-        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fp:
-            recorded = json.load(fp).get("_name_or_path") or ""
-    except (OSError, ValueError):
-        recorded = ""
-    if recorded and os.path.abspath(recorded) != os.path.abspath(model_dir) and _usable(recorded):
-        return recorded
-    m = LORA_CACHE_NAME.match(os.path.basename(os.path.normpath(model_dir)))
-    if not m:
-        return None
-    name, crc = m.group("base"), m.group("crc")
-    # a hub id, as in the README's recipe: mergekit downloaded its tokenizer to the HF cache
+def _cache_name_parts(folder: str):
+    """Every ``(BASE name, crc, LORA name, crc)`` reading of a --lora-merge-cache folder
+    name ``{BASE}_{crc}_{LORA}_{crc}`` (either name may itself hold ``_digits_``)."""
+    end = re.match(r"^(?P<rest>.+)_(?P<lcrc>\d+)$", folder)
+    if not end:
+        return
+    rest = end.group("rest")
+    for m in re.finditer(r"_(\d+)_", rest):
+        if m.start() > 0 and m.end() < len(rest):
+            yield rest[:m.start()], m.group(1), rest[m.end():], end.group("lcrc")
+
+
+def _hub_match(name: str, crc: str) -> Optional[str]:
+    """A hub id in the Hugging Face cache whose name and crc32 match (nothing downloaded)."""
     try:
         from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -193,8 +188,13 @@ def _lora_cache_base(model_dir: str) -> Optional[str]:
                     return hub_id
     except (ImportError, OSError):
         pass
-    # a local folder, spelled as the recipe spelled it, relative to where mergekit-yaml ran:
-    # most likely here, or the folder holding the cache
+    return None
+
+
+def _local_match(name: str, crc: str, model_dir: str) -> Optional[str]:
+    """A local folder named ``name`` whose path, spelled as a recipe would spell it
+    relative to where mergekit-yaml ran (here, or the folder holding the cache), has
+    crc32 ``crc``; up to 4 levels deep."""
     cache_parent = os.path.dirname(os.path.dirname(os.path.abspath(model_dir)))
     for root in dict.fromkeys([os.getcwd(), cache_parent]):
         for here, dirs, _ in os.walk(root):
@@ -205,16 +205,39 @@ def _lora_cache_base(model_dir: str) -> Optional[str]:
             rel = os.path.relpath(here, root)
             spellings = [rel, "./" + rel, here, os.path.relpath(here)]
             spellings += [s + "/" for s in spellings]
-            for spelling in spellings:
-                if _crc(spelling) == crc:
-                    return here
+            if any(_crc(spelling) == crc for spelling in spellings):
+                return here
     return None
+
+
+def _lora_cache_sources(model_dir: str) -> List[str]:
+    """Where the tokenizer of a ``BASE+LORA`` that mergekit merged into ``model_dir`` (a
+    folder in --lora-merge-cache) may come from, in order: the adapter folder (PEFT
+    saves one there when the fine-tune added tokens), then ``BASE`` (the path recorded
+    in config.json's ``_name_or_path``, transformers < 5, else the hub id or local
+    folder whose name and crc32 match the folder's name)."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as fp:
+            recorded = json.load(fp).get("_name_or_path") or ""
+    except (OSError, ValueError):
+        recorded = ""
+    recorded = [recorded] if recorded and os.path.abspath(recorded) != os.path.abspath(model_dir) else []
+    for name, crc, lora_name, lora_crc in _cache_name_parts(os.path.basename(os.path.normpath(model_dir))):
+        lora = _local_match(lora_name, lora_crc, model_dir)
+        base = recorded or [_hub_match(name, crc) or _local_match(name, crc, model_dir)]
+        if lora or base[0]:
+            sources = ([lora] if lora else []) + [b for b in base if b]
+            break
+    else:
+        sources = recorded
+    return [s for s in sources if _usable(s)]
 
 
 def find_tokenizer(model_dir: str, tokenizer: Optional[str] = None) -> str:
     """Where ``model_dir``'s tokenizer comes from: the folder itself when it holds one,
     else ``tokenizer`` (--tokenizer) when given, else, for a ``BASE+LORA`` that mergekit
-    merged in --lora-merge-cache (which holds no tokenizer), ``BASE``. A one-line error
+    merged in --lora-merge-cache (which holds no tokenizer), the adapter's own tokenizer
+    when it saved one, else ``BASE``. A one-line error
     naming the folder and --tokenizer when none is found."""
     if has_tokenizer(model_dir):
         return model_dir
@@ -222,9 +245,9 @@ def find_tokenizer(model_dir: str, tokenizer: Optional[str] = None) -> str:
         if os.path.isdir(tokenizer) and not has_tokenizer(tokenizer):
             raise LSSFConfigError(f"--tokenizer: {tokenizer} holds no tokenizer (tokenizer.json or tokenizer_config.json)")
         return tokenizer
-    base = _lora_cache_base(model_dir)
-    if base and _usable(base):
-        return base
+    sources = _lora_cache_sources(model_dir)
+    if sources:
+        return sources[0]
     raise LSSFConfigError(f"model: {model_dir} holds no tokenizer (tokenizer.json or tokenizer_config.json) and is not "
                           "a mergekit --lora-merge-cache folder whose base model was found; pass --tokenizer PATH "
                           "(the fine-tune's base model folder or hub id)")

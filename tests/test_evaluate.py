@@ -46,3 +46,24 @@ def test_eval_command_on_tiny_model(tmp_path):
     assert all(r["refused"] == is_refusal(r["response"]) for r in data["responses"]["harmful"])
     assert data["perplexity"] > 1 and len(data["responses"]["harmful"]) == 2
     assert "refusal rate" in result.stdout
+
+
+def test_a_lora_merge_cache_takes_the_adapters_tokenizer_first(tmp_path, monkeypatch):
+    """mergekit names a merged BASE+LORA ``{BASE}_{crc}_{LORA}_{crc}``; an adapter that
+    saved its own tokenizer (added tokens) wins over BASE's, and names holding
+    ``_digits_`` are split where the crc32s match."""
+    import binascii
+
+    from mergekit_lssf.evaluate import find_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("base_7_model", "run_2_final"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "tokenizer_config.json").write_text("{}")
+    crc = lambda s: binascii.crc32(s.encode())  # noqa: E731
+    cache = tmp_path / "cache" / f"base_7_model_{crc('./base_7_model')}_run_2_final_{crc('./run_2_final')}"
+    cache.mkdir(parents=True)
+    (cache / "config.json").write_text("{}")
+    assert find_tokenizer(str(cache)) == str(tmp_path / "run_2_final")
+    (tmp_path / "run_2_final" / "tokenizer_config.json").unlink()
+    assert find_tokenizer(str(cache)) == str(tmp_path / "base_7_model")
