@@ -80,7 +80,8 @@ def anchors_sha256(anchors: List[Anchor]) -> str:
 
 
 def fill_responses(model_dir: str, anchors: List[Anchor], *, device: torch.device,
-                   batch_size: int, max_new_tokens: int, progress: bool) -> List[Anchor]:
+                   batch_size: int, max_new_tokens: int, progress: bool,
+                   tokenizer_dir: Optional[str] = None) -> List[Anchor]:
     """Answer anchors without a response greedily with the model itself (its refusals).
 
     This step loads the whole model; pass responses in --anchors for models that do
@@ -89,7 +90,7 @@ def fill_responses(model_dir: str, anchors: List[Anchor], *, device: torch.devic
     missing = [a for a in anchors if a.response is None]
     if not missing:
         return anchors
-    model, tokenizer = load_model(model_dir, str(device))
+    model, tokenizer = load_model(model_dir, str(device), tokenizer_dir)
     answers = generate(model, tokenizer, [a.prompt for a in missing], max_new_tokens=max_new_tokens,
                        batch_size=batch_size, progress=progress, desc="generating anchor responses")
     for anchor, answer in zip(missing, answers):

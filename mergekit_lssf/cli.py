@@ -126,7 +126,10 @@ def check(recipe: str, as_json: bool) -> None:
               help="Where the model runs (auto: cuda when there is one).")
 @click.option("--batch-size", default=8, show_default=True, help="Rows per forward pass.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Length of generated responses for anchors without one.")
-def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch_size, max_new_tokens) -> None:
+@click.option("--lora-merge-cache", type=click.Path(file_okay=False),
+              help="RECIPE only: where mergekit merges a model+lora fine-tune (as mergekit-yaml's).")
+def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch_size, max_new_tokens,
+              lora_merge_cache) -> None:
     """Calibrate a subspace from activations. Two forms:
 
     `calibrate ALIGNED_MODEL --out FILE`: the paper's calibrated safety subspace (Eq. 4)
@@ -134,17 +137,18 @@ def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch
     without a response are answered by the model itself, greedily (its own refusals).
 
     `calibrate RECIPE --task TASK.jsonl --out FILE`: the contrastive calibration of the
-    recipe's fine-tune (`base_model`, a local folder) against the refusals of its
+    recipe's fine-tune (`base_model`) against the refusals of its
     `role: aligned` model: input Grams of harmful anchors and of the task rows, through
-    the fine-tune, and the generalized eigenvectors of the pair per input site.
+    the fine-tune, and the generalized eigenvectors of the pair per input site. A
+    `BASE+LORA` fine-tune is merged in --lora-merge-cache first, as mergekit-yaml does.
     """
     is_recipe = os.path.isfile(source) and source.endswith((".yml", ".yaml"))
     if max_rank != "full" and not max_rank.isdigit():
         raise click.BadParameter(f"expected a positive integer or `full`, got {max_rank!r}", param_hint="--max-rank")
     if not is_recipe:
-        if task_path or max_rank == "full":
-            raise click.UsageError("--task and --max-rank full need a RECIPE (the contrastive calibration), "
-                                   f"not the model folder {source}")
+        if task_path or max_rank == "full" or lora_merge_cache:
+            raise click.UsageError("--task, --lora-merge-cache and --max-rank full need a RECIPE (the contrastive "
+                                   f"calibration), not the model folder {source}")
         check_model_folder(source, "ALIGNED_MODEL", local=True)
         meta = run_calibration(source, out_path, anchors_path=anchors, max_rank=int(max_rank), device=device,
                                batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -153,7 +157,7 @@ def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch
             f"max_rank {meta['max_rank']}, {meta['seconds']} s"
         )
         return
-    roles = recipe_models(load_recipe(source))
+    roles = recipe_models(load_recipe(source), lora_merge_cache)
     meta = contrastive_calibrate(roles, out_path, task_path=task_path, anchors_path=anchors,
                                  max_rank=None if max_rank == "full" else int(max_rank), eps=eps, device=device,
                                  batch_size=batch_size, max_new_tokens=max_new_tokens,

@@ -42,38 +42,62 @@ from mergekit_lssf.calibrate import (
 )
 from mergekit_lssf.contrastive import contrastive_basis, trace_normalised
 from mergekit_lssf.contrastive_file import FORMAT, NORMALIZATION
-from mergekit_lssf.evaluate import is_refusal
+from mergekit_lssf.evaluate import has_tokenizer, is_refusal
 from mergekit_lssf.guards import check_model_folder
 from mergekit_lssf.parameters import LSSFConfigError
 from mergekit_lssf.safetensors_io import StreamedWriter
-from mergekit_lssf.subspace_file import model_fingerprint
+from mergekit_lssf.subspace_file import adapter_sha256, model_fingerprint
 from mergekit_lssf.version import __version__
 
 
 @dataclass(frozen=True)
 class Roles:
-    """The two models a contrastive calibration reads, from the recipe."""
+    """The two models a contrastive calibration reads, from the recipe: ``finetuned`` a
+    local folder (for ``BASE+LORA``, mergekit's merged folder in the LoRA merge cache,
+    with ``base`` and ``adapter`` the recipe's BASE and LORA folders) and ``aligned``."""
 
     finetuned: str
     aligned: str
+    base: Optional[str] = None
+    adapter: Optional[str] = None
+
+    @property
+    def tokenizer(self) -> str:
+        """The adapter's tokenizer when it saved one, else BASE's, else the fine-tune's."""
+        for folder in (self.adapter, self.base):
+            if folder and has_tokenizer(folder):
+                return folder
+        return self.finetuned
+
+    def lineage(self) -> Dict[str, str]:
+        """The fine-tune's provenance: its fingerprint, or for ``BASE+LORA`` BASE's
+        fingerprint and the adapter's hash (``adapter_sha256``)."""
+        if self.adapter is None:
+            return {"finetuned_fingerprint": model_fingerprint(self.finetuned)}
+        return {"finetuned_base_fingerprint": model_fingerprint(self.base),
+                "finetuned_adapter_sha256": adapter_sha256(self.adapter)}
 
 
-def recipe_models(config) -> Roles:
+def recipe_models(config, lora_merge_cache: Optional[str] = None) -> Roles:
     """The fine-tune (``base_model``) and the ``role: aligned`` model of an lssf recipe,
-    as local folders (``model+lora`` fine-tunes are not supported here yet)."""
+    as local folders; a ``BASE+LORA`` fine-tune is merged by mergekit into
+    ``lora_merge_cache`` (the same folder ``mergekit-yaml --lora-merge-cache`` uses)."""
     base = config.base_model
     if base is None:
         raise LSSFConfigError("calibrate: the recipe has no `base_model` (the fine-tune to repair)")
-    if getattr(base, "lora", None) is not None:
-        raise LSSFConfigError(f"calibrate: base_model {base} is a model+lora reference; contrastive calibration "
-                              "reads a merged fine-tune folder (e.g. the one mergekit-yaml wrote in "
-                              "--lora-merge-cache) for now")
     aligned = [m.model for m in config.models or [] if (m.parameters or {}).get("role") == "aligned"]
     if len(aligned) != 1:
         raise LSSFConfigError(f"calibrate: the recipe needs exactly one model with `role: aligned`, has {len(aligned)}")
     check_model_folder(base.model.path, "base_model", local=True)
     check_model_folder(aligned[0].model.path, "models (role: aligned)", local=True)
-    return Roles(base.model.path, aligned[0].model.path)
+    if getattr(base, "lora", None) is None:
+        return Roles(base.model.path, aligned[0].model.path)
+    check_model_folder(base.lora.path, "base_model (LoRA)", local=True)
+    if not lora_merge_cache:
+        raise LSSFConfigError(f"base_model: {base} is a model+lora reference; pass --lora-merge-cache DIR (the folder "
+                              "mergekit-yaml uses: the adapter is merged there once)")
+    merged = base.merged(cache_dir=lora_merge_cache)
+    return Roles(merged.model.path, aligned[0].model.path, base.model.path, base.lora.path)
 
 
 def load_task(path: str) -> List[Anchor]:
@@ -147,8 +171,8 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task_path: Optional[st
     variant = "task" if task is not None else "benign-only"
     if task is None:
         task = fill_responses(roles.finetuned, benign_rows(), device=dev, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, progress=progress)
-    tokenizer = AutoTokenizer.from_pretrained(roles.finetuned)
+                              max_new_tokens=max_new_tokens, progress=progress, tokenizer_dir=roles.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(roles.tokenizer)
     sets = {"anchors": render_pairs(tokenizer, anchors), "task": render_pairs(tokenizer, task)}
 
     config, body, rotary, weights = open_streamed(roles.finetuned, dev)
@@ -165,8 +189,8 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task_path: Optional[st
         metadata = {
             "format": FORMAT,
             "sites": json.dumps(sites, sort_keys=True),
-            "finetuned": os.path.abspath(roles.finetuned),
-            "finetuned_fingerprint": model_fingerprint(roles.finetuned),
+            "finetuned": os.path.abspath(roles.adapter or roles.finetuned),
+            **roles.lineage(),
             "aligned": os.path.abspath(roles.aligned),
             "aligned_fingerprint": model_fingerprint(roles.aligned),
             "task": variant,

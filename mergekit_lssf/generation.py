@@ -6,17 +6,18 @@ anchor prompts with the aligned model itself).
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def load_model(model_dir: str, device: str = "cpu"):
-    """The model (float32, eval mode, on ``device``) and its tokenizer, set to pad on
-    the left for batched generation."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def load_model(model_dir: str, device: str = "cpu", tokenizer_dir: Optional[str] = None):
+    """The model (float32, eval mode, on ``device``) and its tokenizer (from
+    ``tokenizer_dir`` when given, else the model's folder), set to pad on the left for
+    batched generation."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

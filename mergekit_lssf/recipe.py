@@ -14,6 +14,7 @@ import os
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import yaml
+from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
 from mergekit.io.tasks import LoaderCache
 from pydantic import ValidationError
@@ -31,7 +32,7 @@ from mergekit_lssf.parameters import (
     required_roles,
 )
 from mergekit_lssf.contrastive_file import open_contrastive
-from mergekit_lssf.subspace_file import model_fingerprint, open_subspace
+from mergekit_lssf.subspace_file import adapter_sha256, model_fingerprint, open_subspace
 
 LOG = logging.getLogger("mergekit_lssf")
 
@@ -207,18 +208,25 @@ def _check_calibration(where: str, path: str, finetuned: Any, aligned: Any) -> N
         calibration = open_contrastive(path)
     except LSSFConfigError as error:
         raise LSSFConfigError(f"{where}: {error}") from None
-    for label, model, key in (("fine-tune (base_model)", finetuned, "finetuned_fingerprint"),
-                              ("aligned model", aligned, "aligned_fingerprint")):
-        if getattr(model, "lora", None) is not None or not os.path.isdir(model.model.path):
+    expected = [("aligned model", aligned, "aligned_fingerprint", model_fingerprint)]
+    if getattr(finetuned, "lora", None) is not None:
+        expected += [("fine-tune's base", finetuned, "finetuned_base_fingerprint", model_fingerprint),
+                     ("fine-tune's adapter", finetuned.lora, "finetuned_adapter_sha256", adapter_sha256)]
+    else:
+        expected += [("fine-tune (base_model)", finetuned, "finetuned_fingerprint", model_fingerprint)]
+    for label, model, key, measure in expected:
+        path = model.path if getattr(model, "path", None) and not hasattr(model, "model") else model.model.path
+        if not os.path.isdir(path):
             continue  # only local folders are fingerprinted (see docs/internals.md)
-        actual = model_fingerprint(model.model.path)
+        actual = measure(path)
         if calibration.metadata.get(key) != actual:
             source = calibration.metadata.get(key.split("_")[0], "another model")
             raise LSSFConfigError(
                 f"{where}: {path} was calibrated on {source}, not on the recipe's {label} {model} "
                 f"(fingerprint {str(calibration.metadata.get(key))[:12]} vs {actual[:12]}); run "
                 "`mergekit-lssf calibrate RECIPE --task ...` for this recipe")
-    for name, stored in sorted((model_index(finetuned) or {}).items()):
+    headers = model_index(finetuned) or model_index(ModelReference(model=finetuned.model)) or {}
+    for name, stored in sorted(headers.items()):
         if fuses(name, stored.shape, stored.floating) and not calibration.has(name):
             raise LSSFConfigError(f"{where}: weight {name} of the fine-tune ({finetuned}) is missing from "
                                   f"calibration file {path}")

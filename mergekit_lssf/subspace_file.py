@@ -56,6 +56,18 @@ def model_fingerprint(model_dir: str) -> str:
     return digest.hexdigest()
 
 
+def adapter_sha256(adapter_dir: str) -> str:
+    """SHA-256 over a PEFT adapter folder's config and weight files (names and bytes)."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(adapter_dir)):
+        if name == "adapter_config.json" or name.startswith("adapter_model."):
+            digest.update(name.encode())
+            with open(os.path.join(adapter_dir, name), "rb") as fp:
+                for chunk in iter(lambda: fp.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _sample_offsets(size: int) -> List[int]:
     """Offsets of the blocks hashed in a tensor of ``size`` bytes: every block when the
     tensor holds at most ``_SAMPLE_BLOCKS`` of them, else that many evenly spaced."""

@@ -290,3 +290,38 @@ def test_the_readme_commands_for_task_data_run_as_written(toy, tmp_path):
                                 env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
         assert result.returncode == 0, (command, result.stderr[-2000:])
     assert (tmp_path / "repaired-contrastive" / "model.safetensors").exists()
+
+
+def _lora(aligned, out, seed):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                                            init_lora_weights=False))
+    peft.save_pretrained(out)
+
+
+def test_a_model_plus_lora_fine_tune_is_calibrated_and_merged(toy, tmp_path):
+    """The headline case: base_model ALIGNED+LORA, merged once in --lora-merge-cache by
+    calibrate, reused by mergekit-yaml; a calibration of another adapter is refused."""
+    _lora(toy / "aligned", toy / "lora-a", 1)
+    _lora(toy / "aligned", toy / "lora-b", 2)
+    _jsonl(toy / "lora-anchors.jsonl", _rows(4, 12), "response")
+    _jsonl(toy / "lora-task.jsonl", _rows(5, 12), "answer")
+    recipe = _contrastive_recipe(toy, "lora.yml", "lora-a.safetensors", base="./aligned+./lora-a")
+    result = run_cli(["mergekit-lssf", "calibrate", recipe, "--task", "lora-task.jsonl", "--anchors", "lora-anchors.jsonl",
+                      "--out", "lora-a.safetensors", "--lora-merge-cache", "cache"], cwd=toy)
+    assert "12 task rows" in result.stdout
+    with safe_open(toy / "lora-a.safetensors", "pt") as h:
+        meta = h.metadata()
+    assert meta["finetuned_base_fingerprint"] == model_fingerprint(str(toy / "aligned"))
+    assert "finetuned_adapter_sha256" in meta and "finetuned_fingerprint" not in meta
+    run_cli(["mergekit-yaml", recipe, str(tmp_path / "out"), "--lora-merge-cache", "cache"], cwd=toy)
+    merged = load_state(tmp_path / "out")
+    ft = load_state(next((toy / "cache").iterdir()))
+    assert any(not torch.equal(merged[n], ft[n]) for n in merged if ".layers." in n)
+    other = _contrastive_recipe(toy, "lora-b.yml", "lora-a.safetensors", base="./aligned+./lora-b")
+    refused = run_cli(["mergekit-yaml", other, str(tmp_path / "never"), "--lora-merge-cache", "cache"], cwd=toy,
+                      check=False)
+    assert refused.returncode == 1 and "fine-tune's adapter" in refused.stderr and not (tmp_path / "never").exists()
