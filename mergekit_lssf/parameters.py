@@ -220,6 +220,10 @@ class FusionSettings:
             raise ValueError(errors[0])
 
 
+#: Parameters of the data-free subspace that ``fusion: contrastive`` does not read.
+CONTRASTIVE_UNREAD = ("eta", "max_rank", "rank_rule", "weight_max", "spectrum")
+
+
 def combination_problems(values: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
     """``(errors, warnings)`` of the rules between parameters, for one set of
     effective values (defaults filled in): ``alpha`` at most 1 with ``restore``;
@@ -240,6 +244,13 @@ def combination_problems(values: Mapping[str, Any]) -> Tuple[List[str], List[str
                       "--task TASK.jsonl`")
     if fusion == "contrastive" and values.get("subspace"):
         errors.append("`subspace` is an Eq. 4 file for `restore`/`add`; `fusion: contrastive` reads `calibration`")
+    if fusion == "contrastive":
+        unread = [n for n in CONTRASTIVE_UNREAD if n in values and values[n] != DEFAULTS[n]]
+        if unread:
+            errors.append(f"`{unread[0]}: {values[unread[0]]}` is not read by `fusion: contrastive` (it takes "
+                          "`calibration`, `lam`, `rank`, `alpha` and the rounding); remove it")
+    if fusion != "contrastive" and values.get("lam", DEFAULTS["lam"]) != DEFAULTS["lam"]:
+        errors.append(f"`lam` is read by `fusion: contrastive` only, not `fusion: {fusion}`")
     if fusion != "contrastive" and values.get("calibration"):
         errors.append(f"`calibration` is read by `fusion: contrastive` only, not `fusion: {fusion}`")
     if values.get("spectrum") == "signal" and (values.get("rank") is not None

@@ -230,6 +230,9 @@ def test_every_entry_point_writes_the_same_contrastive_bits(toy, calibrated, tmp
     ({"calibration": "ft.contrastive.safetensors"}, "`calibration` is read by `fusion: contrastive` only"),
     ({"fusion": "contrastive", "calibration": "ft.contrastive.safetensors", "lam": 0}, "`lam` must satisfy 0 < lam"),
     ({"subspace": "ft.contrastive.safetensors"}, "is not an lssf subspace file"),
+    ({"fusion": "contrastive", "calibration": "ft.contrastive.safetensors", "eta": 0.5},
+     "`eta: 0.5` is not read by `fusion: contrastive`"),
+    ({"lam": 2}, "`lam` is read by `fusion: contrastive` only, not `fusion: restore`"),
 ])
 def test_contrastive_recipe_errors_are_one_line(toy, calibrated, tmp_path, parameters, message):
     recipe = write_lssf_recipe(toy, "bad-contrastive.yml", parameters)
