@@ -17,7 +17,7 @@ import torch
 from mergekit_lssf import evaluate as ev
 from mergekit_lssf.calibrate import calibrate as run_calibration
 from mergekit_lssf.check import check as run_check, table
-from mergekit_lssf.contrastive_calibrate import contrastive_calibrate, recipe_models
+from mergekit_lssf.contrastive_calibrate import check_options, contrastive_calibrate, load_task, recipe_models
 from mergekit_lssf.demo import run_demo
 from mergekit_lssf.guards import check_model_folder, check_output_folder
 from mergekit_lssf.multi_recipe import check_documents, documents_table, is_multi_document
@@ -157,6 +157,9 @@ def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch
             f"max_rank {meta['max_rank']}, {meta['seconds']} s"
         )
         return
+    check_options(out_path, eps, None if max_rank == "full" else int(max_rank), batch_size)  # before a LoRA merge
+    if task_path:
+        load_task(task_path)
     roles = recipe_models(load_recipe(source), lora_merge_cache)
     meta = contrastive_calibrate(roles, out_path, task_path=task_path, anchors_path=anchors,
                                  max_rank=None if max_rank == "full" else int(max_rank), eps=eps, device=device,

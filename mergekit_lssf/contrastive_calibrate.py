@@ -19,6 +19,7 @@ Grams and the hidden states of both sets.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -88,6 +89,9 @@ def recipe_models(config, lora_merge_cache: Optional[str] = None) -> Roles:
     aligned = [m.model for m in config.models or [] if (m.parameters or {}).get("role") == "aligned"]
     if len(aligned) != 1:
         raise LSSFConfigError(f"calibrate: the recipe needs exactly one model with `role: aligned`, has {len(aligned)}")
+    if getattr(aligned[0], "lora", None) is not None:
+        raise LSSFConfigError(f"calibrate: the aligned model {aligned[0]} is a model+lora reference; give the "
+                              "aligned model as a plain folder")
     check_model_folder(base.model.path, "base_model", local=True)
     check_model_folder(aligned[0].model.path, "models (role: aligned)", local=True)
     if getattr(base, "lora", None) is None:
@@ -144,6 +148,16 @@ def render_pairs(tokenizer, rows: List[Anchor]) -> List[List[int]]:
     return ids
 
 
+def check_options(out_path: str, eps: float, max_rank: Optional[int], batch_size: int) -> None:
+    """The options of a contrastive calibration, before anything runs (one line each)."""
+    if os.path.exists(out_path):
+        raise LSSFConfigError(f"--out: {out_path} already exists; choose a new file (nothing was written)")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise LSSFConfigError(f"--eps must be a finite number > 0, got {eps}")
+    if (max_rank is not None and max_rank < 1) or batch_size < 1:
+        raise LSSFConfigError("--max-rank and --batch-size must be >= 1")
+
+
 def contrastive_calibrate(roles: Roles, out_path: str, *, task_path: Optional[str] = None,
                           anchors_path: Optional[str] = None, max_rank: Optional[int] = 256, eps: float = 1e-6,
                           device: str = "auto", batch_size: int = 8, max_new_tokens: int = 64,
@@ -152,12 +166,7 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task_path: Optional[st
     ``roles.aligned``'s refusals to ``out_path``; returns the metadata (with the time
     in seconds and the peak resident memory in MiB). ``max_rank`` None keeps every
     eigenvector."""
-    if os.path.exists(out_path):
-        raise LSSFConfigError(f"--out: {out_path} already exists; choose a new file (nothing was written)")
-    if not eps > 0:
-        raise LSSFConfigError(f"--eps must be > 0, got {eps}")
-    if (max_rank is not None and max_rank < 1) or batch_size < 1:
-        raise LSSFConfigError("--max-rank and --batch-size must be >= 1")
+    check_options(out_path, eps, max_rank, batch_size)
     task = load_task(task_path) if task_path else None
     anchors = load_anchors(anchors_path)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
@@ -183,7 +192,11 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task_path: Optional[st
         for _index, prefix, block, forward in blocks(config, body, rotary, weights, dev, progress):
             grams = _block_grams(block, prefix, forward, batches)
             for owner, (g_h, g_t) in grams["sites"].items():
-                basis = contrastive_basis(trace_normalised(g_h), trace_normalised(g_t), eps=eps, k=max_rank)
+                try:
+                    c_h, c_t = trace_normalised(g_h), trace_normalised(g_t)
+                except ValueError as error:
+                    raise LSSFConfigError(f"calibrate: input site {owner}: {error}") from None
+                basis = contrastive_basis(c_h, c_t, eps=eps, k=max_rank)
                 writer.add({f"{owner}.V": basis.v.cpu(), f"{owner}.BV": basis.bv.cpu(), f"{owner}.mu": basis.mu.cpu()})
             sites.update(grams["owners"])
         metadata = {

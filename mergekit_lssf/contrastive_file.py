@@ -48,9 +48,19 @@ class ContrastiveFile:
             raise LSSFConfigError(
                 f"{path!r} is not a contrastive calibration file (format {self.metadata.get('format')!r}, expected "
                 f"{FORMAT!r}); make one with `mergekit-lssf calibrate RECIPE --task TASK.jsonl`")
-        self.sites: Dict[str, str] = json.loads(self.metadata.get("sites", "{}"))
+        try:
+            self.sites: Dict[str, str] = json.loads(self.metadata.get("sites", "{}"))
+        except ValueError:
+            raise LSSFConfigError(f"contrastive calibration {path!r}: its `sites` metadata is not JSON; "
+                                  "calibrate again") from None
         self.eps = float(self.metadata.get("eps", "nan"))
         self._lock = threading.Lock()
+
+    def stored_rank(self) -> int:
+        """The fewest vectors any site stores (a recipe's ``rank`` may not exceed it)."""
+        with self._lock:
+            return min((self._handle.get_slice(f"{site}.mu").get_shape()[0] for site in set(self.sites.values())),
+                       default=0)
 
     def has(self, weight_name: str) -> bool:
         return weight_name in self.sites
@@ -62,7 +72,14 @@ class ContrastiveFile:
                                   "(was it calibrated on another model or architecture?)")
         site = self.sites[weight_name]
         with self._lock:
-            v, bv, mu = (self._handle.get_tensor(f"{site}.{part}") for part in ("V", "BV", "mu"))
+            try:
+                v, bv, mu = (self._handle.get_tensor(f"{site}.{part}") for part in ("V", "BV", "mu"))
+            except Exception as error:  # a tensor missing from the file
+                raise LSSFConfigError(f"contrastive calibration {self.path}: site {site} is incomplete "
+                                      f"({error}); calibrate again") from None
+        if v.shape != bv.shape or mu.shape != (v.shape[1],):
+            raise LSSFConfigError(f"contrastive calibration {self.path}: site {site} has V {list(v.shape)}, BV "
+                                  f"{list(bv.shape)} and mu {list(mu.shape)}, which do not fit together")
         if v.shape[0] != d_in:
             raise LSSFConfigError(f"contrastive calibration {self.path}: V of weight {weight_name} has {v.shape[0]} "
                                   f"rows, but the weight reads {d_in} inputs")

@@ -303,6 +303,8 @@ def group_layout(group: Any) -> Optional[ParameterLayout]:
 def as_out_in(layout: Optional[ParameterLayout], weight: torch.Tensor) -> torch.Tensor:
     """A 2-D weight (or one expert's) as ``d_out x d_in``: transposed when its layout
     stores ``d_in x d_out`` (a view, no copy), unchanged otherwise."""
+    if weight is None:
+        return None
     return weight.transpose(-2, -1) if layout is not None and layout.transposed else weight
 
 

@@ -119,7 +119,7 @@ def lssf_kernel(group: TensorGroup, /, *, role: PerInputValues, **values: Any) -
             "stored (an in-memory merge); merge the model folders with mergekit-yaml, whose inputs have a config")
     if w_ft.ndim == 3:  # stacked MoE experts (experts, d_out, d_in): each expert is one weight
         return torch.stack([fuse_oriented(layout, lambda f, a, u: _fuse_weight(f"{name}[{e}]", f, a, u, settings),
-                                          w_ft[e], w_al[e], w_un[e])
+                                          w_ft[e], w_al[e], None if w_un is None else w_un[e])
                             for e in range(w_ft.shape[0])])
     return fuse_oriented(layout, lambda f, a, u: _fuse_weight(name, f, a, u, settings), w_ft, w_al, w_un)
 

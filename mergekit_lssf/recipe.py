@@ -189,6 +189,11 @@ def check_recipe(
             if value is not None:
                 _check_subspace_layers(config, refs["aligned"], f"{where}.calibration")
                 _check_calibration(f"{where}.calibration", value, config.base_model, refs["aligned"])
+                stored = open_contrastive(value).stored_rank()
+                for path, rank in _leaves_at((settings or {}).get("rank"), f"{where}.rank"):
+                    if rank is not None and rank > stored:
+                        raise LSSFConfigError(f"{path}: rank {rank} is more than the {stored} vectors {value} stores "
+                                              "for some weight (calibrate with a larger --max-rank, or `full`)")
     return refs
 
 
@@ -214,11 +219,13 @@ def _check_calibration(where: str, path: str, finetuned: Any, aligned: Any) -> N
                      ("fine-tune's adapter", finetuned.lora, "finetuned_adapter_sha256", adapter_sha256)]
     else:
         expected += [("fine-tune (base_model)", finetuned, "finetuned_fingerprint", model_fingerprint)]
+    if getattr(aligned, "lora", None) is not None:
+        raise LSSFConfigError(f"{where}: a contrastive calibration needs a plain aligned model, not {aligned}")
     for label, model, key, measure in expected:
-        path = model.path if getattr(model, "path", None) and not hasattr(model, "model") else model.model.path
-        if not os.path.isdir(path):
+        folder = model.path if getattr(model, "path", None) and not hasattr(model, "model") else model.model.path
+        if not os.path.isdir(folder):
             continue  # only local folders are fingerprinted (see docs/internals.md)
-        actual = measure(path)
+        actual = measure(folder)
         if calibration.metadata.get(key) != actual:
             source = calibration.metadata.get(key.split("_")[0], "another model")
             raise LSSFConfigError(

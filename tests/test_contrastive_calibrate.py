@@ -111,7 +111,7 @@ def test_the_merge_at_lam_1_matches_the_closed_form_of_independent_grams(toy, ca
         basis = calibration.basis(name, w_ft.shape[1])
         w_new = contrastive_fuse(ft[name], al[name], basis, lam=1.0).numpy()
         root = scipy.linalg.sqrtm(c_h[name] + c_t[name]).real
-        assert np.linalg.norm((w_new - w_ref) @ root) <= 0.05 * np.linalg.norm((w_ref - w_ft) @ root), name
+        assert np.linalg.norm((w_new - w_ref) @ root) <= 1e-3 * np.linalg.norm((w_ref - w_ft) @ root), name  # issue 46 asks 0.05
 
 
 def test_the_same_rows_as_anchors_and_task_give_an_even_split_on_their_span(toy):
@@ -183,7 +183,7 @@ def test_mergekit_yaml_writes_the_closed_form(toy, calibrated, tmp_path):
         w_ref = w_ft + (w_al - w_ft) @ np.linalg.solve((c_h[name] + b).T, c_h[name].T).T
         root = scipy.linalg.sqrtm(c_h[name] + c_t[name]).real
         got = merged[name].double().numpy()
-        assert np.linalg.norm((got - w_ref) @ root) <= 0.05 * np.linalg.norm((w_ref - w_ft) @ root), name
+        assert np.linalg.norm((got - w_ref) @ root) <= 1e-3 * np.linalg.norm((w_ref - w_ft) @ root), name  # issue 46 asks 0.05
     for name, tensor in merged.items():
         if name not in c_h:
             assert torch.equal(tensor, ft[name]), name  # every other tensor is the fine-tune's
@@ -233,6 +233,8 @@ def test_every_entry_point_writes_the_same_contrastive_bits(toy, calibrated, tmp
     ({"fusion": "contrastive", "calibration": "ft.contrastive.safetensors", "eta": 0.5},
      "`eta: 0.5` is not read by `fusion: contrastive`"),
     ({"lam": 2}, "`lam` is read by `fusion: contrastive` only, not `fusion: restore`"),
+    ({"fusion": "contrastive", "calibration": "ft.contrastive.safetensors", "rank": 500},
+     "parameters.rank: rank 500 is more than the"),
 ])
 def test_contrastive_recipe_errors_are_one_line(toy, calibrated, tmp_path, parameters, message):
     recipe = write_lssf_recipe(toy, "bad-contrastive.yml", parameters)
