@@ -114,15 +114,21 @@ def test_the_merge_at_lam_1_matches_the_closed_form_of_independent_grams(toy, ca
         assert np.linalg.norm((w_new - w_ref) @ root) <= 1e-3 * np.linalg.norm((w_ref - w_ft) @ root), name  # issue 46 asks 0.05
 
 
-def test_the_same_rows_as_anchors_and_task_give_an_even_split_on_their_span(toy):
-    """Identical rows give identical Grams (C_H = C_T = C), so at lam 1 the restore is
-    linear interpolation at 0.5 on the rows' span: ||(R - I/2) C^1/2|| small."""
+@pytest.fixture(scope="module")
+def same_rows(toy):
+    """A calibration whose anchors and task rows are the same 48 rows."""
     rows = _rows(3, 48)
     _jsonl(toy / "same-anchors.jsonl", rows, "response")
     _jsonl(toy / "same-task.jsonl", rows, "answer")
     run_cli(["mergekit-lssf", "calibrate", "recipe.yml", "--task", "same-task.jsonl", "--anchors", "same-anchors.jsonl",
              "--out", "same.safetensors", "--max-rank", "full"], cwd=toy)
-    c = _grams(str(toy / "finetuned"), rows)
+    return rows
+
+
+def test_the_same_rows_as_anchors_and_task_give_an_even_split_on_their_span(toy, same_rows):
+    """Identical rows give identical Grams (C_H = C_T = C), so at lam 1 the restore is
+    linear interpolation at 0.5 on the rows' span: ||(R - I/2) C^1/2|| small."""
+    c = _grams(str(toy / "finetuned"), same_rows)
     calibration = open_contrastive(str(toy / "same.safetensors"))
     for name in sorted(c):
         basis = calibration.basis(name, c[name].shape[0])
@@ -189,12 +195,10 @@ def test_mergekit_yaml_writes_the_closed_form(toy, calibrated, tmp_path):
             assert torch.equal(tensor, ft[name]), name  # every other tensor is the fine-tune's
 
 
-def test_same_rows_merge_like_linear_at_one_half_on_the_data(toy, tmp_path):
+def test_same_rows_merge_like_linear_at_one_half_on_the_data(toy, same_rows, tmp_path):
     """Anchors = task rows, lam 1: the merge matches mergekit's `linear` at 0.5 / 0.5
     on the rows' activations (issue 46: within 0.02)."""
-    if not (toy / "same.safetensors").exists():
-        pytest.skip("needs test_the_same_rows_as_anchors_and_task_give_an_even_split_on_their_span first")
-    rows = _rows(3, 48)
+    rows = same_rows
     recipe = _contrastive_recipe(toy, "same.yml", "same.safetensors")
     run_cli(["mergekit-yaml", recipe, str(tmp_path / "contrastive")], cwd=toy)
     with open(toy / "linear.yml", "w") as fp:
