@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -50,25 +50,37 @@ def default_anchors() -> List[Anchor]:
     return [Anchor(r["prompt"]) for r in rows if r["split"] == "anchor"]
 
 
-def load_anchors(path: Optional[str]) -> List[Anchor]:
-    if path is None:
-        return default_anchors()
-    anchors = []
+def jsonl_objects(path: str, refusal: str) -> Iterator[Tuple[int, dict]]:
+    """``(line number, object)`` for each non-empty line of the JSONL file ``path``; a
+    line that is not a JSON object stops with ``{path}:{line}: {refusal}``."""
     with open(path, encoding="utf-8") as fp:
         for number, line in enumerate(fp, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                prompt = row["prompt"]
-            except (ValueError, KeyError, TypeError):
-                raise LSSFConfigError(f"{path}:{number}: expected a JSON object with a \"prompt\" string") from None
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise LSSFConfigError(f"{path}:{number}: \"prompt\" must be a non-empty string")
-            response = row.get("response")
-            if response is not None and not isinstance(response, str):
-                raise LSSFConfigError(f"{path}:{number}: \"response\" must be a string")
-            anchors.append(Anchor(prompt, response))
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                raise LSSFConfigError(f"{path}:{number}: {refusal}")
+            yield number, row
+
+
+def load_anchors(path: Optional[str]) -> List[Anchor]:
+    if path is None:
+        return default_anchors()
+    anchors = []
+    expected = "expected a JSON object with a \"prompt\" string"
+    for number, row in jsonl_objects(path, expected):
+        if "prompt" not in row:
+            raise LSSFConfigError(f"{path}:{number}: {expected}")
+        prompt = row["prompt"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise LSSFConfigError(f"{path}:{number}: \"prompt\" must be a non-empty string")
+        response = row.get("response")
+        if response is not None and not isinstance(response, str):
+            raise LSSFConfigError(f"{path}:{number}: \"response\" must be a string")
+        anchors.append(Anchor(prompt, response))
     if not anchors:
         raise LSSFConfigError(f"{path}: no anchors")
     return anchors

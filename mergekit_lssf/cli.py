@@ -158,10 +158,9 @@ def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch
         )
         return
     check_options(out_path, eps, None if max_rank == "full" else int(max_rank), batch_size)  # before a LoRA merge
-    if task_path:
-        load_task(task_path)
+    task = load_task(task_path) if task_path else None
     roles = recipe_models(load_recipe(source), lora_merge_cache)
-    meta = contrastive_calibrate(roles, out_path, task_path=task_path, anchors_path=anchors,
+    meta = contrastive_calibrate(roles, out_path, task=task, anchors_path=anchors,
                                  max_rank=None if max_rank == "full" else int(max_rank), eps=eps, device=device,
                                  batch_size=batch_size, max_new_tokens=max_new_tokens,
                                  log=lambda line: click.echo(line, err=True))

@@ -37,6 +37,7 @@ from mergekit_lssf.calibrate import (
     blocks,
     embed_batches,
     fill_responses,
+    jsonl_objects,
     load_anchors,
     open_streamed,
     run_through,
@@ -110,20 +111,11 @@ def load_task(path: str) -> List[Anchor]:
     if not os.path.isfile(path):
         raise LSSFConfigError(f"--task: no such file {path}")
     rows = []
-    with open(path, encoding="utf-8") as fp:
-        for number, line in enumerate(fp, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise LSSFConfigError(f"{path}:{number}: not a JSON object (the task file is JSONL)") from None
-            if not isinstance(row, dict):
-                raise LSSFConfigError(f"{path}:{number}: not a JSON object (the task file is JSONL)")
-            for field in ("prompt", "answer"):
-                if not isinstance(row.get(field), str) or not row[field].strip():
-                    raise LSSFConfigError(f"{path}:{number}: the row has no \"{field}\" string")
-            rows.append(Anchor(row["prompt"], row["answer"]))
+    for number, row in jsonl_objects(path, "not a JSON object (the task file is JSONL)"):
+        for field in ("prompt", "answer"):
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                raise LSSFConfigError(f"{path}:{number}: the row has no \"{field}\" string")
+        rows.append(Anchor(row["prompt"], row["answer"]))
     if not rows:
         raise LSSFConfigError(f"{path}: no task rows")
     return rows
@@ -158,16 +150,16 @@ def check_options(out_path: str, eps: float, max_rank: Optional[int], batch_size
         raise LSSFConfigError("--max-rank and --batch-size must be >= 1")
 
 
-def contrastive_calibrate(roles: Roles, out_path: str, *, task_path: Optional[str] = None,
+def contrastive_calibrate(roles: Roles, out_path: str, *, task: Optional[List[Anchor]] = None,
                           anchors_path: Optional[str] = None, max_rank: Optional[int] = 256, eps: float = 1e-6,
                           device: str = "auto", batch_size: int = 8, max_new_tokens: int = 64,
                           progress: bool = True, log=print) -> Dict:
     """Write the contrastive calibration of ``roles.finetuned`` against
     ``roles.aligned``'s refusals to ``out_path``; returns the metadata (with the time
-    in seconds and the peak resident memory in MiB). ``max_rank`` None keeps every
+    in seconds and the peak resident memory in MiB). ``task``: the task rows
+    (``load_task``; None: the benign-only variant). ``max_rank`` None keeps every
     eigenvector."""
     check_options(out_path, eps, max_rank, batch_size)
-    task = load_task(task_path) if task_path else None
     anchors = load_anchors(anchors_path)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     started = time.perf_counter()

@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from mergekit_lssf.contrastive import ContrastiveBasis
 from mergekit_lssf.parameters import LSSFConfigError
+from mergekit_lssf.safetensors_io import OpenedFiles
 
 FORMAT = "mergekit-lssf-contrastive/1"
 NORMALIZATION = "trace"
@@ -86,20 +87,5 @@ class ContrastiveFile:
         return ContrastiveBasis(v.to(device), bv.to(device), mu.to(device), self.eps)
 
 
-_OPEN: Dict[tuple, ContrastiveFile] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-def open_contrastive(path: str) -> ContrastiveFile:
-    """The ContrastiveFile for ``path``, opened again when the file changed (keyed on
-    path, inode, mtime and size, as ``subspace_file.open_subspace``)."""
-    real = os.path.realpath(path)
-    try:
-        stat = os.stat(real)
-        key = (real, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    except OSError:
-        key = (real,)
-    with _OPEN_LOCK:
-        if key not in _OPEN:
-            _OPEN[key] = ContrastiveFile(path)
-        return _OPEN[key]
+#: The process-wide ContrastiveFile for a path (``safetensors_io.OpenedFiles``).
+open_contrastive = OpenedFiles(ContrastiveFile)

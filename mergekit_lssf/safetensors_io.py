@@ -13,8 +13,9 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Generic, List, Optional, Tuple, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -138,3 +139,28 @@ class StreamedWriter:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+Opened = TypeVar("Opened")
+
+
+class OpenedFiles(Generic[Opened]):
+    """``open_file(path)`` once per process, and again when the file was replaced or
+    rewritten since (keyed on real path, inode, mtime and size); thread-safe."""
+
+    def __init__(self, open_file: Callable[[str], Opened]):
+        self._open_file = open_file
+        self._opened: Dict[tuple, Opened] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, path: str) -> Opened:
+        real = os.path.realpath(path)
+        try:
+            stat = os.stat(real)
+            key = (real, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            key = (real,)  # no such file: open_file names it
+        with self._lock:
+            if key not in self._opened:
+                self._opened[key] = self._open_file(path)
+            return self._opened[key]

@@ -17,14 +17,14 @@ import hashlib
 import json
 import os
 import threading
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from safetensors import safe_open
 
 from mergekit_lssf.kernel import SafetySubspace
 from mergekit_lssf.parameters import LSSFConfigError
-from mergekit_lssf.safetensors_io import read_header, required_weight_files
+from mergekit_lssf.safetensors_io import OpenedFiles, read_header, required_weight_files
 
 FORMAT = "mergekit-lssf-subspace/1"
 NORMALIZATION = "unit-l2-per-token"
@@ -142,20 +142,5 @@ class SubspaceFile:
             )
 
 
-_OPEN: Dict[tuple, SubspaceFile] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-def open_subspace(path: str) -> SubspaceFile:
-    """The process-wide SubspaceFile for ``path``, opened on first use and again when
-    the file was replaced or rewritten since (keyed on path, inode, mtime and size)."""
-    real = os.path.realpath(path)
-    try:
-        stat = os.stat(real)
-        key = (real, stat.st_ino, stat.st_mtime_ns, stat.st_size)
-    except OSError:
-        key = (real,)  # no such file: SubspaceFile names it
-    with _OPEN_LOCK:
-        if key not in _OPEN:
-            _OPEN[key] = SubspaceFile(path)
-        return _OPEN[key]
+#: The process-wide SubspaceFile for a path (``safetensors_io.OpenedFiles``).
+open_subspace = OpenedFiles(SubspaceFile)
