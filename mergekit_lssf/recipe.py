@@ -183,11 +183,12 @@ def check_recipe(
     for where, settings in _shared_scopes(config):
         for value in _leaves((settings or {}).get("subspace")):
             if value is not None:
-                _check_subspace_layers(config, refs["aligned"], f"{where}.subspace")
+                _check_subspace_layers(config, refs["aligned"], f"{where}.subspace", "aligned model")
                 _check_subspace(f"{where}.subspace", value, refs["aligned"])
         for value in _leaves((settings or {}).get("calibration")):
             if value is not None:
-                _check_subspace_layers(config, refs["aligned"], f"{where}.calibration")
+                # a contrastive file is keyed by the fine-tune's names: its layers must stay in place
+                _check_subspace_layers(config, config.base_model, f"{where}.calibration", "fine-tune (base_model)")
                 _check_calibration(f"{where}.calibration", value, config.base_model, refs["aligned"])
                 stored = open_contrastive(value).stored_rank()
                 for path, rank in _leaves_at((settings or {}).get("rank"), f"{where}.rank"):
@@ -223,8 +224,9 @@ def _check_calibration(where: str, path: str, finetuned: Any, aligned: Any) -> N
         raise LSSFConfigError(f"{where}: a contrastive calibration needs a plain aligned model, not {aligned}")
     for label, model, key, measure in expected:
         folder = model.path if getattr(model, "path", None) and not hasattr(model, "model") else model.model.path
-        if not os.path.isdir(folder):
-            continue  # only local folders are fingerprinted (see docs/internals.md)
+        if not os.path.isdir(folder):  # calibrate reads local folders only: so must the check
+            raise LSSFConfigError(f"{where}: the recipe's {label} {model} is not a local folder; `fusion: contrastive` "
+                                  "checks its calibration against the models' files (give the folder calibrate read)")
         actual = measure(folder)
         if calibration.metadata.get(key) != actual:
             source = calibration.metadata.get(key.split("_")[0], "another model")
@@ -239,10 +241,11 @@ def _check_calibration(where: str, path: str, finetuned: Any, aligned: Any) -> N
                                   f"calibration file {path}")
 
 
-def _check_subspace_layers(config: MergeConfiguration, aligned: Any, where: str) -> None:
-    """A calibrated subspace is looked up by the output tensor's name, which is the
-    aligned model's own name only where the slices keep its layers in place: refuse a
-    slice that takes the aligned model's layers a..b to other output positions."""
+def _check_subspace_layers(config: MergeConfiguration, model: Any, where: str, label: str) -> None:
+    """A calibration file is looked up by the output tensor's name, which is the name in
+    the model it was computed on (``label``: the aligned model for a subspace, the
+    fine-tune for a contrastive file) only where the slices keep that model's layers in
+    place: refuse a slice that takes its layers a..b to other output positions."""
     groups = [("slices", config.slices or [])] + [
         (f"modules.{name}.slices", module.slices or []) for name, module in (config.modules or {}).items()]
     for prefix, slices in groups:
@@ -252,11 +255,11 @@ def _check_subspace_layers(config: MergeConfiguration, aligned: Any, where: str)
             for j, source in enumerate(output_slice.sources):
                 start, end = source.layer_range
                 length = end - start
-                if source.model == aligned and start != offset:
+                if source.model == model and start != offset:
                     raise LSSFConfigError(
-                        f"{prefix}[{i}].sources[{j}].layer_range: the aligned model's layers {start}..{end} go to "
-                        f"output layers {offset}..{offset + length}, but `{where}` looks subspaces up by output "
-                        "tensor name; keep the aligned model's layers in place, or use the data-free subspace")
+                        f"{prefix}[{i}].sources[{j}].layer_range: the {label}'s layers {start}..{end} go to "
+                        f"output layers {offset}..{offset + length}, but `{where}` is looked up by output "
+                        f"tensor name; keep the {label}'s layers in place")
             offset += length
 
 

@@ -310,7 +310,7 @@ def test_subspace_with_remapped_aligned_layers_is_refused(toy, monkeypatch):
     monkeypatch.chdir(root)
     check_recipe(load_recipe(_sliced_recipe(root, "in-place.yml", [0, 1])))  # layers kept in place: fine
     with pytest.raises(LSSFConfigError, match=r"slices\[0\]\.sources\[1\]\.layer_range: the aligned model's layers 1\.\.2 "
-                                              r"go to output layers 0\.\.1, but `parameters.subspace` looks subspaces up"):
+                                              r"go to output layers 0\.\.1, but `parameters.subspace` is looked up by output tensor name"):
         check_recipe(load_recipe(_sliced_recipe(root, "moved.yml", [1, 2])))
 
 
