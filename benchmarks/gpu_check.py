@@ -22,10 +22,14 @@ Steps, in order (a failed or timed-out step is recorded and the next one runs):
 6. ``executors``: ``mergekit-yaml --multi-gpu`` and ``--read-to-gpu`` with lssf (GPU
    only; their outputs against the plain ``--cuda`` merge), and concurrent kernel calls
    from several threads against the same calls in sequence.
+7. ``contrastive``: the contrastive calibration of an 8B model (issue 46's target: 15
+   minutes on one H100), extrapolated from two generated layers of its shape: forward,
+   float64 Grams, generalized eigenproblems at widths 4096 and 14336
+   (``benchmarks/bench_contrastive.py``).
 
 Writes DIR/gpu_check.json and DIR/gpu_check.md. The models are generated under DIR,
-on the machine's local disk. The whole run is sized to fit in 8 minutes on one modern
-GPU (step limits below), so that a rerun fits a 15-minute budget.
+on the machine's local disk. The whole run is sized to fit in 9 minutes on one modern
+GPU (the step limits below), so that it fits a 15-minute budget with the machine's start.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
 
-#: step -> seconds it may take (the total stays under 8 minutes)
-LIMITS = {"tests": 60, "models": 90, "merge": 180, "cpu-vs-device": 40, "precision": 50, "executors": 60}
+#: step -> seconds it may take (the total stays under 9 minutes)
+LIMITS = {"tests": 60, "models": 90, "merge": 165, "cpu-vs-device": 40, "precision": 50, "executors": 60,
+          "contrastive": 75}
 SHAPES = {"full": [(4096, 4096), (1024, 4096), (14336, 4096)], "tiny": [(256, 256), (64, 256), (896, 256)]}
 
 
@@ -279,8 +284,27 @@ def step_executors(args) -> Dict:
     return result
 
 
+def step_contrastive(args) -> Dict:
+    """The contrastive calibration of an 8B model (128 anchors, 1000 task rows of 128
+    tokens), extrapolated from two generated layers of Llama-3-8B's shape on the device:
+    forward, float64 Grams, and the generalized eigenproblem at widths 4096 and 14336
+    (``--tiny``: a small shape; on a CPU the widest solve is extrapolated as n^3).
+    Issue 46's target: <= 15 minutes on one H100."""
+    import torch
+
+    sys.path.insert(0, HERE)
+    from bench_contrastive import MODELS, calibration_estimate, layer_parts
+
+    shape = (256, 896, 32, 8, 2) if args.tiny else MODELS["Llama-3-8B"]
+    device = torch.device(args.device)
+    parts = layer_parts(shape, 256 if args.tiny else 2048, device, measure_widest=args.tiny or device.type == "cuda")
+    estimate = calibration_estimate(parts, shape)
+    return {"ok": estimate["total_s"] > 0, "shape": list(shape), "parts": parts, "estimate_8b": estimate,
+            "within_15_min": estimate["total_s"] <= 900}
+
+
 STEPS = {"tests": step_tests, "models": step_models, "merge": step_merge, "cpu-vs-device": step_cpu_vs_device,
-         "precision": step_precision, "executors": step_executors}
+         "precision": step_precision, "executors": step_executors, "contrastive": step_contrastive}
 
 
 def markdown(report: Dict) -> str:

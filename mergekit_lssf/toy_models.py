@@ -37,6 +37,8 @@ SIZES = {
     "w512-l8": (512, 1376, 8, 8, 4, 16000),
     "w512-l24": (512, 1376, 24, 8, 4, 16000),
     "w512-l48": (512, 1376, 48, 8, 4, 16000),
+    # SmolLM2-135M's shapes (the testbed's models; untied head): contrastive merge benchmark
+    "w576-l30": (576, 1536, 30, 9, 3, 49152),
     # Llama-2-7B's layer shapes, two layers: for the calibration time benchmark
     "w4096-l2": (4096, 11008, 2, 32, 32, 4096),
 }

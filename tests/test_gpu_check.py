@@ -14,7 +14,7 @@ def test_gpu_check_tiny_on_cpu_runs_every_step(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["tests", "models", "merge", "cpu-vs-device", "precision", "executors"]
+    assert list(steps) == ["tests", "models", "merge", "cpu-vs-device", "precision", "executors", "contrastive"]
     assert {name: s["status"] for name, s in steps.items()} == dict.fromkeys(steps, "passed")
     assert all(c["rank"] == c["reference_rank"] for c in steps["tests"]["kernel_vs_float64_reference"])
     assert steps["merge"]["lssf"]["spectral_s"] is not None and steps["merge"]["time_ratio"] > 0
@@ -22,6 +22,9 @@ def test_gpu_check_tiny_on_cpu_runs_every_step(tmp_path):
     for row in steps["precision"]["shapes"]:
         assert row["float64"]["entropy_rank"] > 0 and row["float64"]["noise_floor_rank"] > 0
         assert isinstance(row["float32"]["same_ranks_as_float64"], bool) and isinstance(row["mixed"]["same_ranks_as_float64"], bool)
+    estimate = steps["contrastive"]["estimate_8b"]
+    assert estimate["total_s"] == estimate["forward_s"] + estimate["grams_s"] + estimate["solves_s"] > 0
+    assert set(steps["contrastive"]["parts"]["solve_s"]) == {"256", "896"}  # both widths measured on the tiny shape
     assert "| merge | passed |" in (tmp_path / "gpu_check.md").read_text()
 
 
