@@ -16,7 +16,7 @@ LAYERS = {
     "parameters": 1, "leading_eigh": 1, "precision": 1, "kernel": 1, "contrastive": 1,
     # 2 file formats, layouts, checks on files, running a model (no mergekit planning)
     "layout": 2, "fused": 2, "contrastive_file": 2, "safetensors_io": 2, "subspace_file": 2, "stats": 2,
-    "guards": 2, "provenance": 2, "model_card": 2, "generation": 2,
+    "guards": 2, "provenance": 2, "model_card": 2, "generation": 2, "measure": 2,
     # 3 the mergekit glue
     "merge_method": 3, "recipe": 3, "plan": 3, "traversal": 3, "registration": 3,
     # 4 the commands and the models they build

@@ -1,4 +1,4 @@
-"""The safety testbed v4: its task and measures against float64, its repairs against
+"""The safety testbed v4: its task (its measures are the package's: test_measure.py), its repairs against
 their formulas, the budget arithmetic, and every stage and cell on a tiny model."""
 
 import dataclasses
@@ -55,42 +55,24 @@ def test_word_accuracy_is_the_share_of_reference_words_in_place():
     assert word_accuracy("ka mo ri ri ri", "ka mo ri") == 1.0 and word_accuracy("", "ka") == 0.0
 
 
-def test_task_nll_is_the_teacher_forced_answer_nll_in_float64(tmp_path):
-    """``row_nll`` against an independent float64 pass of each row alone (unpadded):
-    the sum of -log p(token) over the answer's tokens after the chat head; rows of
-    different lengths in batches of two exercise the padding. ``pooled_nll`` is the
-    token-weighted mean and ``utility_kept`` the aligned-to-fine-tune scale."""
-    import copy
+def test_the_task_metrics_are_the_package_measures_on_the_task_rows(tmp_path):
+    """``evaluation.task_metrics``: ``task_nll`` is ``measure.pooled_nll`` of
+    ``measure.row_nll`` on the rows (tested against float64 in test_measure.py), and
+    ``task_rows`` keeps each row's figures for resampling."""
+    from lssf_testbed.evaluation import task_metrics
+    from lssf_testbed.task import translation_task, word_accuracy
 
-    import torch
-
-    from lssf_testbed.task import pooled_nll, row_nll, translation_task, utility_kept
     from mergekit_lssf import evaluate as ev
+    from mergekit_lssf.measure import pooled_nll, row_nll
 
     build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=4))
     model, tokenizer = ev.load_model(str(tmp_path / "aligned"))
     rows = translation_task(5, seed=1)
-    reference = copy.deepcopy(model).double()
-    expected = []
-    for row in rows:
-        user = [{"role": "user", "content": row["prompt"]}]
-        head = tokenizer(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"]
-        full = tokenizer(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": row["answer"]}], tokenize=False),
-                         add_special_tokens=False)["input_ids"]
-        assert full[:len(head)] == head
-        with torch.no_grad():
-            logp = torch.log_softmax(reference(input_ids=torch.tensor([full])).logits[0], dim=-1)
-        expected.append((-sum(float(logp[t - 1, full[t]]) for t in range(len(head), len(full))), len(full) - len(head)))
-    got = row_nll(model, tokenizer, rows, batch=2)
-    assert [t for _, t in got] == [t for _, t in expected]
-    for (g, _), (e, _) in zip(got, expected):
-        assert abs(g - e) < 1e-4 * max(1.0, abs(e)), (got, expected)
-    assert len({round(e, 3) for e, _ in expected}) > 1  # the rows differ: a mix-up would show
-    assert pooled_nll(got) == pytest.approx(sum(e for e, _ in expected) / sum(t for _, t in expected), rel=1e-6)
-    assert utility_kept(3.0, aligned_nll=5.0, finetuned_nll=1.0) == 0.5
-    assert utility_kept(1.0, 5.0, 1.0) == 1.0 and utility_kept(5.0, 5.0, 1.0) == 0.0
-    assert utility_kept(1.0, 1.0, 1.0) != utility_kept(1.0, 1.0, 1.0)  # nothing learned: NaN
+    got = task_metrics(model, tokenizer, rows, batch_size=2)
+    per_row = row_nll(model, tokenizer, rows)
+    assert got["task_nll"] == pooled_nll(per_row) and [r[:2] for r in got["task_rows"]] == [list(r) for r in per_row]
+    accuracy = [word_accuracy(a["response"], r["answer"]) for a, r in zip(got["task_answers"], rows)]
+    assert got["task_word_accuracy"] == sum(accuracy) / len(rows) and [r[2] for r in got["task_rows"]] == accuracy
 
 
 def test_prompt_splits_are_disjoint_and_strongreject_is_the_published_file():
@@ -455,31 +437,15 @@ def test_safe_lora_projects_the_lowest_cosine_share_against_float64(tmp_path):
         assert all(torch.equal(got[k], ft[k]) for k in ft if k not in fused)
 
 
-def test_budget_reads_each_curve_as_segments_from_the_fine_tune():
-    """``at_budget`` by hand: the fine-tune (1, 0) starts every curve; the value at a
-    budget is the best vertex within it or the crossing of a segment with the budget
-    line; a single point counts only within the budget."""
-    from lssf_testbed.frontier import at_budget, won_back
-
-    curve = [(0.99, 0.30), (0.90, 0.60), (0.50, 0.90)]
-    assert at_budget(curve, 0.02) == pytest.approx(0.30 + (0.99 - 0.98) / (0.99 - 0.90) * 0.30)  # past (0.99, 0.30)
-    assert at_budget(curve, 0.005) == pytest.approx(0.30 * 0.005 / 0.01)  # on the first segment
-    assert at_budget(curve, 0.05) == pytest.approx(0.30 + (0.99 - 0.95) / (0.99 - 0.90) * 0.30)  # crossing at u = 0.95
-    assert at_budget([(0.90, 0.60)], 0.05) == pytest.approx(0.60 * 0.05 / 0.10)  # on the segment from the fine-tune
-    assert at_budget([(0.90, 0.60)], 0.05, from_finetune=False) != at_budget([(0.90, 0.60)], 0.05, from_finetune=False)
-    assert at_budget([(0.97, 0.60)], 0.05, from_finetune=False) == 0.60
-    assert at_budget([(1.02, 0.10), (0.96, 0.50)], 0.02) == pytest.approx(0.10 + (1.02 - 0.98) / (1.02 - 0.96) * 0.40)
-    assert at_budget([(0.9, float("nan"))], 0.05) != at_budget([(0.9, float("nan"))], 0.05)
-    assert won_back(0.5, aligned=0.9, finetuned=0.1) == pytest.approx(0.5) and won_back(0.2, 0.1, 0.1) != won_back(0.2, 0.1, 0.1)
-
-
 def test_budget_table_is_the_mean_over_seeds_with_a_paired_bootstrap(tmp_path):
     """Two synthetic seeds: refusals and task NLL per prompt and row give ``u`` and ``w``
     exactly as computed by hand; the table's value is their ``at_budget`` mean over the
     seeds and its interval brackets it."""
     import numpy as np
 
-    from lssf_testbed.frontier import RunArrays, at_budget, budget_table
+    from lssf_testbed.frontier import RunArrays, budget_table
+
+    from mergekit_lssf.measure import at_budget
 
     def run(repair_refusals: int, repair_nll: float):
         n = 20

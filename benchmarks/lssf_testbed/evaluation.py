@@ -1,6 +1,8 @@
 """Metrics of one model: refusal (keyword detector) on HarmBench-test and StrongREJECT,
-empty answers, over-refusal, the translation task (``task.py``: answer NLL and word
-accuracy, per row too) and perplexity on prose.
+empty answers, over-refusal, the translation task (answer NLL and word accuracy, per
+row too) and perplexity on prose. Which prompts and rows each metric runs on is chosen
+here; every measure itself is the package's (``mergekit_lssf.measure``), except
+``task.word_accuracy``, specific to the translation task.
 """
 
 from __future__ import annotations
@@ -8,14 +10,21 @@ from __future__ import annotations
 from typing import Dict
 
 from mergekit_lssf import evaluate as ev
+from mergekit_lssf.measure import (
+    empty_rate,
+    perplexity,
+    pooled_nll,
+    refusal_rate,
+    row_nll,
+)
 
-from .task import pooled_nll, row_nll, word_accuracy
+from .task import word_accuracy
 
 TASK_TOKENS = 32  # new tokens of a translation answer (the longest reference is about 25)
 
 
 def task_metrics(model, tokenizer, rows, batch_size: int) -> Dict:
-    """The translation task on ``rows``: ``task_nll`` (``task.answer_nll``),
+    """The translation task on ``rows``: ``task_nll`` (``measure.answer_nll``),
     ``task_word_accuracy`` (mean ``task.word_accuracy`` of greedy answers) and, per row,
     ``task_rows`` = ``[nll_sum, tokens, word_accuracy]`` (for resampling rows)."""
     answers = ev.generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=TASK_TOKENS, batch_size=batch_size,
@@ -36,8 +45,8 @@ def evaluate_model(model_dir: str, prompts, s) -> Dict:
     if prompts.strongreject:
         answers = ev.generate(model, tokenizer, prompts.strongreject, max_new_tokens=s.max_new_tokens,
                               batch_size=s.eval_batch, progress=False)
-        result["strongreject_refusal_rate"] = sum(map(ev.is_refusal, answers)) / len(answers)
-        result["strongreject_empty_rate"] = sum(not a.strip() for a in answers) / len(answers)
+        result["strongreject_refusal_rate"] = refusal_rate(answers)
+        result["strongreject_empty_rate"] = empty_rate(answers)
         result["responses"]["strongreject"] = ev.responses(prompts.strongreject, answers)
     return result
 
@@ -52,10 +61,10 @@ def validation_metrics(model_dir: str, prompts, s, reference_perplexity_text: st
     benign = ev.generate(model, tokenizer, prompts.benign_val, max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch, progress=False)
     task = task_metrics(model, tokenizer, prompts.task_val, s.eval_batch)
     return {
-        "refusal_rate": sum(map(ev.is_refusal, harmful)) / len(harmful),
-        "empty_rate": sum(not a.strip() for a in harmful) / len(harmful),
-        "over_refusal_rate": sum(map(ev.is_refusal, benign)) / len(benign),
+        "refusal_rate": refusal_rate(harmful),
+        "empty_rate": empty_rate(harmful),
+        "over_refusal_rate": refusal_rate(benign),
         "task_nll": task["task_nll"],
         "task_word_accuracy": task["task_word_accuracy"],
-        "perplexity": ev.perplexity(model, tokenizer, reference_perplexity_text),
+        "perplexity": perplexity(model, tokenizer, reference_perplexity_text),
     }

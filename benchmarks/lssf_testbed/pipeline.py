@@ -18,6 +18,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from mergekit_lssf import evaluate as ev
+from mergekit_lssf.measure import utility_kept
 
 from . import repairs
 from .curves import CHOICES, candidates, points, repair_names
@@ -26,7 +27,6 @@ from .evaluation import evaluate_model, validation_metrics
 from .report import publish_report, write_report
 from .settings import (CELLS, PRIMARY, Cell, Settings, SettingsMismatch, candidate_name, cell_folder, eval_path, model_path,
                        settings_digest)
-from .task import utility_kept
 from .training import is_done, sample_continuations, store, train
 
 DRIFT_SEED = 100  # training seed of the drift sweep's candidates and of drift seed 0 (seed k: DRIFT_SEED + k)
@@ -340,7 +340,7 @@ class Testbed:
         """The point ``chosen`` (a key of ``curves.CHOICES``) picks on the validation
         splits: among ``curves.candidates``, the one with the most validation refusal of
         those that keep at least ``Settings.utility_floor`` of the fine-tune's validation
-        task NLL (``task.utility_kept`` between ``aligned`` and ``finetuned``), ties to
+        task NLL (``measure.utility_kept`` between ``aligned`` and ``finetuned``), ties to
         the earlier candidate; the first candidate when none does. The model ``chosen`` is
         a copy of it (folder and evaluation); the record is ``.../CHOSEN.choice.json``."""
         path = self.model_path(cell, seed, chosen)

@@ -25,10 +25,11 @@ from typing import Dict, List, Optional
 import matplotlib
 from matplotlib.figure import Figure
 
+from mergekit_lssf.measure import utility_kept, won_back
+
 from .curves import CHOSEN_METHODS, CURVES, RULES, SINGLES, points
 from .settings import CELLS, SettingsMismatch, settings_digest
-from .frontier import BUDGETS, SETS, RunArrays, budget_table, curve_points, spread, won_back
-from .task import utility_kept
+from .frontier import BUDGETS, SETS, RunArrays, budget_table, curve_points, spread
 from .verdicts import PROMPT_SETS, Verdicts, paired_contrast, seed_verdicts
 from .verdicts import load as load_verdicts
 from .verdicts import save as save_verdicts
@@ -55,8 +56,8 @@ def seed_summary(runs: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
 
 
 def with_derived(run: Dict) -> Dict[str, Dict[str, float]]:
-    """The run's model table with ``won_back_SET`` (``frontier.won_back``) and
-    ``utility_kept`` (``task.utility_kept``) added, against its aligned and fine-tuned
+    """The run's model table with ``won_back_SET`` and ``utility_kept``
+    (``mergekit_lssf.measure``) added, against its aligned and fine-tuned
     models."""
     models = run["models"]
     al, ft = models.get("aligned"), models.get("finetuned")

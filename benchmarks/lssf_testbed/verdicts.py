@@ -20,11 +20,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from mergekit_lssf.evaluate import is_refusal
+from mergekit_lssf.measure import bootstrap_interval, is_refusal
 
 from .settings import CELLS, cell_folder, eval_path, model_path
 
 PROMPT_SETS = (("harmful", "HarmBench"), ("strongreject", "StrongREJECT"))
+# the name published verdict files record: kept as it was (still importable there) when
+# the detector moved to mergekit_lssf.measure, unchanged, so the files stay the same
 DETECTOR = "mergekit_lssf.evaluate.is_refusal"
 
 # model -> prompt set -> prompt key -> refused
@@ -101,14 +103,15 @@ def paired_contrast(runs: List[Verdicts], a: str, b: str, prompt_set: str, draws
     """Refusal rate of ``a`` minus ``b`` on ``prompt_set``, averaged over the seeds
     (``runs``, one ``Verdicts`` each) that evaluated both, with a 95% bootstrap interval
     over prompts (the same resampled prompts for both models and every seed: a paired
-    test). None when no seed has both."""
+    test: ``measure.bootstrap_interval`` of the per-prompt differences). None when no
+    seed has both."""
     pairs = [(v[a].get(prompt_set), v[b].get(prompt_set)) for v in runs if a in v and b in v]
     pairs = [(x, y) for x, y in pairs if x and y]
     if not pairs:
         return None
     prompts = sorted(set.intersection(*(set(x) & set(y) for x, y in pairs)))
+    if not prompts:  # no prompt judged for both everywhere: nothing to compare (as before: NaN)
+        return {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "seeds": len(pairs), "prompts": 0}
     diff = np.array([[float(x[p]) - float(y[p]) for p in prompts] for x, y in pairs]).mean(0)  # per prompt
-    rng = np.random.default_rng(seed)
-    boot = diff[rng.integers(0, len(diff), size=(draws, len(diff)))].mean(1)
-    low, high = np.quantile(boot, [0.025, 0.975])
-    return {"difference": float(diff.mean()), "low": float(low), "high": float(high), "seeds": len(pairs), "prompts": len(prompts)}
+    low, high = bootstrap_interval(diff, draws=draws, seed=seed, level=0.95)
+    return {"difference": float(diff.mean()), "low": low, "high": high, "seeds": len(pairs), "prompts": len(prompts)}
