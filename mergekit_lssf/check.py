@@ -18,7 +18,7 @@ from mergekit.config import MergeConfiguration
 from mergekit_lssf.fused import kept_reason
 from mergekit_lssf.guards import model_index
 from mergekit_lssf.layout import parameter_layout
-from mergekit_lssf.parameters import SHARED_PARAMETERS
+from mergekit_lssf.parameters import SHARED_PARAMETERS, effective_rank_rule
 from mergekit_lssf.plan import LSSFPlan, tensor_parameters
 
 
@@ -57,7 +57,9 @@ def check(plan: LSSFPlan) -> Dict[str, List]:
             kept.append({"name": name, "reason": reason})
             continue
         params = tensor_parameters(task)  # checked by the plan with the method's own rules
-        fused.append({"name": name, "shape": shape, "parameters": {k: params.get(k) for k in SHARED_PARAMETERS}})
+        params = {k: params.get(k) for k in SHARED_PARAMETERS}
+        params["rank_rule"] = effective_rank_rule(params["fusion"], params["rank_rule"])  # unset: by fusion
+        fused.append({"name": name, "shape": shape, "parameters": params})
     return {"fused": fused, "kept": kept, "warnings": warnings}
 
 
@@ -71,7 +73,8 @@ def table(result: Dict[str, List]) -> str:
             f"{p['rank_rule']} (eta {p['eta']:g}, max_rank {p['max_rank']})" if p["rank_rule"] == "entropy"
             else f"noise_floor (max_rank {p['max_rank']})")
         if p["fusion"] == "contrastive":
-            k = f"k {p['rank']}" if p["rank"] is not None else "every stored vector"
+            k = f"k {p['rank']}" if p["rank"] is not None else (
+                f"k by the entropy rule over mu (eta {p['eta']:g})" if p["rank_rule"] == "entropy" else "every stored vector")
             lines.append(f"fused  {row['name']:48s} {shape:>11s}  alpha {p['alpha']:g}, fusion contrastive, lam "
                          f"{p['lam']:g}, {k}, calibration {p['calibration']}"
                          + (f", round_to {p['round_to']} ({p['rounding']})" if p.get("round_to") else ""))

@@ -34,20 +34,32 @@ class ContrastiveBasis:
     v: ``(d_in, k)``, the leading ``k`` generalized eigenvectors (``V_k^T B V_k = I``).
     bv: ``(d_in, k)``, ``B V_k``. mu: ``(k,)`` eigenvalues, descending, >= 0.
     eps: the ridge added to the trace-normalised task Gram.
+    spectrum: ``(d_in,)`` every eigenvalue, descending (``mu`` is its head), which the
+    entropy rule over ``mu`` and the truncation share read; None when unknown (a
+    ``/1`` file that stored only the leading ``k``).
     """
 
     v: torch.Tensor
     bv: torch.Tensor
     mu: torch.Tensor
     eps: float
+    spectrum: Optional[torch.Tensor] = None
 
     @property
     def rank(self) -> int:
         return int(self.mu.numel())
 
     def leading(self, k: int) -> "ContrastiveBasis":
-        """The first ``k`` pairs (a truncation of the restore)."""
-        return ContrastiveBasis(self.v[:, :k], self.bv[:, :k], self.mu[:k], self.eps)
+        """The first ``k`` pairs (a truncation of the restore); the spectrum is kept whole."""
+        return ContrastiveBasis(self.v[:, :k], self.bv[:, :k], self.mu[:k], self.eps, self.spectrum)
+
+
+def dropped_share(spectrum: torch.Tensor, k: int) -> float:
+    """The share of ``sum(mu)`` that the eigenvalues after the leading ``k`` carry
+    (float64; 0.0 for an all-zero spectrum): what keeping ``k`` vectors leaves out."""
+    mu = spectrum.to(torch.float64).clamp(min=0)
+    total = float(mu.sum())
+    return float(mu[k:].sum()) / total if total > 0 else 0.0
 
 
 def trace_normalised(gram: torch.Tensor) -> torch.Tensor:
@@ -65,7 +77,8 @@ def contrastive_basis(c_h: torch.Tensor, c_t: torch.Tensor, *, eps: float = 1e-6
 
     ``c_h``, ``c_t``: ``(d_in, d_in)`` symmetric PSD, already trace-normalised (``eps``
     is relative to a unit trace). Solved through the Cholesky factor ``B = L L^T``:
-    ``M = L^-1 C_H L^-T = Y diag(mu) Y^T`` and ``V = L^-T Y``. ``k``: None keeps all.
+    ``M = L^-1 C_H L^-T = Y diag(mu) Y^T`` and ``V = L^-T Y``. ``k``: None keeps all
+    vectors; the ``spectrum`` (every ``mu``) is kept whatever ``k``.
     """
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
@@ -83,7 +96,7 @@ def contrastive_basis(c_h: torch.Tensor, c_t: torch.Tensor, *, eps: float = 1e-6
     v = torch.linalg.solve_triangular(low.T, y, upper=True)  # L^-T Y
     keep = d if k is None else max(0, min(int(k), d))
     v = v[:, :keep]
-    return ContrastiveBasis(v=v, bv=b @ v, mu=mu[:keep], eps=float(eps))
+    return ContrastiveBasis(v=v, bv=b @ v, mu=mu[:keep], eps=float(eps), spectrum=mu)
 
 
 def restore_weights(mu: torch.Tensor, lam: float) -> torch.Tensor:

@@ -10,8 +10,9 @@ tokenised without added special tokens, so identical rows give identical Grams):
 
 For every linear input site (q/k/v share one, gate/up another) it accumulates the
 input Grams ``C_H`` (anchors) and ``C_T`` (task) in float64, trace-normalises them and
-stores the leading generalized eigenpairs of ``(C_H, C_T + eps I)``
-(``contrastive.contrastive_basis``) in a ``contrastive_file`` file. Blocks are
+stores the leading generalized eigenvectors of ``(C_H, C_T + eps I)`` with every
+eigenvalue (``contrastive.contrastive_basis``) in a ``contrastive_file`` file, and
+how much of ``sum(mu)`` the vectors ``--max-rank`` dropped carry. Blocks are
 streamed one at a time (``calibrate.blocks``): peak memory is one decoder block, its
 Grams and the hidden states of both sets.
 """
@@ -42,11 +43,12 @@ from mergekit_lssf.calibrate import (
     open_streamed,
     run_through,
 )
-from mergekit_lssf.contrastive import contrastive_basis, trace_normalised
+from mergekit_lssf.contrastive import contrastive_basis, dropped_share, trace_normalised
 from mergekit_lssf.contrastive_file import FORMAT, NORMALIZATION
 from mergekit_lssf.evaluate import has_tokenizer, is_refusal
 from mergekit_lssf.guards import check_model_folder
 from mergekit_lssf.parameters import LSSFConfigError
+from mergekit_lssf.recipe import check_cached_lora_merge
 from mergekit_lssf.safetensors_io import StreamedWriter
 from mergekit_lssf.subspace_file import adapter_sha256, model_fingerprint
 from mergekit_lssf.version import __version__
@@ -101,6 +103,7 @@ def recipe_models(config, lora_merge_cache: Optional[str] = None) -> Roles:
     if not lora_merge_cache:
         raise LSSFConfigError(f"base_model: {base} is a model+lora reference; pass --lora-merge-cache DIR (the folder "
                               "mergekit-yaml uses: the adapter is merged there once)")
+    check_cached_lora_merge(base, lora_merge_cache, "base_model")
     merged = base.merged(cache_dir=lora_merge_cache)
     return Roles(merged.model.path, aligned[0].model.path, base.model.path, base.lora.path)
 
@@ -156,9 +159,10 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task: Optional[List[An
                           progress: bool = True, log=print) -> Dict:
     """Write the contrastive calibration of ``roles.finetuned`` against
     ``roles.aligned``'s refusals to ``out_path``; returns the metadata (with the time
-    in seconds and the peak resident memory in MiB). ``task``: the task rows
-    (``load_task``; None: the benign-only variant). ``max_rank`` None keeps every
-    eigenvector."""
+    in seconds and the peak resident memory in MiB, and ``truncation``: a sentence on
+    what the dropped vectors carry). ``task``: the task rows (``load_task``; None: the
+    benign-only variant). ``max_rank`` None keeps every eigenvector; every eigenvalue
+    is stored whatever it is."""
     check_options(out_path, eps, max_rank, batch_size)
     anchors = load_anchors(anchors_path)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
@@ -179,6 +183,7 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task: Optional[List[An
     config, body, rotary, weights = open_streamed(roles.finetuned, dev)
     batches = {k: embed_batches(weights, config, ids, batch_size, dev) for k, ids in sets.items()}
     sites: Dict[str, str] = {}
+    dropped: Dict[str, float] = {}  # site -> share of sum(mu) its dropped vectors carry
     writer = StreamedWriter(out_path)
     try:
         for _index, prefix, block, forward in blocks(config, body, rotary, weights, dev, progress):
@@ -189,7 +194,9 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task: Optional[List[An
                 except ValueError as error:
                     raise LSSFConfigError(f"calibrate: input site {owner}: {error}") from None
                 basis = contrastive_basis(c_h, c_t, eps=eps, k=max_rank)
-                writer.add({f"{owner}.V": basis.v.cpu(), f"{owner}.BV": basis.bv.cpu(), f"{owner}.mu": basis.mu.cpu()})
+                dropped[owner] = dropped_share(basis.spectrum, basis.rank)
+                writer.add({f"{owner}.V": basis.v.cpu(), f"{owner}.BV": basis.bv.cpu(),
+                            f"{owner}.mu": basis.spectrum.cpu()})  # every eigenvalue: width floats
             sites.update(grams["owners"])
         metadata = {
             "format": FORMAT,
@@ -208,6 +215,7 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task: Optional[List[An
             "eps": repr(float(eps)),
             "normalization": NORMALIZATION,
             "max_rank": "full" if max_rank is None else str(max_rank),
+            **_dropped_metadata(dropped),
             "version": __version__,
         }
         writer.finish(metadata)
@@ -215,8 +223,27 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task: Optional[List[An
         writer.close()
         raise
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    truncation = truncation_words(metadata)
     return {**metadata, "sites_count": len(set(sites.values())), "seconds": round(time.perf_counter() - started, 2),
-            "peak_mib": round(peak), "bytes": os.path.getsize(out_path)}
+            "peak_mib": round(peak), "bytes": os.path.getsize(out_path), "truncation": truncation}
+
+
+def _dropped_metadata(dropped: Dict[str, float]) -> Dict[str, str]:
+    """``dropped_mu_share``: the largest share of ``sum(mu)`` that one site's dropped
+    vectors carry (``repr`` of a float), and ``dropped_mu_site``: that site."""
+    site = max(sorted(dropped), key=lambda s: dropped[s], default="")
+    share = dropped.get(site, 0.0)
+    return {"dropped_mu_share": repr(share), "dropped_mu_site": site if share > 0 else ""}
+
+
+def truncation_words(metadata: Dict[str, str]) -> str:
+    """What ``--max-rank`` left out, for the summary: the largest share of ``sum(mu)``
+    the dropped vectors carry at one site, and which site."""
+    share = float(metadata.get("dropped_mu_share", "0"))
+    if share <= 0:
+        return f"k {metadata['max_rank']}: every vector with a nonzero mu is stored (nothing of sum(mu) dropped)"
+    return (f"k {metadata['max_rank']}: the dropped vectors carry at most {100 * share:.3g}% of sum(mu) (site "
+            f"{metadata['dropped_mu_site']}); `--max-rank full` keeps them all")
 
 
 def _block_grams(block, prefix: str, forward, batches: Dict[str, List[tuple]]) -> Dict:

@@ -34,7 +34,7 @@ import torch
 
 from mergekit_lssf.contrastive import ContrastiveBasis, contrastive_factors
 from mergekit_lssf.leading_eigh import LeadingEigh, gram_lower
-from mergekit_lssf.parameters import FusionSettings
+from mergekit_lssf.parameters import DEFAULT_ETA, FusionSettings
 from mergekit_lssf.precision import (
     SIXTEEN_BIT,
     RoundingResult,
@@ -87,7 +87,8 @@ class RankChoice:
         no singular value rises above the threshold).
     entropy_rank: the entropy rule's rank before ``max_rank`` (None with a fixed rank).
     capped: True when ``max_rank`` (or the basis size) lowered the rank.
-    rule: ``"entropy"``, ``"noise_floor"`` or ``"fixed"`` (a ``rank`` was given).
+    rule: ``"entropy"``, ``"noise_floor"`` or ``"fixed"`` (a ``rank`` was given);
+        ``"stored"``: every vector a contrastive calibration stores.
     noise_floor_rank: the noise-floor rule's rank before ``max_rank``, computed
         whatever the rule (for reports); ``tau`` its threshold in sigma's units.
     entropy_share: ``H_r / H_n`` (1.0 when ``H_n == 0`` and ``r >= 1``).
@@ -121,10 +122,21 @@ class FusionInfo:
     choice: RankChoice
     sigma_1: float
     spectral_seconds: float
+    #: ``fusion="contrastive"`` only (``contrastive_safety_factors``), else None:
+    #: ``||left @ right||_F``, the term at ``alpha`` 1, and ``||W_aligned - W_ft||_F``.
+    term_norm: Optional[float] = None
+    gap_norm: Optional[float] = None
 
     @property
     def rank(self) -> int:
         return self.choice.rank
+
+    def term_ratio(self, alpha: float) -> Optional[float]:
+        """``||alpha * term|| / ||W_aligned - W_ft||`` of a contrastive term (0.0 when the
+        two models agree on this weight); None for the other fusions."""
+        if self.term_norm is None or self.gap_norm is None:
+            return None
+        return abs(alpha) * self.term_norm / self.gap_norm if self.gap_norm > 0 else 0.0
 
 
 def data_free_subspace(
@@ -455,34 +467,72 @@ def safety_factors(
     return SafetyFactors(left, right, info, subspace.sigma, fusion, aligned, side)
 
 
+def contrastive_rank(basis: ContrastiveBasis, *, rank: Optional[int] = None, rank_rule: Optional[RankRule] = None,
+                     eta: float = DEFAULT_ETA) -> RankChoice:
+    """How many of a contrastive calibration's stored vectors a weight uses.
+
+    ``rank``: the leading ``rank`` (``rule="fixed"``; more than stored is refused).
+    ``rank_rule="entropy"``: Eq. 5-7 applied to ``mu``, with ``p_i = mu_i / sum mu``
+    (``_entropy_rank`` of ``sqrt(mu)``, whose squares are ``mu``), in float64, over
+    the whole spectrum (``basis.spectrum``), then capped at the stored count
+    (``capped``; ``entropy_rank`` keeps what the rule wanted). ``rank`` wins over the
+    rule, as it does for ``restore``. Neither: every stored vector (``rule="stored"``).
+    The shares are those of the whole spectrum (``energy_share``: of ``sum(mu)``).
+    """
+    stored = basis.rank
+    known = basis.spectrum is not None or stored == basis.v.shape[0]
+    spectrum = basis.spectrum if basis.spectrum is not None else basis.mu
+    sigma = spectrum.to(torch.float64).clamp(min=0).sqrt()  # sigma_i^2 = mu_i: p ∝ mu
+    wanted, capped = None, False
+    if rank is not None:
+        if rank > stored:
+            raise ValueError(f"rank {rank} is more than the {stored} vectors the calibration stores")
+        k, rule = int(rank), "fixed"
+    elif rank_rule == "entropy":
+        if not known:
+            raise ValueError(f"rank_rule: entropy reads every eigenvalue mu, and this calibration stores only the leading "
+                             f"{stored} of {basis.v.shape[0]} (an older file); calibrate again")
+        wanted = _entropy_rank(sigma, eta)
+        k, capped, rule = min(wanted, stored), wanted > stored, "entropy"
+    elif rank_rule is None:
+        k, rule = stored, "stored"
+    else:
+        raise ValueError(f"fusion contrastive reads rank_rule entropy only, got {rank_rule!r}")
+    cum, p = spectral_entropy(sigma)
+    return _choice(k, wanted, capped, cum, p, rule)
+
+
 def contrastive_safety_factors(w_ft: torch.Tensor, w_aligned: torch.Tensor, basis: ContrastiveBasis, *,
-                               lam: float, rank: Optional[int] = None,
-                               work_dtype: torch.dtype = torch.float32) -> SafetyFactors:
+                               lam: float, rank: Optional[int] = None, rank_rule: Optional[RankRule] = None,
+                               eta: float = DEFAULT_ETA, work_dtype: torch.dtype = torch.float32) -> SafetyFactors:
     """The term ``(W_al - W_ft) (B V_k) diag(mu_k / (mu_k + lam)) V_k^T`` of one weight
     as ``SafetyFactors`` (``fusion="contrastive"``, input side), for ``write_fused``.
 
     ``w_ft``, ``w_aligned``: ``(d_out, d_in)``; ``basis``: the weight's input site
-    (``contrastive_file``); ``rank``: the leading ``k`` pairs (None: all stored). The
-    right factor is the orthonormal ``Q^T`` of ``V_k = Q R`` (so that 16-bit rounding
-    keeps the term's input subspace) and the left one ``(W_al - W_ft) B V_k diag(w) R^T``:
-    the product is the term exactly. Factors in ``promote(work_dtype, float32)``.
+    (``contrastive_file``); ``k`` by ``contrastive_rank`` (``rank``, ``rank_rule``,
+    ``eta``; default every stored pair). The right factor is the orthonormal ``Q^T``
+    of ``V_k = Q R`` (so that 16-bit rounding keeps the term's input subspace) and the
+    left one ``(W_al - W_ft) B V_k diag(w) R^T``: the product is the term exactly.
+    Factors in ``promote(work_dtype, float32)``. ``info`` carries the term's norm
+    (``||left||``, since ``Q^T`` has orthonormal rows) and ``||W_al - W_ft||``, both
+    float64, and ``sigma`` the whole spectrum ``mu`` where the file holds it.
     """
     started = time.perf_counter()
-    if rank is not None:
-        if rank > basis.rank:
-            raise ValueError(f"rank {rank} is more than the {basis.rank} vectors the calibration stores")
-        basis = basis.leading(rank)
+    choice = contrastive_rank(basis, rank=rank, rank_rule=rank_rule, eta=eta)
+    spectrum = (basis.spectrum if basis.spectrum is not None else basis.mu).to(torch.float64)
+    basis = basis.leading(choice.rank)
     k = basis.rank
-    mu = basis.mu.to(torch.float64)
-    choice = RankChoice(k, None, False, 1.0, 1.0, 0.0, "fixed")
-    info = FusionInfo(choice, float(mu[0]) if k else 0.0, 0.0)
+    gap = float(torch.linalg.matrix_norm(w_aligned.to(torch.float64) - w_ft.to(torch.float64)))
+    sigma_1 = float(spectrum[0]) if spectrum.numel() else 0.0
     if k == 0:
-        return SafetyFactors(None, None, info, mu, "contrastive", side="input")
+        info = FusionInfo(choice, sigma_1, time.perf_counter() - started, 0.0, gap)
+        return SafetyFactors(None, None, info, spectrum, "contrastive", side="input")
     left, right = contrastive_factors(w_ft, w_aligned, basis, lam)
     q, r = torch.linalg.qr(right.T)  # V_k = Q R
+    left = left @ r.T
     work = torch.promote_types(work_dtype, torch.float32)
-    info = FusionInfo(choice, float(mu[0]), time.perf_counter() - started)
-    return SafetyFactors((left @ r.T).to(work), q.T.to(work), info, mu, "contrastive", side="input")
+    info = FusionInfo(choice, sigma_1, time.perf_counter() - started, float(torch.linalg.matrix_norm(left)), gap)
+    return SafetyFactors(left.to(work), q.T.to(work), info, spectrum, "contrastive", side="input")
 
 
 def balanced_factors(

@@ -142,6 +142,8 @@ def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.
         ) from error
     info = factors.info
     choice = info.choice
+    contrastive = settings.fusion == "contrastive"
+    ratio = info.term_ratio(settings.alpha)  # contrastive: ||alpha term|| / ||W_al - W_ft||, from the kernel
     STATS.add(
         TensorRecord(
             name,
@@ -152,13 +154,16 @@ def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.
             rounding_edge=choice.rounding_edge,
             signal_rank=choice.signal_rank,
             kept=written.kept,
+            fusion=settings.fusion,
+            term_ratio=ratio,
+            wanted_rank=choice.entropy_rank if contrastive else None,
+            site=open_contrastive(settings.calibration).site(name) if contrastive else None,
         )
     )
-    if settings.fusion == "contrastive" and LOG.isEnabledFor(logging.INFO):
-        term = float(torch.linalg.matrix_norm(fused.to(torch.float32) - w_ft.to(torch.float32)))
-        gap = float(torch.linalg.matrix_norm(w_al.to(torch.float32) - w_ft.to(torch.float32)))
-        LOG.info("lssf %s %s: fusion contrastive, k %d, lam %g; ||term|| %.4g = %.3g x ||W_al - W_ft||%s", name,
-                 tuple(w_ft.shape), choice.rank, settings.lam, term, term / gap if gap else 0.0,
+    if contrastive:
+        LOG.info("lssf %s %s: fusion contrastive, k %d%s, lam %g; ||term|| %.4g = %.3g x ||W_al - W_ft||%s", name,
+                 tuple(w_ft.shape), choice.rank, _contrastive_rank_words(choice, settings.eta), settings.lam,
+                 abs(settings.alpha) * info.term_norm, ratio,
                  _written_words(written, written_dtype) if choice.rank else "")
         return fused
     LOG.info(
@@ -186,11 +191,22 @@ def term_factors(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: Option
         basis = open_contrastive(settings.calibration).basis(name, w_ft.shape[1], w_ft.device)
         try:
             return contrastive_safety_factors(w_ft, w_al, basis, lam=settings.lam, rank=settings.rank,
-                                              work_dtype=w_ft.dtype)
+                                              rank_rule=settings.rank_rule, eta=settings.eta, work_dtype=w_ft.dtype)
         except ValueError as error:
-            raise LSSFConfigError(f"tensor {name}: lssf parameter `rank`: {error} ({settings.calibration})") from None
+            which = "rank" if settings.rank is not None else "rank_rule"
+            raise LSSFConfigError(f"tensor {name}: lssf parameter `{which}`: {error} ({settings.calibration})") from None
     return safety_factors(w_al, w_un, settings, subspace=load_subspace(settings.subspace, name, w_ft),
                           work_dtype=w_ft.dtype)
+
+
+def _contrastive_rank_words(choice, eta: float) -> str:
+    """How a contrastive ``k`` was chosen, for the per-tensor log (empty: every stored vector)."""
+    if choice.rule == "fixed":
+        return " (the fixed `rank`)"
+    if choice.rule != "entropy":
+        return " (every stored vector)"
+    capped = f", capped at the stored count from {choice.entropy_rank}" if choice.capped else ""
+    return f" (entropy rule over mu, eta {eta:g}{capped}; {choice.energy_share:.3f} of sum(mu) kept)"
 
 
 def _edge_words(choice) -> str:

@@ -27,7 +27,7 @@ def append_card(out_path: str, config, refs: Dict[str, Any], stats) -> None:
     parameters = effective_parameters(config)
     ranks = [r.rank for r in stats.records]
     rank_line = (f"{len(ranks)} weights fused; rank min {min(ranks)} / mean {sum(ranks) / len(ranks):.1f} / max {max(ranks)}; "
-                 f"{sum(r.capped for r in stats.records)} capped by max_rank; {sum(r == 0 for r in ranks)} at rank 0; "
+                 f"{sum(r.capped for r in stats.records if r.fusion != 'contrastive')} capped by max_rank; {sum(r == 0 for r in ranks)} at rank 0; "
                  f"{stats.passed_through} tensors kept from the fine-tune") if ranks else "no weights fused"
     v = versions()
     section = f"""
@@ -39,7 +39,7 @@ def append_card(out_path: str, config, refs: Dict[str, Any], stats) -> None:
 - unaligned model (`role: unaligned`): {models['unaligned']}
 - applied: {fusion_words(parameters)}
 - effective parameters (defaults included): `{json.dumps(parameters, sort_keys=True)}`
-- ranks: {rank_line}
+- ranks: {rank_line}{_contrastive_line(stats)}
 - 16-bit precision: {_precision_line(stats)}
 - versions: {', '.join(f'{k} {x}' for k, x in v.items())}
 """
@@ -48,6 +48,12 @@ def append_card(out_path: str, config, refs: Dict[str, Any], stats) -> None:
     mode = "a" if os.path.exists(path) else "w"
     with open(path, mode, encoding="utf-8") as fp:
         fp.write(section)
+
+
+def _contrastive_line(stats) -> str:
+    """The card's line on a contrastive term (k and its norm per weight); empty without one."""
+    words = stats.contrastive_words()
+    return f"\n- contrastive term: {words.removeprefix('lssf: contrastive: ')}" if words else ""
 
 
 def _precision_line(stats) -> str:

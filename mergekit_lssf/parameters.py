@@ -145,14 +145,18 @@ PARAMETERS: Tuple[Parameter, ...] = (
               f"fusion coefficient (Eq. 13); at most 1 with `restore` (1 reaches the aligned weights inside "
               f"the subspace), at most {_num(ALPHA_MAX)} with `add` (a warning above the paper's {_num(ALPHA_PAPER_MAX)})",
               low=0.0, low_open=True, high=ALPHA_MAX),
-    Parameter("eta", "number", 0.9, "share of the spectral entropy the rank keeps (Eq. 7)",
+    Parameter("eta", "number", 0.9, "share of the spectral entropy the rank keeps (Eq. 7); `contrastive` reads it "
+              "with `rank_rule: entropy` only",
               low=0.0, low_open=True, high=1.0),
     Parameter("max_rank", "integer", 256, "cap on the entropy rank; on bf16 checkpoints it usually decides the rank "
               "(no cap: a value at least the weight's smaller side)", low=1, nullable=True),
-    Parameter("rank", "integer", None, "a fixed rank instead of the rule (not capped); unset: the rule",
+    Parameter("rank", "integer", None, "a fixed rank instead of the rule (not capped; `contrastive`: the leading "
+              "`rank` stored vectors, at most as many as stored); unset: the rule",
               low=1, nullable=True),
-    Parameter("rank_rule", "choice", "entropy",
-              "`entropy` (Eq. 5-7) or `noise_floor` (Gavish-Donoho threshold; may give rank 0)", choices=RANK_RULES),
+    Parameter("rank_rule", "choice", None,
+              "`entropy` (Eq. 5-7) or `noise_floor` (Gavish-Donoho threshold; may give rank 0); unset: `entropy` for "
+              "`restore`/`add`, every stored vector for `contrastive` (which reads `entropy` only: Eq. 5-7 over mu)",
+              choices=RANK_RULES, nullable=True),
     Parameter("weight_max", "number", 1.0,
               "weight of the leading direction (Eq. 10-11); 1 = plain projector", low=1.0, high=WEIGHT_MAX_MAX),
     Parameter("subspace", "path", None, "a file from `mergekit-lssf calibrate`; unset: the SVD of `delta`",
@@ -181,8 +185,19 @@ DEFAULTS = {p.name: p.default for p in PARAMETERS if not p.per_model}
 DEFAULT_ALPHA = DEFAULTS["alpha"]
 DEFAULT_ETA = DEFAULTS["eta"]
 DEFAULT_MAX_RANK: Optional[int] = DEFAULTS["max_rank"]
-DEFAULT_RANK_RULE = DEFAULTS["rank_rule"]  # the paper's Eq. 7
+#: The rule ``restore`` and ``add`` apply when ``rank_rule`` is unset (the paper's Eq. 7);
+#: unset, ``contrastive`` uses every stored vector (``effective_rank_rule``).
+DEFAULT_RANK_RULE = "entropy"
 DEFAULT_FUSION = DEFAULTS["fusion"]  # beyond the paper, chosen on the safety testbed; "add" is Eq. 13
+
+
+def effective_rank_rule(fusion: Any, rank_rule: Optional[str]) -> Optional[str]:
+    """The rank rule a tensor of ``fusion`` applies: ``rank_rule`` when set; unset, the
+    paper's entropy rule for ``restore``/``add`` and None for ``contrastive`` (every
+    vector the calibration stores, or ``rank``)."""
+    if rank_rule is not None or fusion == "contrastive":
+        return rank_rule
+    return DEFAULT_RANK_RULE
 
 
 @dataclass(frozen=True)
@@ -200,7 +215,7 @@ class FusionSettings:
     eta: float = DEFAULTS["eta"]
     max_rank: Optional[int] = DEFAULTS["max_rank"]
     rank: Optional[int] = DEFAULTS["rank"]
-    rank_rule: str = DEFAULTS["rank_rule"]
+    rank_rule: Optional[str] = DEFAULTS["rank_rule"]  # resolved by effective_rank_rule
     weight_max: float = DEFAULTS["weight_max"]
     subspace: Optional[str] = DEFAULTS["subspace"]
     calibration: Optional[str] = DEFAULTS["calibration"]
@@ -215,13 +230,15 @@ class FusionSettings:
         for f in fields(self):
             value = BY_NAME[f.name].validate(getattr(self, f.name))
             object.__setattr__(self, f.name, value)
+        object.__setattr__(self, "rank_rule", effective_rank_rule(self.fusion, self.rank_rule))
         errors, _warnings = combination_problems({f.name: getattr(self, f.name) for f in fields(self)})
         if errors:
             raise ValueError(errors[0])
 
 
-#: Parameters of the data-free subspace that ``fusion: contrastive`` does not read.
-CONTRASTIVE_UNREAD = ("eta", "max_rank", "rank_rule", "weight_max", "spectrum")
+#: Parameters of the data-free subspace that ``fusion: contrastive`` does not read
+#: (``eta`` is read with ``rank_rule: entropy`` only; ``rank_rule: noise_floor`` never).
+CONTRASTIVE_UNREAD = ("max_rank", "weight_max", "spectrum")
 
 
 def combination_problems(values: Mapping[str, Any]) -> Tuple[List[str], List[str]]:
@@ -246,9 +263,14 @@ def combination_problems(values: Mapping[str, Any]) -> Tuple[List[str], List[str
         errors.append("`subspace` is an Eq. 4 file for `restore`/`add`; `fusion: contrastive` reads `calibration`")
     if fusion == "contrastive":
         unread = [n for n in CONTRASTIVE_UNREAD if n in values and values[n] != DEFAULTS[n]]
+        if values.get("rank_rule") not in (None, "entropy"):
+            unread.insert(0, "rank_rule")
+        elif values.get("rank_rule") is None and "eta" in values and values["eta"] != DEFAULTS["eta"]:
+            unread.insert(0, "eta")
         if unread:
             errors.append(f"`{unread[0]}: {values[unread[0]]}` is not read by `fusion: contrastive` (it takes "
-                          "`calibration`, `lam`, `rank`, `alpha` and the rounding); remove it")
+                          "`calibration`, `lam`, `rank` or `rank_rule: entropy` with `eta`, `alpha` and the "
+                          "rounding); remove it")
     if fusion != "contrastive" and values.get("lam", DEFAULTS["lam"]) != DEFAULTS["lam"]:
         errors.append(f"`lam` is read by `fusion: contrastive` only, not `fusion: {fusion}`")
     if fusion != "contrastive" and values.get("calibration"):

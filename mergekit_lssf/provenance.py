@@ -11,17 +11,21 @@ from typing import Any, Dict
 
 from mergekit.config import MergeConfiguration
 
-from mergekit_lssf.parameters import DEFAULTS
+from mergekit_lssf.parameters import DEFAULTS, effective_rank_rule
 
 
 def effective_parameters(config: MergeConfiguration) -> Dict[str, Any]:
-    """The recipe's ``parameters:`` with every default filled in. Filters and
+    """The recipe's ``parameters:`` with every default filled in (an unset
+    ``rank_rule`` as the one fusion of the recipe applies: ``entropy`` for ``restore``
+    and ``add``, null for ``contrastive``'s every stored vector). Filters and
     gradients are kept as written (their per-tensor values are in ``check``)."""
     given = dict(config.parameters or {})
     out: Dict[str, Any] = {}
     for name, default in DEFAULTS.items():
         value = given.get(name, default)
         out[name] = value.model_dump() if hasattr(value, "model_dump") else _plain(value)
+    if out["rank_rule"] is None and isinstance(out["fusion"], str):
+        out["rank_rule"] = effective_rank_rule(out["fusion"], None)
     return out
 
 
@@ -45,7 +49,12 @@ def fusion_words(parameters: Dict[str, Any]) -> str:
     rounding = (f"16-bit output: lssf rounds to {parameters['round_to']} ({parameters.get('rounding', 'subspace')})"
                 if parameters.get("round_to") else "16-bit output: not rounded by lssf (mergekit's plain cast)")
     if fusion == "contrastive":
-        k = f"the leading {parameters['rank']} vectors" if parameters.get("rank") is not None else "every stored vector"
+        if parameters.get("rank") is not None:
+            k = f"the leading {parameters['rank']} vectors"
+        elif parameters.get("rank_rule") == "entropy":
+            k = f"k by the entropy rule over mu (eta {parameters['eta']}), at most the stored vectors"
+        else:
+            k = "every stored vector"
         return (f"W' = W_finetuned + alpha * (W_aligned - W_finetuned) (B V_k) diag(mu/(mu+lam)) V_k^T  [contrastive]; "
                 f"alpha {parameters['alpha']}, lam {parameters.get('lam')}, {k}; calibration: "
                 f"{parameters.get('calibration')}; {rounding}")

@@ -103,14 +103,38 @@ def check_lora_merge_cache(config: MergeConfiguration, cache: Optional[str]) -> 
     """mergekit 0.1.5 merges a ``model+lora`` reference into a full model on disk, and only
     with ``--lora-merge-cache DIR``; without it the merge stops with a traceback after
     planning. Name the field and the flag before anything runs."""
-    if cache:
-        return
     for where, model in [("base_model", config.base_model)] + [(w, m) for w, m, _ in _model_inputs(config)]:
-        if model is not None and getattr(model, "lora", None) is not None:
+        if model is not None and getattr(model, "lora", None) is not None and cache:
+            check_cached_lora_merge(model, cache, where)
+        elif model is not None and getattr(model, "lora", None) is not None:
             raise LSSFConfigError(
                 f"{where}: {model} is a model+lora reference; mergekit merges the adapter into a full "
                 "model first and needs a folder for it: pass --lora-merge-cache DIR (about the model's size on disk)"
             )
+
+
+def _weight_files(folder: str) -> List[str]:
+    return [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith((".safetensors", ".bin"))]
+
+
+def check_cached_lora_merge(model: ModelReference, cache: str, where: str) -> None:
+    """mergekit 0.1.5 reuses ``cache/{BASE id}_{LORA id}`` whenever the folder exists
+    (``ModelReference.merged``), named by the paths, not the contents: an interrupted
+    merge leaves an incomplete folder, and an adapter retrained in place keeps its old
+    merge. Either would be used silently; refuse both, naming the folder to delete."""
+    folder = os.path.join(cache, model.model._unique_id() + "_" + model.lora._unique_id())
+    if not os.path.isdir(folder):
+        return  # mergekit merges it afresh
+    weights = _weight_files(folder)
+    if not os.path.exists(os.path.join(folder, "config.json")) or not weights:
+        raise LSSFConfigError(f"{where}: the LoRA merge cache folder {folder} of {model} is incomplete (an interrupted "
+                              "merge?); mergekit would use it as it is: delete it and run again")
+    adapter = model.lora.path
+    if os.path.isdir(adapter):
+        newest = max((os.path.getmtime(f) for f in _weight_files(adapter)), default=0.0)
+        if newest > min(os.path.getmtime(f) for f in weights):
+            raise LSSFConfigError(f"{where}: the adapter {adapter} is newer than its merge in the LoRA merge cache "
+                                  f"({folder}); mergekit would reuse the old merge: delete that folder and run again")
 
 
 def check_recipe(

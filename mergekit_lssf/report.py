@@ -4,7 +4,10 @@ Writes ``report.json`` (``{"tensors": [...], "summary": {...}}``), ``report.csv`
 ``rank_heatmap.png`` (rank by layer and module) and ``entropy_curves.png`` (the
 retained-entropy curve ``H_rho / H_n`` of a few representative tensors, with eta
 and the chosen rank marked). For 16-bit inputs each row also has the rounding edge
-of delta and the signal rank (singular values above it). No model is written.
+of delta and the signal rank (singular values above it). For ``fusion: contrastive``
+the rank is ``k``, the spectrum is ``mu`` (Eq. 5-7 read ``p ∝ mu``), and each row has
+the term's norm against ``||W_aligned - W_ft||`` (``term_ratio``), computed by the
+merge's own kernel. No model is written.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import os
 from typing import Dict, List, Optional
 
+import torch
 
 from mergekit_lssf.kernel import spectral_entropy
 from mergekit_lssf.stats import SIGNAL_SHARE_WARNING
@@ -27,12 +31,15 @@ FIELDS = [
     "name", "layer", "module", "shape", "rank", "rank_rule", "fusion", "entropy_rank",
     "noise_floor_rank", "noise_floor_tau", "capped", "max_rank", "eta",
     "entropy_total", "entropy_share", "energy_share", "sigma_1", "spectrum", "rounding_edge",
-    "signal_rank",
+    "signal_rank", "lam", "term_norm", "gap_norm", "term_ratio",
 ]
 
 
 def _row(t: FusedTensor) -> Dict:
-    c = t.factors.info.choice
+    info = t.factors.info
+    c = info.choice
+    alpha = t.parameters["alpha"]
+    contrastive = t.parameters["fusion"] == "contrastive"
     return {
         "name": t.name, "layer": t.layer, "module": t.module, "shape": list(t.shape),
         "rank": c.rank, "rank_rule": c.rule, "fusion": t.parameters["fusion"],
@@ -42,19 +49,28 @@ def _row(t: FusedTensor) -> Dict:
         "entropy_total": c.entropy_total, "entropy_share": c.entropy_share,
         "energy_share": c.energy_share, "sigma_1": t.factors.info.sigma_1,
         "spectrum": c.spectrum, "rounding_edge": c.rounding_edge, "signal_rank": c.signal_rank,
+        "lam": t.parameters["lam"] if contrastive else None,
+        "term_norm": abs(alpha) * info.term_norm if info.term_norm is not None else None,
+        "gap_norm": info.gap_norm, "term_ratio": info.term_ratio(alpha),
     }
 
 
-def build_report(plan: LSSFPlan, out_dir: str, *, cuda: bool = False) -> Dict:
-    """Compute the report of a planned recipe and write it under ``out_dir``."""
+def build_report(plan: LSSFPlan, out_dir: str, *, cuda: bool = False, log=print) -> Dict:
+    """Compute the report of a planned recipe and write it under ``out_dir``; the
+    contrastive weights' ``k`` and term ratio also go to ``log``, one line each
+    (``contrastive_lines``; nothing for the other fusions)."""
     rows: List[Dict] = []
     curves: Dict[str, List[float]] = {}
     for tensor in fused_factors(plan, cuda=cuda, factors=False):
         rows.append(_row(tensor))
-        cum, _ = spectral_entropy(tensor.factors.sigma)
+        sigma = tensor.factors.sigma
+        if tensor.parameters["fusion"] == "contrastive":  # mu: Eq. 5-7 read p ∝ mu, so sigma^2 = mu
+            sigma = sigma.to(torch.float64).clamp(min=0).sqrt()
+        cum, _ = spectral_entropy(sigma)
         total = float(cum[-1]) if cum.numel() else 0.0
         curves[tensor.name] = (cum / total).tolist() if total > 0 else []
     ranks = [r["rank"] for r in rows]
+    ratios = [r["term_ratio"] for r in rows if r["term_ratio"] is not None]
     summary = {
         "tensors": len(rows),
         "rank_min": min(ranks, default=0),
@@ -69,6 +85,10 @@ def build_report(plan: LSSFPlan, out_dir: str, *, cuda: bool = False) -> Dict:
         "signal_rank_mean": _mean([r["signal_rank"] for r in rows if r["signal_rank"] is not None]),
         "capped_above_signal": sum(bool(r["capped"] and r["signal_rank"] is not None
                                         and r["signal_rank"] < SIGNAL_SHARE_WARNING * r["rank"]) for r in rows),
+        "contrastive": len(ratios),
+        "term_ratio_min": min(ratios, default=None),
+        "term_ratio_median": _median(ratios),
+        "term_ratio_max": max(ratios, default=None),
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as fp:
@@ -81,11 +101,35 @@ def build_report(plan: LSSFPlan, out_dir: str, *, cuda: bool = False) -> Dict:
     if rows:
         _plot_heatmap(rows, os.path.join(out_dir, "rank_heatmap.png"))
         _plot_curves(rows, curves, os.path.join(out_dir, "entropy_curves.png"))
-    return {"tensors": rows, "summary": summary}
+    result = {"tensors": rows, "summary": summary}
+    for line in contrastive_lines(result):
+        log(line)
+    return result
 
 
 def _mean(values: List) -> Optional[float]:
     return sum(values) / len(values) if values else None
+
+
+def _median(values: List) -> Optional[float]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def contrastive_lines(result: Dict) -> List[str]:
+    """One line per contrastive weight (``k`` and ``||term|| / ||W_aligned - W_ft||``) and
+    a summary line, for printing; empty when the recipe fuses nothing contrastively."""
+    rows = [r for r in result["tensors"] if r["term_ratio"] is not None]
+    if not rows:
+        return []
+    s = result["summary"]
+    lines = [f"{r['name']}: k {r['rank']}, ||term|| / ||W_aligned - W_ft|| {r['term_ratio']:.3g}" for r in rows]
+    total = (f"{s['contrastive']} contrastive weights: ||term|| / ||W_aligned - W_ft|| min {s['term_ratio_min']:.3g} "
+             f"/ median {s['term_ratio_median']:.3g} / max {s['term_ratio_max']:.3g}")
+    return [*lines, total]
 
 
 def representative(rows: List[Dict], count: int = 4) -> List[Dict]:

@@ -21,7 +21,10 @@ class TensorRecord:
     (wall time of the thread that computed them). ``rounding_edge`` / ``signal_rank``:
     the 16-bit rounding edge of delta and the count of singular values above it
     (None for inputs not stored in 16 bits); ``kept``: the share of the term the
-    written weight keeps (1.0 for a float32 output)."""
+    written weight keeps (1.0 for a float32 output). ``fusion: contrastive`` only:
+    ``term_ratio`` = ``||alpha term|| / ||W_aligned - W_ft||``, ``wanted_rank`` the
+    entropy rule's ``k`` over the whole ``mu`` before the stored count capped it
+    (``capped``; None without the rule) and ``site`` the input site in the file."""
 
     name: str
     rank: int
@@ -31,6 +34,16 @@ class TensorRecord:
     rounding_edge: Optional[float] = None
     signal_rank: Optional[int] = None
     kept: float = 1.0
+    fusion: Optional[str] = None
+    term_ratio: Optional[float] = None
+    wanted_rank: Optional[int] = None
+    site: Optional[str] = None
+
+
+def _median(values: List[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 class MergeStats:
@@ -70,7 +83,7 @@ class MergeStats:
         if not records:
             return f"lssf: fused 0 tensors ({self.passed_through} kept from the fine-tune)"
         ranks = [r.rank for r in records]
-        capped = sum(r.capped for r in records)
+        capped = sum(r.capped for r in records if r.fusion != "contrastive")
         seconds = sum(r.spectral_seconds for r in records)
         zero = sum(r == 0 for r in ranks)
         lines = [
@@ -80,10 +93,24 @@ class MergeStats:
             + (f"{zero} at rank 0 (left as the fine-tune's); " if zero else "")
             + f"{seconds:.2f} s in spectral work"
         ]
-        for words in (self.precision_words(), self.kept_words()):
+        for words in (self.contrastive_words(), self.precision_words(), self.kept_words()):
             if words:
                 lines.append(words)
         return "\n".join(lines)
+
+    def contrastive_words(self) -> Optional[str]:
+        """The contrastive line: ``k`` per weight and the term's norm against
+        ``||W_aligned - W_ft||``, min / median / max over the weights (with the weight
+        of the largest ratio); None when no weight was fused contrastively."""
+        records = [r for r in self.records if r.term_ratio is not None]
+        if not records:
+            return None
+        ks = [r.rank for r in records]
+        ratios = [r.term_ratio for r in records]
+        top = max(records, key=lambda r: r.term_ratio)
+        return (f"lssf: contrastive: {len(records)} weights; k min {min(ks)} / median {_median(ks):g} / max {max(ks)}; "
+                f"||term|| / ||W_aligned - W_ft|| min {min(ratios):.3g} / median {_median(ratios):.3g} / max "
+                f"{max(ratios):.3g} ({top.name})")
 
     def precision_words(self) -> Optional[str]:
         """The rounding edge's line: how many weights came from 16-bit inputs and
@@ -103,9 +130,22 @@ class MergeStats:
                 "of the intended term along its direction")
 
     def warnings(self) -> List[str]:
-        """Warnings about the whole merge: ranks set by rounding noise, and terms the
-        output cast ate (``KEPT_WARNING``), each naming what to change."""
+        """Warnings about the whole merge: contrastive sites where ``rank_rule: entropy``
+        wanted more vectors than the calibration stores (one line, each site with both
+        numbers), ranks set by rounding noise, and terms the output cast ate
+        (``KEPT_WARNING``), each naming what to change."""
         records, out = self.records, []
+        short = {}  # site -> (wanted, stored): the entropy rule over mu wanted more than the file stores
+        for r in records:
+            if r.fusion == "contrastive" and r.capped and r.wanted_rank is not None:
+                short.setdefault(r.site or r.name, (r.wanted_rank, r.rank))
+        if short:
+            sites = sorted(short)
+            named = "; ".join(f"{s} wants {short[s][0]}, stores {short[s][1]}" for s in sites[:5])
+            out.append(
+                f"lssf: warning: `rank_rule: entropy` over mu wants more vectors than the calibration stores at "
+                f"{len(sites)} input sites ({named}{f'; and {len(sites) - 5} more' if len(sites) > 5 else ''}); the "
+                "stored ones were used: calibrate with a larger --max-rank (or `full`) to keep them")
         noisy = [r for r in records if r.capped and r.signal_rank is not None
                  and r.signal_rank < SIGNAL_SHARE_WARNING * r.rank]
         if records and len(noisy) > len(records) / 2:

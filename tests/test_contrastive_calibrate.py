@@ -15,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers import load_state, run_cli, write_lssf_recipe
+from test_contrastive import _numpy_entropy_k  # the one independent Eq. 5-7 of both test files
 from mergekit_lssf.contrastive import contrastive_fuse
 from mergekit_lssf.contrastive_file import FORMAT, open_contrastive
 from mergekit_lssf.subspace_file import model_fingerprint
@@ -93,6 +94,12 @@ def test_the_file_says_what_it_holds(toy, calibrated):
         == sites[layer0 + "self_attn.v_proj.weight"]
     assert sites[layer0 + "mlp.gate_proj.weight"] == sites[layer0 + "mlp.up_proj.weight"]
     assert sites[layer0 + "mlp.down_proj.weight"] == layer0 + "mlp.down_proj.weight"
+    with safe_open(path, "pt") as h:  # --max-rank full: every vector, every mu, nothing dropped
+        for site in set(sites.values()):
+            v, mu = h.get_tensor(f"{site}.V"), h.get_tensor(f"{site}.mu")
+            assert v.dtype == mu.dtype == torch.float64 and v.shape == (mu.numel(), mu.numel())
+    assert (meta["dropped_mu_share"], meta["dropped_mu_site"]) == ("0.0", "")
+    assert "dropped" not in result.stderr  # said only when --max-rank left something out
 
 
 def test_the_merge_at_lam_1_matches_the_closed_form_of_independent_grams(toy, calibrated):
@@ -237,6 +244,8 @@ def test_every_entry_point_writes_the_same_contrastive_bits(toy, calibrated, tmp
     ({"fusion": "contrastive", "calibration": "ft.contrastive.safetensors", "eta": 0.5},
      "`eta: 0.5` is not read by `fusion: contrastive`"),
     ({"lam": 2}, "`lam` is read by `fusion: contrastive` only, not `fusion: restore`"),
+    ({"fusion": "contrastive", "calibration": "ft.contrastive.safetensors", "rank_rule": "noise_floor"},
+     "`rank_rule: noise_floor` is not read by `fusion: contrastive`"),
     ({"fusion": "contrastive", "calibration": "ft.contrastive.safetensors", "rank": 500},
      "parameters.rank: rank 500 is more than the"),
 ])
@@ -334,3 +343,188 @@ def test_a_model_plus_lora_fine_tune_is_calibrated_and_merged(toy, tmp_path):
     refused = run_cli(["mergekit-yaml", other, str(tmp_path / "never"), "--lora-merge-cache", "cache"], cwd=toy,
                       check=False)
     assert refused.returncode == 1 and "fine-tune's adapter" in refused.stderr and not (tmp_path / "never").exists()
+
+
+# ---- the whole spectrum, rank_rule: entropy over mu, the term's norm, float32 files ------
+
+def _file(path):
+    """Every tensor of a calibration file (float64 numpy) and its metadata."""
+    with safe_open(path, "pt") as h:
+        return {k: h.get_tensor(k).double().numpy() for k in h.keys()}, h.metadata()
+
+
+@pytest.fixture(scope="module")
+def truncated(toy, calibrated):
+    """The calibration of `calibrated` (same rows, same batches) with --max-rank 4."""
+    result = run_cli(["mergekit-lssf", "calibrate", "recipe.yml", "--task", "task.jsonl", "--anchors", "anchors.jsonl",
+                      "--out", "ft.k4.safetensors", "--max-rank", "4", "--batch-size", "5"], cwd=toy)
+    return toy / "ft.k4.safetensors", result
+
+
+def test_a_truncated_file_keeps_every_mu_and_says_what_the_dropped_vectors_carry(toy, calibrated, truncated):
+    path, result = truncated
+    tensors, meta = _file(path)
+    full, _ = _file(calibrated[0])
+    sites = set(json.loads(meta["sites"]).values())
+    shares = {}
+    for site in sites:
+        v, bv, mu = tensors[f"{site}.V"], tensors[f"{site}.BV"], tensors[f"{site}.mu"]
+        assert v.shape == bv.shape == (mu.size, 4)  # V and BV: the leading 4; mu: all of them
+        np.testing.assert_allclose(mu, full[f"{site}.mu"], rtol=1e-9, atol=1e-15)
+        shares[site] = mu[4:].sum() / mu.sum()
+    top = max(shares, key=shares.get)
+    assert float(meta["dropped_mu_share"]) == pytest.approx(shares[top], rel=1e-9) and meta["dropped_mu_site"] == top
+    assert shares[top] > 0
+    summary = result.stdout.strip().splitlines()[-1]  # the summary line names what --max-rank left out
+    assert summary.startswith("Wrote ") and f"the dropped vectors carry at most {100 * shares[top]:.3g}% of sum(mu) (site {top})" in summary
+    assert open_contrastive(str(path)).stored_rank() == 4  # vectors stored, not the length of mu
+
+
+def _entropy_merge(name, tensors, sites, w_ft, w_al, lam, eta, stored=None):
+    """The merge of one weight with k by Eq. 5-7 on the site's whole mu (numpy),
+    capped at the stored vectors, from the file's V and BV: (W', k wanted, k used)."""
+    site = sites[name]
+    v, bv, mu = tensors[f"{site}.V"], tensors[f"{site}.BV"], tensors[f"{site}.mu"]
+    wanted = _numpy_entropy_k(mu, eta)
+    k = min(wanted, v.shape[1] if stored is None else stored)
+    term = (w_al - w_ft) @ (bv[:, :k] * (mu[:k] / (mu[:k] + lam))) @ v[:, :k].T
+    return w_ft + term, wanted, k
+
+
+def _summary_number(text, label):
+    import re
+
+    return float(re.search(rf"{label} ([0-9.e+-]+)", text).group(1))
+
+
+def test_rank_rule_entropy_through_mergekit_yaml_is_eq_5_to_7_on_mu(toy, calibrated, tmp_path):
+    """`rank_rule: entropy` picks k per weight by Eq. 5-7 on its site's mu (checked
+    against numpy), the merge is the k-term formula, and the summary and the model card
+    show k and ||term|| / ||W_al - W_ft|| (min / median / max)."""
+    path, *_ = calibrated
+    recipe = _contrastive_recipe(toy, "entropy.yml", path.name, lam=1.0,
+                                 parameters={"rank_rule": "entropy", "eta": 0.9})
+    result = run_cli(["mergekit-yaml", recipe, str(tmp_path / "out")], cwd=toy)
+    merged, ft, al = load_state(tmp_path / "out"), load_state(toy / "finetuned"), load_state(toy / "aligned")
+    tensors, meta = _file(path)
+    sites = json.loads(meta["sites"])
+    ks, ratios = [], []
+    for name in sorted(sites):
+        w_ft, w_al = ft[name].double().numpy(), al[name].double().numpy()
+        want, wanted, k = _entropy_merge(name, tensors, sites, w_ft, w_al, lam=1.0, eta=0.9)
+        assert k == wanted < w_ft.shape[1], name  # the rule, not every stored vector
+        got = merged[name].double().numpy()
+        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want - w_ft), name
+        ks.append(k)
+        ratios.append(np.linalg.norm(want - w_ft) / np.linalg.norm(w_al - w_ft))
+    line = next(x for x in result.stderr.splitlines() if x.startswith("lssf: contrastive:"))
+    assert f"{len(ks)} weights; k min {min(ks)} / median {float(np.median(ks)):g} / max {max(ks)}" in line
+    for label, value in (("min", min(ratios)), ("median", float(np.median(ratios))), ("max", max(ratios))):
+        assert _summary_number(line.split("||W_aligned - W_ft||", 1)[1], label) == pytest.approx(value, rel=5e-3)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- contrastive term: " + line.removeprefix("lssf: contrastive: ") in card
+    assert "k by the entropy rule over mu (eta 0.9)" in card  # the applied formula
+    assert "wants more vectors" not in result.stderr  # a full file holds every vector the rule wants
+
+
+def test_the_entropy_rule_is_capped_at_the_stored_vectors_with_one_warning(toy, truncated, tmp_path):
+    path, _ = truncated
+    recipe = _contrastive_recipe(toy, "entropy-k4.yml", path.name, lam=1.0,
+                                 parameters={"rank_rule": "entropy", "eta": 0.9})
+    result = run_cli(["mergekit-yaml", recipe, str(tmp_path / "out")], cwd=toy)
+    merged, ft, al = load_state(tmp_path / "out"), load_state(toy / "finetuned"), load_state(toy / "aligned")
+    tensors, meta = _file(path)
+    sites = json.loads(meta["sites"])
+    short = {}
+    for name in sorted(sites):
+        w_ft, w_al = ft[name].double().numpy(), al[name].double().numpy()
+        want, wanted, k = _entropy_merge(name, tensors, sites, w_ft, w_al, lam=1.0, eta=0.9)
+        assert k == min(wanted, 4)
+        assert np.linalg.norm(merged[name].double().numpy() - want) <= 1e-5 * np.linalg.norm(want - w_ft), name
+        if wanted > 4:
+            short[sites[name]] = wanted
+    assert short  # the rule wants more than 4 somewhere: the cap is exercised
+    lines = [x for x in result.stderr.splitlines() if "wants more vectors than the calibration stores" in x]
+    assert len(lines) == 1 and f"at {len(short)} input sites" in lines[0]
+    first = min(short)
+    assert f"{first} wants {short[first]}, stores 4" in lines[0]
+
+
+def test_report_of_a_contrastive_recipe_prints_k_and_the_term_ratio_per_weight(toy, calibrated, tmp_path):
+    path, *_ = calibrated
+    recipe = _contrastive_recipe(toy, "report.yml", path.name, lam=3.0, parameters={"rank_rule": "entropy", "alpha": 0.8})
+    result = run_cli(["mergekit-lssf", "report", recipe, "--out", str(tmp_path / "rep")], cwd=toy)
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    ft, al = load_state(toy / "finetuned"), load_state(toy / "aligned")
+    tensors, meta = _file(path)
+    sites = json.loads(meta["sites"])
+    rows = {r["name"]: r for r in report["tensors"]}
+    assert set(rows) == set(sites) and report["summary"]["contrastive"] == len(sites)
+    for name, row in rows.items():
+        w_ft, w_al = ft[name].double().numpy(), al[name].double().numpy()
+        want, wanted, k = _entropy_merge(name, tensors, sites, w_ft, w_al, lam=3.0, eta=0.9)
+        ratio = 0.8 * np.linalg.norm(want - w_ft) / np.linalg.norm(w_al - w_ft)
+        assert (row["rank"], row["entropy_rank"], row["rank_rule"], row["fusion"]) == (k, wanted, "entropy", "contrastive")
+        assert row["term_ratio"] == pytest.approx(ratio, rel=1e-9), name
+        assert row["gap_norm"] == pytest.approx(np.linalg.norm(w_al - w_ft), rel=1e-12)
+        assert f"{name}: k {k}, ||term|| / ||W_aligned - W_ft|| {row['term_ratio']:.3g}" in result.stdout
+    assert report["summary"]["term_ratio_max"] == max(r["term_ratio"] for r in rows.values())
+    header = (tmp_path / "rep" / "report.csv").read_text().splitlines()[0].split(",")
+    assert {"term_norm", "gap_norm", "term_ratio", "lam"} <= set(header)
+
+
+def test_a_float32_copy_of_the_file_is_measurably_less_exact(toy, tmp_path, monkeypatch):
+    """Issue 46: at full k the merge equals W_ft + (W_al - W_ft) C_H (C_H + lam B)^-1,
+    here from the very Grams the calibration solved (recorded in-process), within 1e-6
+    relative from the float64 file; a copy with V, BV and mu cast to float32 is
+    measured against the same closed form (V's entries grow like eps^-1/2)."""
+    from safetensors.torch import save_file
+
+    import mergekit_lssf.contrastive_calibrate as cc
+    from mergekit_lssf.contrastive import contrastive_basis
+    from mergekit_lssf.kernel import write_fused
+    from mergekit_lssf.merge_method import term_factors
+    from mergekit_lssf.parameters import settings_from
+
+    solved = []
+
+    def recording(c_h, c_t, **kwargs):
+        basis = contrastive_basis(c_h, c_t, **kwargs)
+        solved.append((c_h.numpy(), c_t.numpy(), basis.spectrum.numpy()))
+        return basis
+
+    monkeypatch.setattr(cc, "contrastive_basis", recording)
+    _jsonl(tmp_path / "a.jsonl", _rows(6, 24), "response")
+    eps, lam = 1e-6, 1.0
+    out64 = tmp_path / "f64.safetensors"
+    cc.contrastive_calibrate(cc.Roles(str(toy / "finetuned"), str(toy / "aligned")), str(out64),
+                             task=[cc.Anchor(p, a) for p, a in _rows(7, 24)], anchors_path=str(tmp_path / "a.jsonl"),
+                             max_rank=None, eps=eps, device="cpu", batch_size=4, progress=False, log=lambda _line: None)
+    tensors, meta = _file(out64)
+    with safe_open(out64, "pt") as h:
+        save_file({k: h.get_tensor(k).to(torch.float32) for k in h.keys()}, str(tmp_path / "f32.safetensors"),
+                  metadata=meta)
+    sites = json.loads(meta["sites"])
+    grams = {}
+    for site in set(sites.values()):
+        c_h, c_t, _ = next(x for x in solved if np.array_equal(x[2], tensors[f"{site}.mu"]))
+        grams[site] = (c_h, c_t)
+    ft, al = load_state(toy / "finetuned"), load_state(toy / "aligned")
+    errors = {}
+    for label in ("f64", "f32"):
+        settings = settings_from({"fusion": "contrastive", "calibration": str(tmp_path / f"{label}.safetensors"),
+                                  "lam": lam})
+        worst = 0.0
+        for name in sorted(sites):
+            w_ft, w_al = ft[name].double(), al[name].double()
+            c_h, c_t = grams[sites[name]]
+            b = c_t + eps * np.eye(len(c_t))
+            w_ref = w_ft.numpy() + (w_al - w_ft).numpy() @ np.linalg.solve((c_h + lam * b).T, c_h.T).T
+            factors = term_factors(name, w_ft, w_al, None, settings)
+            merged = write_fused(w_ft, factors, 1.0)[0].numpy()  # float64 weights: a float64 merge
+            worst = max(worst, np.linalg.norm(merged - w_ref) / np.linalg.norm(w_ref - w_ft.numpy()))
+        errors[label] = worst
+    print(f"contrastive merge, eps {eps:g}, lam {lam:g}: largest relative error against the float64 closed form: "
+          f"float64 file {errors['f64']:.2e}, float32 file {errors['f32']:.2e}")
+    assert errors["f64"] <= 1e-6
+    assert errors["f32"] > errors["f64"]

@@ -120,3 +120,47 @@ def test_mergekit_multi_checks_and_writes_the_same_bits(toy, tmp_path):
     by_yaml, by_multi = load_state(tmp_path / "yaml"), load_state(tmp_path / "inter" / "repaired")
     assert by_yaml.keys() == by_multi.keys()
     assert all(torch.equal(by_yaml[n], by_multi[n]) for n in by_yaml)
+
+
+def test_a_stale_or_incomplete_lora_merge_cache_is_refused(toy, tmp_path):
+    """mergekit reuses `cache/{BASE}_{LORA}` whenever the folder exists: an adapter
+    retrained in place, or a merge cut short, would be used silently. Both refused by
+    the merge and by calibrate, naming the folder, before anything is written."""
+    import os
+    import time
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path / "lora"
+    root.mkdir()
+    for name in ("finetuned", "aligned", "unaligned"):
+        (root / name).symlink_to(toy / name)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(str(toy / "finetuned"), dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(
+        str(root / "adapter"))
+    doc = {"merge_method": "lssf", "base_model": "./finetuned+./adapter",
+           "models": [{"model": "./aligned", "parameters": {"role": "aligned"}},
+                      {"model": "./unaligned", "parameters": {"role": "unaligned"}}],
+           "parameters": {"rank": 2}, "dtype": "float32"}
+    (root / "r.yml").write_text(yaml.safe_dump(doc))
+    run_cli(["mergekit-yaml", "r.yml", "first", "--lora-merge-cache", "cache"], cwd=root)
+    (cached,) = (root / "cache").iterdir()
+
+    later = time.time() + 5
+    for weights in (root / "adapter").glob("*.safetensors"):
+        os.utime(weights, (later, later))  # the adapter, retrained in place
+    _one_line_refusal(run_cli(["mergekit-yaml", "r.yml", "second", "--lora-merge-cache", "cache"], cwd=root,
+                              check=False), "is newer than its merge in the LoRA merge cache", cached.name)
+    assert not (root / "second").exists()
+
+    for weights in cached.glob("*.safetensors"):
+        weights.unlink()  # a merge cut short
+    _one_line_refusal(run_cli(["mergekit-yaml", "r.yml", "third", "--lora-merge-cache", "cache"], cwd=root,
+                              check=False), "is incomplete", cached.name)
+    _recipe(root, "c.yml", base="./finetuned+./adapter")
+    (root / "task.jsonl").write_text((toy / "task.jsonl").read_text())
+    _one_line_refusal(run_cli(["mergekit-lssf", "calibrate", "c.yml", "--task", "task.jsonl", "--out", "c.safetensors",
+                               "--lora-merge-cache", "cache"], cwd=root, check=False), "is incomplete")
+    assert not (root / "third").exists() and not (root / "c.safetensors").exists()
