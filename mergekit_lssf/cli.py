@@ -27,6 +27,7 @@ from mergekit_lssf.plan import plan_recipe
 from mergekit_lssf.provenance import versions
 from mergekit_lssf.recipe import load_recipe
 from mergekit_lssf.report import OUTPUTS as REPORT_OUTPUTS, build_report
+from mergekit_lssf.tune import TuneOptions, parse_grids, tune as run_tune
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
@@ -167,8 +168,8 @@ def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch
     click.echo(
         f"Wrote {out_path} ({meta['task']}): {meta['anchors']} anchors ({meta['anchor_tokens']} tokens), "
         f"{meta['task_rows']} task rows ({meta['task_tokens']} tokens), {meta['sites_count']} input sites, "
-        f"k {meta['max_rank']}, eps {meta['eps']}, {meta['bytes'] / 2**20:.1f} MiB, {meta['seconds']} s, "
-        f"peak memory {meta['peak_mib']} MiB"
+        f"eps {meta['eps']}, {meta['bytes'] / 2**20:.1f} MiB, {meta['seconds']} s, "
+        f"peak memory {meta['peak_mib']} MiB; {meta['truncation']}"
     )
 
 
@@ -246,6 +247,68 @@ def report(recipe: str, out_dir: str, device: str, cuda: bool, lora_merge_cache:
             f"mean {s['signal_rank_mean']:.1f}; {s['capped_above_signal']} capped by max_rank at more than "
             "twice their signal rank (the entropy rule measured rounding noise there; see `spectrum: signal`)"
         )
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--task", "task_path", required=True, type=click.Path(dir_okay=False),
+              help='JSONL of {"prompt": ..., "answer": ...}: your task\'s rows (utility is measured on them).')
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for tune.json, tune.png and recipe.yml; a rerun into it resumes.")
+@click.option("--budget", default=0.01, show_default=True, type=float,
+              help="The share of the task the chosen repair may cost: utility kept >= 1 - BUDGET.")
+@click.option("--points", default=5, show_default=True, type=int, help="Points per family (at least 2).")
+@click.option("--families", default="lssf,interpolation", show_default=True,
+              help="Comma-separated, of lssf, interpolation, contrastive.")
+@click.option("--grid", "grids", multiple=True, metavar="FAMILY=V,V,...",
+              help="This family's values instead of its default grid (repeatable).")
+@click.option("--max-prompts", default=64, show_default=True, type=int,
+              help="Cap on each prompt set (HarmBench test: 72; benign: 30).")
+@click.option("--device", type=DEVICES, default="auto", show_default=True,
+              help="Where the model runs and the points are computed (auto: cuda when there is one).")
+@click.option("--batch-size", default=24, show_default=True, type=int,
+              help="Prompts or task rows per batch (left-padded generation: answers can differ slightly with it).")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Length of each greedy answer.")
+@click.option("--lora-merge-cache", type=click.Path(file_okay=False),
+              help="Where mergekit merges a model+lora fine-tune (as mergekit-yaml's).")
+@click.option("--restart", is_flag=True, help="Start afresh in --out, replacing tune's own files there.")
+def tune(recipe, task_path, out_dir, budget, points, families, grids, max_prompts, device, batch_size,
+         max_new_tokens, lora_merge_cache, restart) -> None:
+    """How much refusal RECIPE's repairs win back on your task, at what cost, and the
+    recipe to use.
+
+    RECIPE is an lssf recipe whose `base_model` is the fine-tune (`BASE+LORA` too)
+    with a `role: aligned` model. Each family is a curve of N = --points repairs,
+    built in memory on one copy of the fine-tune (no checkpoint per point), each with
+    the weights mergekit-yaml writes for it: lssf (the recipe's own fusion, alpha =
+    1/N, 2/N, ..., 1; lam log-spaced from 30 to 0.3 for a contrastive recipe),
+    interpolation (mergekit's linear toward the aligned model, l = 0.5/N, ..., 0.5 on
+    the aligned model) and contrastive (calibrated on half the task rows, lam
+    log-spaced from 30 to 0.3; not run by default). Defaults: lssf and interpolation,
+    5 points each.
+
+    Each point, the fine-tune and the aligned model get: refusal on the HarmBench test
+    prompts and over-refusal on shipped benign prompts (greedy answers of
+    --max-new-tokens, default 32, in batches of --batch-size, default 24: the
+    testbed's), task NLL on the rows no calibration read, utility kept (1: the
+    fine-tune's task NLL, 0: the aligned model's), perplexity on shipped prose. The
+    chosen point wins back the most refusal with utility kept >= 1 - BUDGET (ties: the
+    lower cost), chosen on half of the harmful prompts and reported on the other half.
+
+    Writes DIR/tune.json (every point, after each one), tune.png and recipe.yml, a
+    plain mergekit recipe of the chosen point (none when no point wins anything back).
+    A rerun into DIR measures no point twice; Ctrl-C keeps the points measured.
+    """
+    options = TuneOptions(budget=budget, points=points, families=tuple(f.strip() for f in families.split(",") if f.strip()),
+                          grids=parse_grids(grids), max_prompts=max_prompts, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens, device=_device(device, False),
+                          lora_merge_cache=lora_merge_cache, restart=restart)
+    try:
+        run_tune(recipe, task_path, out_dir, options, echo=click.echo, warn=lambda line: click.echo(line, err=True))
+    except KeyboardInterrupt:
+        click.echo(f"mergekit-lssf tune: interrupted; the points measured so far are in {out_dir}/tune.json "
+                   "(rerun the same command to go on)", err=True)
+        sys.exit(130)
 
 
 @main.command("extract-patch")
