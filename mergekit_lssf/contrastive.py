@@ -21,8 +21,9 @@ directions neither set uses). No mergekit import.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -44,10 +45,34 @@ class ContrastiveBasis:
     mu: torch.Tensor
     eps: float
     spectrum: Optional[torch.Tensor] = None
+    #: ``restore_factors`` per ``(k, lam)``: every weight that reads this site shares them
+    _factors: Dict[Tuple[int, float], Tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @property
     def rank(self) -> int:
         return int(self.mu.numel())
+
+    def restore_factors(self, k: int, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(G, Q^T)`` with ``G Q^T = (B V_k) diag(mu_k / (mu_k + lam)) V_k^T``, float64.
+
+        ``V_k = Q R`` (QR; ``Q`` ``(d_in, k)`` orthonormal, so a 16-bit rounding can keep
+        the term's input subspace and a float32 product of the factors stays well
+        conditioned although ``V``'s entries grow like ``eps ** -0.5``) and
+        ``G = B V_k diag(w) R^T`` ``(d_in, k)``. They depend on the site, ``k`` and
+        ``lam`` only: computed once and shared by every weight that reads the site
+        (q/k/v, gate/up), so a weight's term costs one product ``(W_al - W_ft) G``.
+        """
+        key = (int(k), float(lam))
+        with self._lock:
+            if key not in self._factors:
+                v = self.v[:, :k].to(torch.float64)
+                q, r = torch.linalg.qr(v)
+                weights = restore_weights(self.mu[:k], lam).to(v.device)
+                g = (self.bv[:, :k].to(torch.float64) * weights) @ r.T
+                self._factors[key] = (g, q.T)
+            return self._factors[key]
 
     def leading(self, k: int) -> "ContrastiveBasis":
         """The first ``k`` pairs (a truncation of the restore); the spectrum is kept whole."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import OrderedDict
 from typing import Dict, Optional
 
 import torch
@@ -41,6 +42,10 @@ FORMAT = "mergekit-lssf-contrastive/2"
 #: The first layout: ``{site}.mu`` held only the ``k`` stored eigenvalues.
 FORMAT_1 = "mergekit-lssf-contrastive/1"
 NORMALIZATION = "trace"
+
+
+#: Sites whose bases (and their per-lam factors) stay read: a few, so memory stays bounded.
+RECENT_SITES = 2
 
 
 class ContrastiveFile:
@@ -71,6 +76,7 @@ class ContrastiveFile:
                                   "calibrate again") from None
         self.eps = float(self.metadata.get("eps", "nan"))
         self._lock = threading.Lock()
+        self._recent: "OrderedDict[tuple, ContrastiveBasis]" = OrderedDict()
 
     def stored_rank(self) -> int:
         """The fewest vectors any site stores (a recipe's ``rank`` may not exceed it):
@@ -92,6 +98,19 @@ class ContrastiveFile:
             raise LSSFConfigError(f"contrastive calibration {self.path}: no site for weight {weight_name} "
                                   "(was it calibrated on another model or architecture?)")
         site = self.sites[weight_name]
+        key = (site, d_in, str(device))
+        with self._lock:
+            if key in self._recent:  # the weights of one site (q/k/v, gate/up) come one after another
+                self._recent.move_to_end(key)
+                return self._recent[key]
+        basis = self._read(weight_name, site, d_in, device)
+        with self._lock:
+            self._recent[key] = basis
+            while len(self._recent) > RECENT_SITES:
+                self._recent.popitem(last=False)
+        return basis
+
+    def _read(self, weight_name: str, site: str, d_in: int, device: Optional[torch.device]) -> ContrastiveBasis:
         with self._lock:
             try:
                 v, bv, mu = (self._handle.get_tensor(f"{site}.{part}") for part in ("V", "BV", "mu"))

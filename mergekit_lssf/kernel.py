@@ -32,7 +32,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from mergekit_lssf.contrastive import ContrastiveBasis, contrastive_factors
+from mergekit_lssf.contrastive import ContrastiveBasis
 from mergekit_lssf.leading_eigh import LeadingEigh, gram_lower
 from mergekit_lssf.parameters import DEFAULT_ETA, FusionSettings
 from mergekit_lssf.precision import (
@@ -520,19 +520,18 @@ def contrastive_safety_factors(w_ft: torch.Tensor, w_aligned: torch.Tensor, basi
     started = time.perf_counter()
     choice = contrastive_rank(basis, rank=rank, rank_rule=rank_rule, eta=eta)
     spectrum = (basis.spectrum if basis.spectrum is not None else basis.mu).to(torch.float64)
-    basis = basis.leading(choice.rank)
-    k = basis.rank
-    gap = float(torch.linalg.matrix_norm(w_aligned.to(torch.float64) - w_ft.to(torch.float64)))
+    k = choice.rank
+    diff = w_aligned.to(torch.float64) - w_ft.to(torch.float64)
+    gap = float(torch.linalg.matrix_norm(diff))
     sigma_1 = float(spectrum[0]) if spectrum.numel() else 0.0
     if k == 0:
         info = FusionInfo(choice, sigma_1, time.perf_counter() - started, 0.0, gap)
         return SafetyFactors(None, None, info, spectrum, "contrastive", side="input")
-    left, right = contrastive_factors(w_ft, w_aligned, basis, lam)
-    q, r = torch.linalg.qr(right.T)  # V_k = Q R
-    left = left @ r.T
+    g, q_t = basis.restore_factors(k, lam)  # shared by the weights of one input site
+    left = diff @ g.to(diff.device)  # (W_al - W_ft) B V_k diag(w) R^T, with right = Q^T: the term exactly
     work = torch.promote_types(work_dtype, torch.float32)
     info = FusionInfo(choice, sigma_1, time.perf_counter() - started, float(torch.linalg.matrix_norm(left)), gap)
-    return SafetyFactors(left.to(work), q.T.to(work), info, spectrum, "contrastive", side="input")
+    return SafetyFactors(left.to(work), q_t.to(diff.device, work), info, spectrum, "contrastive", side="input")
 
 
 def balanced_factors(
