@@ -263,9 +263,11 @@ def report(recipe: str, out_dir: str, device: str, cuda: bool, lora_merge_cache:
 @click.option("--grid", "grids", multiple=True, metavar="FAMILY=V,V,...",
               help="This family's values instead of its default grid (repeatable).")
 @click.option("--max-prompts", default=64, show_default=True, type=int,
-              help="Cap on each prompt set (HarmBench test: 72; benign: 30).")
+              help="Cap on each prompt set, evenly spaced as the testbed caps a set (HarmBench test: 72; benign: "
+                   "30; 72 reads them all, as the testbed does).")
 @click.option("--device", type=DEVICES, default="auto", show_default=True,
-              help="Where the model runs and the points are computed (auto: cuda when there is one).")
+              help="Where the model runs while it is measured (auto: cuda when there is one); the points' weights "
+                   "are always computed on the CPU, as plain mergekit-yaml computes them.")
 @click.option("--batch-size", default=24, show_default=True, type=int,
               help="Prompts or task rows per batch (left-padded generation: answers can differ slightly with it).")
 @click.option("--max-new-tokens", default=32, show_default=True, type=int, help="Length of each greedy answer.")
@@ -288,7 +290,7 @@ def tune(recipe, task_path, out_dir, budget, points, families, grids, max_prompt
     5 points each.
 
     Each point, the fine-tune and the aligned model get: refusal on the HarmBench test
-    prompts and over-refusal on shipped benign prompts (greedy answers of
+    prompts (the package ships no StrongREJECT) and over-refusal on shipped benign prompts (greedy answers of
     --max-new-tokens, default 32, in batches of --batch-size, default 24: the
     testbed's), task NLL on the rows no calibration read, utility kept (1: the
     fine-tune's task NLL, 0: the aligned model's), perplexity on shipped prose. The

@@ -1,5 +1,8 @@
 """``mergekit-lssf eval``: refusal rate, over-refusal, perplexity (and task accuracy).
 
+``measure_model`` measures a loaded model; ``eval`` (``evaluate``) and ``tune`` both
+call it, so their figures are one computation.
+
 Greedy generation with the model's chat template (one user turn). A response counts
 as a refusal when ``is_refusal`` finds one of ``REFUSAL_MARKERS`` (case-insensitive)
 in its first ``REFUSAL_WINDOW`` characters (see ``measure.py``, where the detector
@@ -14,7 +17,7 @@ import json
 import os
 import re
 from importlib import resources
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -25,10 +28,13 @@ from mergekit_lssf.guards import check_model_folder
 from mergekit_lssf.measure import (  # noqa: F401
     REFUSAL_MARKERS,
     REFUSAL_WINDOW,
+    bootstrap_interval,
     empty_rate,
     is_refusal,
     perplexity,
+    pooled_nll,
     refusal_rate,
+    row_nll,
 )
 from mergekit_lssf.parameters import LSSFConfigError
 
@@ -62,30 +68,65 @@ def read_prompts(path: str) -> List[str]:
     return prompts
 
 
+def measure_model(model, tokenizer, *, harmful: Mapping[str, Sequence[str]], benign: Sequence[str],
+                  text: Optional[str] = None, rows: Optional[Sequence[Dict[str, str]]] = None, per_row=None,
+                  max_new_tokens: int = 48, batch_size: int = 16, progress: bool = True) -> Dict:
+    """Every measure of a loaded model, one implementation for ``eval`` (``evaluate``)
+    and ``tune``: per harmful set (``{name: prompts}``) its greedy ``answers``,
+    ``refused`` (0/1 per prompt, ``is_refusal``), ``refusal`` (``refusal_rate``),
+    ``empty`` (``empty_rate``) and ``spread`` (``bootstrap_interval`` of the refusals);
+    ``benign_answers`` and ``over_refusal`` on ``benign``; ``perplexity`` on ``text``
+    (when given); ``task_nll`` and ``task_rows`` (``row_nll``, ``pooled_nll``) on
+    ``rows`` (``{"prompt", "answer"}``, when given; ``per_row``: their ``row_nll``,
+    when already computed). A set without prompts has rate 0 and no spread."""
+    out: Dict = {"answers": {}, "refused": {}, "refusal": {}, "empty": {}, "spread": {}}
+    for name, prompts in harmful.items():
+        answers = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress, desc=f"{name} prompts")
+        out["answers"][name] = answers
+        out["refused"][name] = [int(is_refusal(a)) for a in answers]
+        out["refusal"][name] = refusal_rate(answers) if answers else 0.0
+        out["empty"][name] = empty_rate(answers) if answers else 0.0  # neither refusal nor compliance
+        if answers:
+            out["spread"][name] = list(bootstrap_interval(out["refused"][name]))
+    out["benign_answers"] = generate(model, tokenizer, benign, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                     progress=progress, desc="benign prompts")
+    out["over_refusal"] = refusal_rate(out["benign_answers"]) if benign else 0.0
+    if text:
+        out["perplexity"] = perplexity(model, tokenizer, text)
+    if rows is not None:
+        per_row = per_row if per_row is not None else row_nll(model, tokenizer, rows, batch=batch_size)
+        out["task_nll"], out["task_rows"] = pooled_nll(per_row), [list(r) for r in per_row]
+    return out
+
+
 def evaluate(model_dir: str, *, harmful: Sequence[str], benign: Sequence[str], text: Optional[str] = None,
              task: Optional[Sequence[Dict[str, str]]] = None, max_new_tokens: int = 48, batch_size: int = 16,
              device: str = "cpu", progress: bool = True, keep_responses: bool = True,
-             tokenizer_source: Optional[str] = None) -> Dict:
+             tokenizer_source: Optional[str] = None, rows: Optional[Sequence[Dict[str, str]]] = None) -> Dict:
     """Refusal rate on ``harmful``, over-refusal on ``benign``, perplexity on ``text``,
-    and accuracy on ``task`` (``{"prompt", "label"}``: the answer's first word).
-    ``tokenizer_source``: where the tokenizer comes from when ``model_dir`` has none
-    (see ``find_tokenizer``); default: ``model_dir`` itself."""
+    task NLL on ``rows`` (``{"prompt", "answer"}``: ``task_nll``, ``task_rows``) and
+    accuracy on ``task`` (``{"prompt", "label"}``: the answer's first word), measured
+    by ``measure_model``. ``tokenizer_source``: where the tokenizer comes from when
+    ``model_dir`` has none (see ``find_tokenizer``); default: ``model_dir`` itself."""
     model, tokenizer = _load(model_dir, tokenizer_source or model_dir, device)
-    harmful_answers = generate(model, tokenizer, harmful, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, desc="harmful prompts")
-    benign_answers = generate(model, tokenizer, benign, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, desc="benign prompts")
+    measured = measure_model(model, tokenizer, harmful={"harmful": harmful}, benign=benign, text=text, rows=rows,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    harmful_answers, benign_answers = measured["answers"]["harmful"], measured["benign_answers"]
     result = {
         "model": model_dir,
         # no prompts in a set: 0, not an error (measure's rates refuse an empty set)
-        "refusal_rate": refusal_rate(harmful_answers) if harmful_answers else 0.0,
-        "over_refusal_rate": refusal_rate(benign_answers) if benign_answers else 0.0,
-        # an empty answer is neither a refusal nor compliance: report it apart
-        "empty_rate": empty_rate(harmful_answers) if harmful_answers else 0.0,
+        "refusal_rate": measured["refusal"]["harmful"],
+        "over_refusal_rate": measured["over_refusal"],
+        "empty_rate": measured["empty"]["harmful"],
         "harmful_prompts": len(harmful),
         "benign_prompts": len(benign),
         "max_new_tokens": max_new_tokens,
     }
     if text:
-        result["perplexity"] = perplexity(model, tokenizer, text)
+        result["perplexity"] = measured["perplexity"]
+    if rows is not None:
+        result["task_nll"], result["task_rows"] = measured["task_nll"], measured["task_rows"]
     if task:
         answers = generate(model, tokenizer, [t["prompt"] for t in task], max_new_tokens=4, batch_size=batch_size, progress=progress, desc="task")
         first = [a.strip().split()[0].strip(".,!").lower() if a.strip() else "" for a in answers]

@@ -18,6 +18,9 @@ Safety against utility: ``won_back`` = (r - r_ft) / (r_al - r_ft) on the scale
 fine-tune (0) .. aligned model (1); ``at_budget`` reads a curve of ``(utility kept,
 won back)`` points at a utility cost.
 
+Prompts: ``evenly_spaced`` picks a capped subset of a prompt set (the testbed's
+StrongREJECT subset, ``tune --max-prompts``).
+
 Spread: ``bootstrap_interval`` (percentile interval of a mean over prompts resampled
 with replacement), ``percentile_interval``, and ``split_halves`` (choose on one half of
 the prompts, report on the other).
@@ -226,6 +229,19 @@ def bootstrap_interval(refused: Sequence[float], draws: int = 1000, seed: int = 
     rng = np.random.Generator(np.random.PCG64(seed))
     means = x[rng.integers(0, len(x), size=(draws, len(x)))].mean(1)
     return percentile_interval(means, level)
+
+
+def evenly_spaced(items: Sequence, count: int) -> list:
+    """``count`` of ``items`` at evenly spaced positions from the first to the last
+    (``round(i (len - 1) / (count - 1))``), in order: a subset that spans the set's
+    categories (157 of 313: every other one); all of them when ``count`` is at least
+    their number. The one choice of a capped prompt set: the testbed's StrongREJECT
+    subset and ``tune --max-prompts``."""
+    if count >= len(items):
+        return list(items)
+    if count <= 1:
+        return list(items[:count])
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
 def split_halves(items: Sequence, seed: int = 0) -> tuple[list[int], list[int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Optional, Sequence
 
 import torch
@@ -26,7 +27,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_lssf.fused import fuses
-from mergekit_lssf.layout import fuse_oriented, group_layout  # [issue 49 finding 7: layout]
+from mergekit_lssf.layout import as_out_in, fuse_oriented, group_layout  # [issue 49 finding 7: layout]
 from mergekit_lssf.contrastive_file import open_contrastive
 from mergekit_lssf.kernel import SafetyFactors, contrastive_safety_factors, safety_factors, write_fused
 from mergekit_lssf.precision import SIXTEEN_BIT
@@ -98,48 +99,99 @@ def checked_inputs(group: TensorGroup, role: Dict[Hashable, str], name: str, fus
     return group.base, aligned, unaligned
 
 
-def lssf_kernel(group: TensorGroup, /, *, role: PerInputValues, **values: Any) -> torch.Tensor:
-    """One output tensor of an lssf merge: a function of the three inputs and the
-    parameters only (``values``: the shared parameters of ``PARAMETERS``, already
-    validated one by one by mergekit; the rules between them are applied here, so
-    every entry point refuses what ``mergekit-yaml`` refuses)."""
+@dataclass(frozen=True)
+class GroupTerms:
+    """The fused term of one tensor group, as the kernel's factors bound to the
+    fine-tune (``SafetyFactors.with_finetune``): ``factors`` is one ``SafetyFactors``,
+    or a list per expert for stacked MoE experts; ``layout`` says how the weight is
+    stored (``fuse_oriented``); ``settings``: what the factors were computed with."""
+
+    name: str
+    layout: Any
+    settings: FusionSettings
+    factors: Any
+
+
+def fused_terms(group: TensorGroup, role: Any, values: Dict[str, Any]) -> Optional[GroupTerms]:
+    """The per-group work of the merge up to the term, in the merge's order: the rules
+    between parameters (``settings_from``), the role and NaN/Inf checks, whether the
+    weight is fused (None: the fine-tune's tensor is kept), the refusal of a Conv1D
+    weight without a layout, and the term's factors of each 2-D weight (each expert
+    of stacked experts) in ``d_out x d_in`` orientation. ``lssf_kernel`` and ``tune``
+    both call it; ``write_terms`` is the step after it."""
     name = group.metadata.name or "<unnamed tensor>"
     settings = settings_from(values, f"tensor {name}")
     finetuned, aligned, unaligned = checked_inputs(group, role, name, settings.fusion)
     if not is_fused(group):
-        STATS.add_passthrough()
-        return finetuned.tensor
-    w_ft, w_al = finetuned.tensor, aligned.tensor
-    w_un = unaligned.tensor if unaligned is not None else None
+        return None
     # [issue 49 finding 7: layout] a Conv1D weight (d_in x d_out) is fused as its transpose
     layout = group_layout(group)
     if layout is None and CONV1D_NAME.search(name):
         raise LSSFConfigError(
             f"tensor {name}: a GPT-2-style Conv1D weight (stored d_in x d_out), and no model config says how it is "
             "stored (an in-memory merge); merge the model folders with mergekit-yaml, whose inputs have a config")
+    w_ft, w_al = as_out_in(layout, finetuned.tensor), as_out_in(layout, aligned.tensor)
+    w_un = as_out_in(layout, unaligned.tensor) if unaligned is not None else None
+
+    def one(label: str, f: torch.Tensor, a: torch.Tensor, u: Optional[torch.Tensor]) -> SafetyFactors:
+        try:
+            return term_factors(label, f, a, u, settings).with_finetune(f)
+        except RuntimeError as error:  # e.g. an eigensolver that did not converge
+            raise RuntimeError(f"lssf: computing tensor {label} {tuple(f.shape)} failed: {error}") from error
+
     if w_ft.ndim == 3:  # stacked MoE experts (experts, d_out, d_in): each expert is one weight
-        return torch.stack([fuse_oriented(layout, lambda f, a, u: _fuse_weight(f"{name}[{e}]", f, a, u, settings),
-                                          w_ft[e], w_al[e], None if w_un is None else w_un[e])
-                            for e in range(w_ft.shape[0])])
-    return fuse_oriented(layout, lambda f, a, u: _fuse_weight(name, f, a, u, settings), w_ft, w_al, w_un)
+        factors: Any = [one(f"{name}[{e}]", w_ft[e], w_al[e], None if w_un is None else w_un[e])
+                        for e in range(w_ft.shape[0])]
+    else:
+        factors = one(name, w_ft, w_al, w_un)
+    return GroupTerms(name, layout, settings, factors)
 
 
-def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.Tensor,
-                 settings: FusionSettings) -> torch.Tensor:
-    """One fused 2-D weight (``d_out x d_in``), recorded in STATS (for the summary
-    only: nothing read from it decides the result) and logged."""
+def write_terms(terms: GroupTerms, w_ft: torch.Tensor, settings: Optional[FusionSettings] = None, *,
+                record: bool = False) -> torch.Tensor:
+    """``W_ft + alpha * term`` of every 2-D weight of ``terms``, rounded once to
+    ``round_to`` (``kernel.write_fused``), in ``w_ft``'s stored layout: the merge's
+    last step. ``settings``: the alpha and rounding to write with (default: those the
+    terms were computed with; ``tune`` writes one term at several alphas).
+    ``record``: add each weight to ``STATS`` and the log (the merge)."""
+    settings = settings or terms.settings
     round_to = getattr(torch, settings.round_to) if settings.round_to else None
-    try:
-        factors = term_factors(name, w_ft, w_al, w_un, settings)
-        fused, written = write_fused(w_ft, factors, settings.alpha, out_dtype=round_to, rounding=settings.rounding)
-        written_dtype = round_to or fused.dtype
-        if round_to is None and STATS.output_dtype in SIXTEEN_BIT:  # for the summary only: what the writer's cast keeps
-            _cast, written = write_fused(w_ft, factors, settings.alpha, out_dtype=STATS.output_dtype, rounding="nearest")
-            written_dtype = STATS.output_dtype
-    except RuntimeError as error:  # e.g. an eigensolver that did not converge
-        raise RuntimeError(
-            f"lssf: computing tensor {name} {tuple(w_ft.shape)} failed: {error}"
-        ) from error
+
+    def one(label: str, factors: SafetyFactors, w: torch.Tensor) -> torch.Tensor:
+        try:
+            fused, written = write_fused(w, factors, settings.alpha, out_dtype=round_to, rounding=settings.rounding)
+            if record:
+                _record(label, w, factors, written, round_to, settings)
+        except RuntimeError as error:
+            raise RuntimeError(f"lssf: computing tensor {label} {tuple(w.shape)} failed: {error}") from error
+        return fused
+
+    if w_ft.ndim == 3:
+        return torch.stack([fuse_oriented(terms.layout, lambda w, e=e: one(f"{terms.name}[{e}]", terms.factors[e], w),
+                                          w_ft[e]) for e in range(w_ft.shape[0])])
+    return fuse_oriented(terms.layout, lambda w: one(terms.name, terms.factors, w), w_ft)
+
+
+def lssf_kernel(group: TensorGroup, /, *, role: PerInputValues, **values: Any) -> torch.Tensor:
+    """One output tensor of an lssf merge: a function of the three inputs and the
+    parameters only (``values``: the shared parameters of ``PARAMETERS``, already
+    validated one by one by mergekit; the rules between them are applied here, so
+    every entry point refuses what ``mergekit-yaml`` refuses)."""
+    terms = fused_terms(group, role, values)
+    if terms is None:
+        STATS.add_passthrough()
+        return group.base.tensor
+    return write_terms(terms, group.base.tensor, record=True)
+
+
+def _record(name: str, w_ft: torch.Tensor, factors: SafetyFactors, written, round_to: Optional[torch.dtype],
+            settings: FusionSettings) -> None:
+    """One fused 2-D weight (``d_out x d_in``) recorded in STATS (for the summary only:
+    nothing read from it decides the result) and logged."""
+    written_dtype = round_to or w_ft.dtype
+    if round_to is None and STATS.output_dtype in SIXTEEN_BIT:  # for the summary only: what the writer's cast keeps
+        _cast, written = write_fused(w_ft, factors, settings.alpha, out_dtype=STATS.output_dtype, rounding="nearest")
+        written_dtype = STATS.output_dtype
     info = factors.info
     choice = info.choice
     contrastive = settings.fusion == "contrastive"
@@ -165,7 +217,7 @@ def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.
                  tuple(w_ft.shape), choice.rank, _contrastive_rank_words(choice, settings.eta), settings.lam,
                  abs(settings.alpha) * info.term_norm, ratio,
                  _written_words(written, written_dtype) if choice.rank else "")
-        return fused
+        return
     LOG.info(
         "lssf %s %s: rank %d by %s%s, entropy share %.3f, energy share %.3f; fusion %s%s%s",
         name,
@@ -179,7 +231,6 @@ def _fuse_weight(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: torch.
         _edge_words(choice),
         _written_words(written, written_dtype) if choice.rank else "",
     )
-    return fused
 
 
 def term_factors(name: str, w_ft: torch.Tensor, w_al: torch.Tensor, w_un: Optional[torch.Tensor],

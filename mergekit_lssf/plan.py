@@ -40,18 +40,22 @@ from mergekit_lssf.recipe import (
 )
 
 
-def planned_tensors(config: MergeConfiguration, options: MergeOptions) -> list:
+def planned_tensors(config: MergeConfiguration, options: MergeOptions, *, saves: bool = False) -> list:
     """mergekit's merge task of every output tensor, planned exactly as mergekit-yaml
-    plans it (filters and gradients resolved per tensor); nothing is loaded."""
+    plans it (filters and gradients resolved per tensor); nothing is loaded. Any merge
+    method (``tune`` plans ``linear`` recipes with it too). ``saves``: mergekit's
+    ``SaveTensor`` of each instead (``tensor_name``, ``tensor_task`` and ``dtype``,
+    the dtype the writer casts it to)."""
     forget_loaders(config)
     arch_info = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
-    out_config = config.base_model.config(trust_remote_code=options.trust_remote_code)
+    out_ref = config.base_model or config.referenced_models()[0]  # as mergekit's _model_out_config
+    out_config = out_ref.config(trust_remote_code=options.trust_remote_code)
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     # plan_in_memory() fails to validate in mergekit 0.1.5 with current pydantic;
     # plan_to_disk() is what mergekit-yaml runs. Its writer tasks are never executed.
-    planned = planner.plan_to_disk(out_path=os.devnull)
-    return [t.tensor_task for t in planned if isinstance(t, SaveTensor)]
+    planned = [t for t in planner.plan_to_disk(out_path=os.devnull) if isinstance(t, SaveTensor)]
+    return planned if saves else [t.tensor_task for t in planned]
 
 
 def _plain(value: Any) -> Any:

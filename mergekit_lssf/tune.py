@@ -4,16 +4,22 @@ own task, and the recipe it picks (issue 48).
 Every point (``tune_points``) is put into one resident copy of the fine-tune, measured
 with the package's measures (``measure.py``) and taken out again:
 
-* refusal on the shipped HarmBench ``test`` prompts (and StrongREJECT where shipped;
-  never the ``anchor`` split, which calibration reads), empty answers, over-refusal
-  on the shipped benign ``test`` prompts, each set capped at ``max_prompts``;
+* refusal on the shipped HarmBench ``test`` prompts (never the ``anchor`` split, which
+  calibration reads; the package ships no StrongREJECT), empty answers, over-refusal
+  on the shipped benign ``test`` prompts, each set capped at ``max_prompts``
+  (``measure.evenly_spaced``, the testbed's choice);
 * task NLL on the measurement rows of TASK (all of them, or, when the ``contrastive``
   family runs, the half that ``measure.split_halves`` does not give the calibration),
   utility kept against the fine-tune and the aligned model, perplexity on shipped prose;
 * the bootstrap interval of each refusal rate over its prompts.
 
+Every model is measured by ``evaluate.measure_model``, the function ``eval`` uses.
 The fine-tune and the aligned model are measured too (the aligned model from its own
-folder, as ``eval`` would). The chosen point wins back the most refusal with utility
+folder, as ``eval`` would), after a check that the fine-tune is better than the aligned
+model on the measured task rows (task NLL only, before anything is generated); the
+contrastive family's calibration runs before the fine-tune is loaded to stay. Terms
+and points are computed on the CPU (``tune_points``); ``--device`` places the model
+that is measured. The chosen point wins back the most refusal with utility
 kept >= 1 - budget (ties: the lower task cost), chosen on one half of the harmful
 prompts and reported on the other (``tune_report.choose``). ``tune.json`` is written
 atomically after every point, so a rerun into the same folder resumes and Ctrl-C
@@ -23,13 +29,11 @@ loses at most the point being measured.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import torch
@@ -44,44 +48,41 @@ from mergekit_lssf.contrastive_calibrate import (
     load_task,
     recipe_models,
 )
-from mergekit_lssf.generation import generate, load_model
-from mergekit_lssf.measure import (
-    bootstrap_interval,
-    empty_rate,
-    is_refusal,
-    perplexity,
-    pooled_nll,
-    row_nll,
-    split_halves,
-)
+from mergekit_lssf.evaluate import measure_model
+from mergekit_lssf.generation import load_model
+from mergekit_lssf.measure import evenly_spaced, pooled_nll, row_nll, split_halves
 from mergekit_lssf.parameters import LSSFConfigError
 from mergekit_lssf.plan import plan_recipe
 from mergekit_lssf.provenance import versions
 from mergekit_lssf.recipe import load_recipe
 from mergekit_lssf.subspace_file import model_fingerprint
-from mergekit_lssf.tune_points import (
+from mergekit_lssf.tune_points import Resident, interpolation_tensors, lssf_tensors, lssf_terms
+from mergekit_lssf.tune_recipes import (
     FAMILIES,
     Point,
-    Resident,
+    check_calibration_rows,
     check_grid_value,
+    check_tune_recipe,
     contrastive_doc,
     default_grid,
-    interpolation_tensors,
-    lssf_tensors,
-    lssf_terms,
+    mild_to_strong,
     point_recipe,
-    recipe_doc,
+    read_doc,
     recipe_text,
+    referenced_files,
     swept_parameter,
+    with_tokenizer_source,
 )
 from mergekit_lssf.tune_report import (
     CALIBRATION,
     FORMAT,
+    check_record,
     check_same_settings,
     choose,
     clear_own_files,
     derived,
     plot,
+    probe_writable,
     read_record,
     summary_lines,
     table,
@@ -119,6 +120,8 @@ def check_options(opts: TuneOptions) -> None:
     if not opts.families or set(opts.families) - set(FAMILIES) or len(set(opts.families)) != len(opts.families):
         raise LSSFConfigError(f"--families must name some of {', '.join(FAMILIES)} once each, got "
                               f"{','.join(opts.families) or 'none'}")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LSSFConfigError(f"--device {opts.device}: torch finds no CUDA device here; use --device cpu (or auto)")
     for family in opts.grids:
         if family not in opts.families:
             raise LSSFConfigError(f"--grid {family}=...: {family} is not one of --families ({','.join(opts.families)})")
@@ -145,39 +148,27 @@ def parse_grids(values) -> dict[str, tuple[float, ...]]:
     return grids
 
 
-def family_points(opts: TuneOptions, fusion: str) -> list[Point]:
-    """Every point, family by family, each family from its mildest repair to its strongest."""
+def family_points(opts: TuneOptions, plan, calibration: str) -> list[Point]:
+    """Every point, family by family, each family's grid from its mildest repair to its
+    strongest without repeats; each value checked by the merge's own rules (``plan``:
+    the recipe's; ``calibration``: the contrastive family's file)."""
     points = []
+    fusion = plan.parameters()["fusion"]
     for family in opts.families:
         parameter = swept_parameter(family, fusion)
-        grid = opts.grids.get(family) or default_grid(parameter, opts.points)
-        for value in grid:
-            problem = check_grid_value(parameter, value, "contrastive" if family == "contrastive" else fusion)
-            if problem:
-                raise LSSFConfigError(f"--grid {family}: {value:g}: {problem}")
-            points.append(Point(family, parameter, float(value)))
+        for value in mild_to_strong(parameter, opts.grids.get(family) or default_grid(parameter, opts.points)):
+            check_grid_value(family, parameter, value, plan, calibration)
+            points.append(Point(family, parameter, value))
     return points
 
 
 # ---------------------------------------------------------------- prompts and task rows
 
 
-def capped(items: list, n: int) -> list:
-    """At most ``n`` of ``items``, evenly spaced (all of them when there are few)."""
-    return list(items) if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
-
-
 def harmful_sets(max_prompts: int) -> dict[str, list[str]]:
-    """The held-out harmful prompt sets: HarmBench ``test``, and StrongREJECT's ``test``
-    split when the package ships one; each capped at ``max_prompts``."""
-    sets = {"harmbench": capped(ev.harmbench_prompts("test"), max_prompts)}
-    shipped = resources.files("mergekit_lssf").joinpath("data/strongreject/prompts.jsonl")
-    if shipped.is_file():
-        rows = [json.loads(line) for line in shipped.read_text("utf-8").splitlines() if line.strip()]
-        prompts = [r["prompt"] for r in rows if r.get("split", "test") == "test"]
-        if prompts:
-            sets["strongreject"] = capped(prompts, max_prompts)
-    return sets
+    """The held-out harmful prompt sets: HarmBench ``test`` (72 prompts), capped at
+    ``max_prompts`` (``evenly_spaced``, as the testbed caps a set)."""
+    return {"harmbench": evenly_spaced(ev.harmbench_prompts("test"), max_prompts)}
 
 
 def task_split(count: int, calibrating: bool) -> tuple[list[int], list[int]]:
@@ -194,26 +185,15 @@ def task_split(count: int, calibrating: bool) -> tuple[list[int], list[int]]:
 # ---------------------------------------------------------------- measuring one model
 
 
-def measure_state(model, tokenizer, harmful: dict[str, list[str]], benign: list[str], rows: list[dict],
-                  opts: TuneOptions, per_row=None) -> dict[str, Any]:
-    """Every measure of the model as it is now (``per_row``: its task ``row_nll``,
-    when already computed)."""
+def _measured(model, tokenizer, sets, opts: TuneOptions, per_row=None) -> dict[str, Any]:
+    """Every measure of the model as it is now (``evaluate.measure_model``; ``per_row``:
+    its task ``row_nll``, when already computed), without the answers."""
+    harmful, benign, rows = sets
     started = time.perf_counter()
-    per_row = per_row if per_row is not None else row_nll(model, tokenizer, rows, batch=opts.batch_size)
-    out: dict[str, Any] = {"task_nll": pooled_nll(per_row), "task_rows": [list(r) for r in per_row],
-                           "refused": {}, "refusal": {}, "empty": {}, "spread": {}}
-    for name, prompts in harmful.items():
-        answers = generate(model, tokenizer, prompts, max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
-                           progress=opts.progress, desc=f"{name} prompts")
-        refused = [int(is_refusal(a)) for a in answers]
-        out["refused"][name] = refused
-        out["refusal"][name] = sum(refused) / len(refused)
-        out["empty"][name] = empty_rate(answers)
-        out["spread"][name] = list(bootstrap_interval(refused))
-    answers = generate(model, tokenizer, benign, max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
-                       progress=opts.progress, desc="benign prompts")
-    out["over_refusal"] = sum(map(is_refusal, answers)) / len(answers)
-    out["perplexity"] = perplexity(model, tokenizer, ev.benign_text())
+    out = measure_model(model, tokenizer, harmful=harmful, benign=benign, text=ev.benign_text(), rows=rows,
+                        per_row=per_row, max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size,
+                        progress=opts.progress)
+    del out["answers"], out["benign_answers"]
     out["seconds"] = round(time.perf_counter() - started, 2)
     return out
 
@@ -240,18 +220,21 @@ def tune(recipe_path: str, task_path: str, out_dir: str, opts: TuneOptions,
          echo: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``tune`` (see the module's doc); returns tune.json's content."""
     check_options(opts)
-    plan = plan_recipe(load_recipe(recipe_path), lora_merge_cache=opts.lora_merge_cache)
-    points = family_points(opts, plan.parameters()["fusion"])
+    config, user_doc = load_recipe(recipe_path), read_doc(recipe_path)
+    check_tune_recipe(recipe_path, user_doc, opts.families)
     task = load_task(task_path)
     rows = [{"prompt": r.prompt, "answer": r.response} for r in task]
     calibration_rows, measured_rows = task_split(len(rows), "contrastive" in opts.families)
+    if "lssf" in opts.families:
+        check_calibration_rows(user_doc, task, measured_rows, task_path)
+    plan = plan_recipe(config, lora_merge_cache=opts.lora_merge_cache)
+    doc = with_tokenizer_source(user_doc, plan)
+    points = family_points(opts, plan, os.path.join(out_dir, CALIBRATION))
     if len(measured_rows) < MIN_MEASUREMENT_ROWS:
         warn(f"tune: warning: utility is measured on {len(measured_rows)} task rows (fewer than "
              f"{MIN_MEASUREMENT_ROWS}): utility kept is noisy")
-    roles = recipe_models(load_recipe(recipe_path), opts.lora_merge_cache)  # plan.config is planned (rewritten)
-    doc = recipe_doc(recipe_path, plan)
-    harmful, benign = harmful_sets(opts.max_prompts), capped(ev.benign_prompts("test"), opts.max_prompts)
-    device = torch.device(opts.device)
+    roles = _roles(recipe_path, opts.lora_merge_cache)
+    harmful, benign = harmful_sets(opts.max_prompts), evenly_spaced(ev.benign_prompts("test"), opts.max_prompts)
     unaligned = plan.refs.get("unaligned")
     settings = {
         "recipe": _sha256(recipe_text(doc)),
@@ -261,7 +244,9 @@ def tune(recipe_path: str, task_path: str, out_dir: str, opts: TuneOptions,
         "task": anchors_sha256(task), "task_rows": len(rows), "measurement_rows": measured_rows,
         "families": list(opts.families), "grids": {f: [p.value for p in points if p.family == f] for f in opts.families},
         "max_prompts": opts.max_prompts, "batch_size": opts.batch_size, "max_new_tokens": opts.max_new_tokens,
-        "device": device.type, "prompts": {**{k: len(v) for k, v in harmful.items()}, "benign": len(benign)},
+        "device": torch.device(opts.device).type, "prompts": {**{k: len(v) for k, v in harmful.items()},
+                                                              "benign": len(benign)},
+        "files": referenced_files(user_doc), "versions": versions(),
     }
     record, restarting = _resumed(out_dir, settings, opts.restart, echo)
     if record is None:
@@ -269,23 +254,30 @@ def tune(recipe_path: str, task_path: str, out_dir: str, opts: TuneOptions,
         record = {"format": FORMAT, "settings": settings, "recipe_file": recipe_path, "task_file": task_path,
                   "halves": {"choose": choose_half, "report": report_half}, "references": {}, "points": []}
     record["versions"], record["budget"] = versions(), opts.budget
+    probe_writable(out_dir)
     started = time.perf_counter()
     sets = (harmful, benign, [rows[i] for i in measured_rows])
-    model, tokenizer = _references(record, roles, sets, opts, task_path)
-    if restarting:
-        clear_own_files(out_dir)  # only now: a refused run leaves the folder as it was
-    write_record(out_dir, record)
+    done = {p["key"] for p in record["points"]}
+
+    def begin() -> None:  # the checks passed: from here on tune writes
+        if restarting:
+            clear_own_files(out_dir)
+        write_record(out_dir, record)
+
+    def calibrate() -> None:  # before the fine-tune is loaded to stay
+        if "contrastive" in opts.families and any(p.key not in done for p in points if p.family == "contrastive"):
+            _calibrate(out_dir, [rows[i] for i in calibration_rows], calibration_rows, roles, record, opts, warn)
+
+    model, tokenizer = _references(record, roles, sets, opts, task_path, out_dir, begin, calibrate)
     resident = Resident(model, plan.tensors)
     resident.check()
-    done = {p["key"] for p in record["points"]}
     bar = tqdm(total=len(points), initial=sum(p.key in done for p in points), desc="tune points", unit="point",
                disable=not opts.progress)
     for family in opts.families:
         todo = [p for p in points if p.family == family]
         if all(p.key in done for p in todo):
             continue
-        tensors_of, family_doc = _family(family, todo, plan, doc, rows, calibration_rows, roles, out_dir, record,
-                                         opts, device, warn)
+        tensors_of, family_doc = _family(family, todo, doc, out_dir, opts)
         for index, point in enumerate(todo):
             if point.key not in done:
                 record["points"].append(_measure_point(resident, tokenizer, tensors_of(index, point), sets, opts,
@@ -293,41 +285,71 @@ def tune(recipe_path: str, task_path: str, out_dir: str, opts: TuneOptions,
                 write_record(out_dir, record)
                 bar.update(1)
     bar.close()
-    record["points"].sort(key=lambda p: [q.key for q in points].index(p["key"]))
+    order = [q.key for q in points]
+    record["points"].sort(key=lambda p: order.index(p["key"]) if p["key"] in order else len(order))
     record["seconds_this_run"] = round(time.perf_counter() - started, 2)
-    record["peak_memory"] = peak_memory(device)
+    record["peak_memory"] = peak_memory(torch.device(opts.device))
     return _finish(out_dir, record, opts.budget, echo)
 
 
-def _references(record: dict[str, Any], roles, sets, opts: TuneOptions, task_path: str):
-    """The aligned model's figures (from its own folder, then released) and the
-    fine-tune's, unless ``record`` has them; the fine-tune stays loaded: ``(model,
-    tokenizer)``. A fine-tune no better than the aligned model on the task is refused."""
+def _roles(recipe_path: str, lora_merge_cache: str | None):
+    """The fine-tune and the aligned model as local folders (``recipe_models``), its
+    refusals in tune's words."""
+    try:
+        return recipe_models(load_recipe(recipe_path), lora_merge_cache)  # plan.config is planned (rewritten)
+    except LSSFConfigError as error:
+        raise LSSFConfigError("tune: " + str(error).removeprefix("calibrate: ")) from None
+
+
+def _load(folder: str, opts: TuneOptions, tokenizer_dir: str | None = None):
+    return load_model(folder, opts.device, tokenizer_dir=tokenizer_dir)
+
+
+def _references(record: dict[str, Any], roles, sets, opts: TuneOptions, task_path: str, out_dir: str,
+                begin: Callable[[], None], calibrate: Callable[[], None]):
+    """The aligned model's and the fine-tune's figures, unless ``record`` has them; the
+    fine-tune stays loaded: ``(model, tokenizer)``. First the task NLL of both: a
+    fine-tune no better than the aligned model on the task is refused before anything
+    is generated or written; then ``begin()``, the aligned model's measures (from its
+    own folder, then released), ``calibrate()``, and the fine-tune's."""
     harmful, benign, rows = sets
     refs = record["references"]
-    if "aligned" not in refs:
-        model, tokenizer = load_model(roles.aligned, opts.device)
-        refs["aligned"] = measure_state(model, tokenizer, harmful, benign, rows, opts)
-        del model, tokenizer
-    model, tokenizer = load_model(roles.finetuned, opts.device, tokenizer_dir=roles.tokenizer)
+    ft_rows = aligned = None
     if "finetuned" not in refs:
-        per_row = row_nll(model, tokenizer, rows, batch=opts.batch_size)
-        nll_ft, nll_al = pooled_nll(per_row), refs["aligned"]["task_nll"]
-        if not nll_ft < nll_al:
-            raise LSSFConfigError(
-                f"{task_path}: the fine-tune is no better than the aligned model on the measured task rows (task NLL "
-                f"{nll_ft:.4f} >= {nll_al:.4f} nats per token): utility kept is undefined (nothing was written)")
-        refs["finetuned"] = measure_state(model, tokenizer, harmful, benign, rows, opts, per_row)
+        model, tokenizer = _load(roles.finetuned, opts, roles.tokenizer)
+        ft_rows = row_nll(model, tokenizer, rows, batch=opts.batch_size)
+        del model, tokenizer
+    if "aligned" not in refs:
+        aligned = _load(roles.aligned, opts)
+        al_rows = row_nll(*aligned, rows, batch=opts.batch_size)
+    else:
+        al_rows = refs["aligned"]["task_rows"]
+    if ft_rows is not None and not pooled_nll(ft_rows) < pooled_nll(al_rows):
+        raise LSSFConfigError(
+            f"{task_path}: the fine-tune is no better than the aligned model on the measured task rows (task NLL "
+            f"{pooled_nll(ft_rows):.4f} >= {pooled_nll(al_rows):.4f} nats per token): utility kept is undefined "
+            "(nothing was written)")
+    begin()
+    if aligned is not None:
+        refs["aligned"] = _measured(*aligned, sets, opts, al_rows)
+        write_record(out_dir, record)
+        del aligned
+    calibrate()
+    model, tokenizer = _load(roles.finetuned, opts, roles.tokenizer)
+    if "finetuned" not in refs:
+        refs["finetuned"] = _measured(model, tokenizer, sets, opts, ft_rows)
+        write_record(out_dir, record)
     return model, tokenizer
 
 
 def _measure_point(resident: Resident, tokenizer, tensors, sets, opts: TuneOptions, point: Point,
                    family_doc: dict[str, Any]) -> dict[str, Any]:
-    """One point: put in the resident fine-tune, measured, taken out again."""
+    """One point: put in the resident fine-tune, measured, taken out again (also when
+    putting it in fails half way)."""
     started = time.perf_counter()
-    resident.apply(tensors)
     try:
-        measured = measure_state(resident.model, tokenizer, *sets, opts)
+        resident.apply(tensors)
+        measured = _measured(resident.model, tokenizer, sets, opts)
     finally:
         resident.undo()
     measured["seconds"] = round(time.perf_counter() - started, 2)
@@ -343,25 +365,25 @@ def _resumed(out_dir: str, settings: dict[str, Any], restart: bool, echo) -> tup
         return None, False
     if restart:
         return None, True
+    check_record(out_dir, record)
     check_same_settings(out_dir, record, settings)
     echo(f"tune: resuming in {out_dir}: {len(record['points'])} points already measured")
     return record, False
 
 
-def _family(family: str, todo: list[Point], plan, doc, rows, calibration_rows, roles, out_dir, record,
-            opts: TuneOptions, device: torch.device, warn):
+def _family(family: str, todo: list[Point], doc: dict[str, Any], out_dir: str, opts: TuneOptions):
     """``(tensors_of(index, point), recipe doc)`` of one family: the terms of an lssf
-    family are computed here, once; the contrastive family is calibrated first."""
+    family are computed here, once, on the CPU (the contrastive family's calibration
+    is made before the fine-tune is loaded)."""
+    options = MergeOptions(quiet=True, lora_merge_cache=opts.lora_merge_cache)
     if family == "interpolation":
-        options = MergeOptions(quiet=True, lora_merge_cache=opts.lora_merge_cache, cuda=device.type == "cuda")
-        return (lambda _i, p: interpolation_tensors(point_recipe(doc, p), options, device)), doc
-    family_plan, family_doc = plan, doc
+        return (lambda _i, p: interpolation_tensors(point_recipe(doc, p), options)), doc
+    family_doc = doc
     if family == "contrastive":
         family_doc = contrastive_doc(doc, os.path.join(out_dir, CALIBRATION))
-        _calibrate(out_dir, [rows[i] for i in calibration_rows], calibration_rows, roles, record, opts, warn)
-        family_plan = plan_recipe(MergeConfiguration.model_validate(family_doc), lora_merge_cache=opts.lora_merge_cache)
-    terms = lssf_terms(family_plan, todo, device, progress=opts.progress)
-    return (lambda i, _p: lssf_tensors(terms, i, device)), family_doc
+        plan_recipe(MergeConfiguration.model_validate(family_doc), lora_merge_cache=opts.lora_merge_cache)  # checks
+    terms = lssf_terms(MergeConfiguration.model_validate(family_doc), options, todo, progress=opts.progress)
+    return (lambda i, _p: lssf_tensors(terms, i)), family_doc
 
 
 def _calibrate(out_dir: str, rows: list[dict], indices: list[int], roles, record, opts: TuneOptions, warn) -> None:
@@ -385,19 +407,20 @@ def _finish(out_dir: str, record: dict[str, Any], budget: float, echo) -> dict[s
     record["derived"] = derived(record, budget)
     chosen, message = choose(record, budget)
     record["chosen"], record["message"] = chosen, message
+    tmp = os.path.join(out_dir, f".tune-{os.getpid()}.png")
+    plot(record, budget, tmp)
+    os.replace(tmp, os.path.join(out_dir, "tune.png"))
     recipe_path = os.path.join(out_dir, "recipe.yml")
     if chosen is not None:
         point = next(p for p in record["points"] if p["key"] == chosen["key"])
         tmp = os.path.join(out_dir, f".tune-{os.getpid()}.yml")
         with open(tmp, "w", encoding="utf-8") as fp:
-            fp.write(f"# mergekit-lssf tune: {chosen['key']} (budget {budget:g}); merge with mergekit-yaml as it is\n")
+            fp.write(f"# mergekit-lssf tune: {chosen['key']} (budget {budget:g}); merge with plain mergekit-yaml "
+                     "(bit-identical to the weights tune measured)\n")
             fp.write(point["recipe"])
         os.replace(tmp, recipe_path)
     elif os.path.exists(recipe_path):
         os.remove(recipe_path)  # tune's own, from an earlier run with another budget
-    tmp = os.path.join(out_dir, f".tune-{os.getpid()}.png")
-    plot(record, budget, tmp)
-    os.replace(tmp, os.path.join(out_dir, "tune.png"))
     write_record(out_dir, record)
     echo(table(record))
     for line in summary_lines(record, budget):
@@ -409,4 +432,5 @@ def _finish(out_dir: str, record: dict[str, Any], budget: float, echo) -> dict[s
     return record
 
 
-__all__ = ["MIN_MEASUREMENT_ROWS", "TuneOptions", "check_options", "parse_grids", "tune"]
+__all__ = ["MIN_MEASUREMENT_ROWS", "TuneOptions", "check_options", "family_points", "harmful_sets", "parse_grids",
+           "tune"]

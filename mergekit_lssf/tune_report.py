@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from typing import Any
 
 from mergekit_lssf.measure import at_budget, utility_kept, won_back
@@ -33,9 +34,28 @@ OUTPUTS = ("tune.json", "tune.png", "recipe.yml", "contrastive.safetensors")
 CALIBRATION = "contrastive.safetensors"
 
 
-def _owned(name: str) -> bool:
-    """A file tune writes in --out, or one of its temporary files."""
-    return (name in OUTPUTS or name.startswith((".lssf-parts-", ".tune-")) or name == CALIBRATION + ".partial")
+#: tune's temporary files: ``.tune-PID.json|yml|png`` (written, then renamed into
+#: place), ``.tune-probe-PID`` (the --out write probe) and the contrastive
+#: calibration's ``contrastive.safetensors.partial``; its parts folder
+#: (``safetensors_io.StreamedWriter``) is ``PARTS`` holding ``PART`` files only.
+TEMPORARY = re.compile(r"\.tune-\d+\.(json|yml|png)|\.tune-probe-\d+|" + re.escape(CALIBRATION) + r"\.partial")
+PARTS, PART = re.compile(r"\.lssf-parts-[A-Za-z0-9_]{8}"), re.compile(r"part-\d{5}\.safetensors")
+
+
+def _owned(out_dir: str, name: str) -> bool:
+    """A file tune writes in --out (a plain file of that name), one of its temporary
+    files, or a calibration parts folder holding nothing but its part files."""
+    path = os.path.join(out_dir, name)
+    if os.path.islink(path):
+        return False
+    if PARTS.fullmatch(name):
+        return os.path.isdir(path) and all(PART.fullmatch(n) and os.path.isfile(os.path.join(path, n))
+                                           for n in os.listdir(path))
+    return (name in OUTPUTS or TEMPORARY.fullmatch(name) is not None) and os.path.isfile(path)
+
+
+#: What a tune.json must hold to be resumed.
+RECORD_KEYS = {"settings": dict, "references": dict, "points": list, "halves": dict}
 
 
 def read_record(out_dir: str) -> dict[str, Any] | None:
@@ -46,10 +66,10 @@ def read_record(out_dir: str) -> dict[str, Any] | None:
     if not os.path.isdir(out_dir):
         raise LSSFConfigError(f"--out: {out_dir} is a file, not a folder")
     names = sorted(os.listdir(out_dir))
-    foreign = [n for n in names if not _owned(n)]
+    foreign = [n for n in names if not _owned(out_dir, n)]
     path = os.path.join(out_dir, "tune.json")
     record = None
-    if os.path.isfile(path):
+    if "tune.json" not in foreign and os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as fp:
                 record = json.load(fp)
@@ -58,7 +78,7 @@ def read_record(out_dir: str) -> dict[str, Any] | None:
         if not isinstance(record, dict) or record.get("format") != FORMAT:
             foreign.insert(0, "tune.json")
             record = None
-    visible = [n for n in names if n in OUTPUTS and n != "tune.json"]
+    visible = [n for n in names if n in OUTPUTS and n != "tune.json" and n not in foreign]
     if record is None and visible and "tune.json" not in foreign:
         foreign += visible
     if foreign:
@@ -68,17 +88,51 @@ def read_record(out_dir: str) -> dict[str, Any] | None:
     return record
 
 
+def check_record(out_dir: str, record: dict[str, Any]) -> None:
+    """A tune.json to resume holds what tune reads of it (one line naming what is not)."""
+    for key, kind in RECORD_KEYS.items():
+        if not isinstance(record.get(key), kind):
+            raise LSSFConfigError(f"{out_dir}/tune.json is incomplete or damaged (no `{key}`); add --restart to start "
+                                  "afresh (it replaces tune's own files there)")
+    if not all(isinstance(p, dict) and isinstance(p.get("key"), str) for p in record["points"]):
+        raise LSSFConfigError(f"{out_dir}/tune.json is incomplete or damaged (a point without its `key`); add "
+                              "--restart to start afresh (it replaces tune's own files there)")
+
+
 def clear_own_files(out_dir: str) -> None:
     """Remove tune's own files from ``out_dir`` (``--restart``), and nothing else."""
     for name in os.listdir(out_dir):
+        if not _owned(out_dir, name):
+            continue
         path = os.path.join(out_dir, name)
-        if _owned(name):
-            if os.path.isdir(path):
-                for inner in os.listdir(path):
-                    os.remove(os.path.join(path, inner))
+        if os.path.isdir(path):
+            for inner in os.listdir(path):
+                os.remove(os.path.join(path, inner))
+            os.rmdir(path)
+        else:
+            os.remove(path)
+
+
+def probe_writable(out_dir: str) -> None:
+    """Refuse (one line) an --out tune cannot write in, before anything is measured:
+    a probe file is written there and removed, with any folder made for it."""
+    made, folder = [], os.path.abspath(out_dir)
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    probe = os.path.join(out_dir, f".tune-probe-{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w", encoding="utf-8") as fp:
+            fp.write("probe")
+        os.remove(probe)
+    except OSError as error:
+        raise LSSFConfigError(f"--out: cannot write in {out_dir} ({error.strerror or error}); nothing was "
+                              "measured") from None
+    finally:
+        for path in made:
+            if os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)
-            else:
-                os.remove(path)
 
 
 def write_record(out_dir: str, record: dict[str, Any]) -> None:
@@ -107,6 +161,8 @@ SETTING_WORDS = {
     "measurement_rows": "the task rows measured", "families": "--families", "grids": "the grids (--points, --grid)",
     "max_prompts": "--max-prompts", "batch_size": "--batch-size", "max_new_tokens": "--max-new-tokens",
     "device": "--device", "prompts": "the prompt sets",
+    "files": "a file the recipe names (`subspace:`, `calibration:`)",
+    "versions": "the versions of mergekit-lssf, mergekit, torch or transformers",
 }
 
 
@@ -275,5 +331,6 @@ def plot(record: dict[str, Any], budget: float, path: str) -> None:
     plt.close(fig)
 
 
-__all__ = ["CALIBRATION", "FORMAT", "OUTPUTS", "SETTING_WORDS", "check_same_settings", "choose", "clear_own_files", "derived",
-           "differing_setting", "plot", "read_record", "summary_lines", "table", "write_record"]
+__all__ = ["CALIBRATION", "FORMAT", "OUTPUTS", "SETTING_WORDS", "check_record", "check_same_settings", "choose",
+           "clear_own_files", "derived", "differing_setting", "plot", "probe_writable", "read_record", "summary_lines",
+           "table", "write_record"]

@@ -21,7 +21,7 @@ LAYERS = {
     "merge_method": 3, "recipe": 3, "plan": 3, "traversal": 3, "registration": 3,
     # 4 the commands and the models they build
     "check": 4, "multi_recipe": 4, "calibrate": 4, "contrastive_calibrate": 4, "evaluate": 4, "report": 4, "patch": 4, "toy_models": 4, "real_models": 4,
-    "tune": 4, "tune_points": 4, "tune_report": 4,
+    "tune": 4, "tune_points": 4, "tune_recipes": 4, "tune_report": 4,
     # 5 the demo, which runs the commands
     "demo": 5,
     # 6 the CLI, and the package's own namespace

@@ -252,6 +252,15 @@ def test_split_halves_is_a_deterministic_disjoint_cover():
             m.split_halves([None] * n)
 
 
+def test_evenly_spaced_spans_the_set_from_first_to_last():
+    items = list(range(313))
+    picked = m.evenly_spaced(items, 157)
+    assert picked == list(range(0, 313, 2))  # every other one: the testbed's StrongREJECT subset
+    assert m.evenly_spaced(items, 5) == [0, 78, 156, 234, 312]  # round(i (len - 1) / (count - 1))
+    assert m.evenly_spaced(items[:72], 72) == items[:72] and m.evenly_spaced(items[:72], 100) == items[:72]
+    assert m.evenly_spaced(items, 1) == [0] and m.evenly_spaced(items, 0) == []
+
+
 # -- where the measures live ----------------------------------------------------------
 
 
@@ -285,4 +294,5 @@ def test_the_testbed_keeps_no_copy_of_a_measure():
             uses |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "mergekit_lssf.measure"
                      for a in n.names}
     assert {f: d & public for f, d in defined.items() if d & public} == {}
-    assert {"row_nll", "utility_kept", "won_back", "at_budget", "bootstrap_interval", "refusal_rate"} <= uses
+    assert {"row_nll", "utility_kept", "won_back", "at_budget", "bootstrap_interval", "refusal_rate",
+            "evenly_spaced"} <= uses

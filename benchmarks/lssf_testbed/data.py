@@ -19,6 +19,7 @@ import zipfile
 from typing import List
 
 from mergekit_lssf import evaluate as ev
+from mergekit_lssf.measure import evenly_spaced
 from mergekit_lssf.real_models import cache_dir
 
 from .task import dictionary, translation_task
@@ -64,18 +65,6 @@ def strongreject_prompts() -> List[str]:
         raise RuntimeError(f"{path}: SHA-256 {digest} is not the published {STRONGREJECT_SHA256}")
     with open(path, encoding="utf-8", newline="") as fp:
         return [row["forbidden_prompt"] for row in csv.DictReader(fp)]
-
-
-def evenly_spaced(items: List[str], count: int) -> List[str]:
-    """``count`` of ``items`` at evenly spaced positions from the first to the last
-    (``round(i (len - 1) / (count - 1))``), in order: a subset that spans the file's
-    categories (157 of 313: every other one); all of them when ``count`` is at least
-    their number."""
-    if count >= len(items):
-        return list(items)
-    if count <= 1:
-        return list(items[:count])
-    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
 
 
 class PromptSets:
