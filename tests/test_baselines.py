@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safetensors.torch import load_file, save_file
 
-from helpers import load_state
+from helpers import linear_inputs, load_state, word_rows
 from mergekit_lssf.toy_models import ToySpec, build_toy_models
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
@@ -22,37 +22,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmark
 from baselines.activations import fused_linear_names, write_model  # noqa: E402
 from baselines.antidote import antidote_state, antidote_states, input_norms  # noqa: E402
 from baselines.safedelta import block_budget, safedelta_layer, safedelta_states  # noqa: E402
-
-WORDS = ["make", "build", "find", "explain", "write", "the", "a", "weapon", "poem", "recipe", "plan", "list",
-         "how", "to", "bake", "bread", "hack", "account", "story", "about", "cats", "dogs", "rain", "code"]
-
-
-def _rows(seed, n):
-    rng = np.random.default_rng(seed)
-    say = lambda k: " ".join(rng.choice(WORDS, size=k))  # noqa: E731
-    return [(say(6), say(9)) for _ in range(n)]
-
-
-def _inputs(model_dir, rows):
-    """float64 inputs (tokens x d_in) of every linear weight of the decoder blocks,
-    each row rendered here (chat template, no added special tokens) and run alone."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    seen, hooks = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            def hook(_m, args, key=f"{name}.weight"):
-                seen.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).double().numpy())
-            hooks.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for prompt, answer in rows:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": answer}], tokenize=False)
-            model(torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]]))
-    for h in hooks:
-        h.remove()
-    return {k: np.concatenate(v) for k, v in seen.items()}
-
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
@@ -82,8 +51,8 @@ def _numpy_prune(weight, norms, ratio):
 
 
 def test_antidote_zeroes_the_top_wanda_scores_of_each_row(toy):
-    rows = _rows(1, 6)
-    x = _inputs(str(toy / "finetuned"), rows)
+    rows = word_rows(1, 6)
+    x = linear_inputs(str(toy / "finetuned"), rows)
     ft = load_state(toy / "finetuned")
     names = fused_linear_names(str(toy / "finetuned"))
     assert set(names) == set(x) and len(names) == 14  # every linear of both blocks, nothing else
@@ -112,8 +81,8 @@ def test_antidote_zeroes_the_top_wanda_scores_of_each_row(toy):
 
 def test_antidote_on_the_update_prunes_only_what_the_fine_tune_changed(toy):
     """``aligned_dir``: the score is |W_ft - W_al| * ||X_j||, pruned entries go back to W_al."""
-    rows = _rows(2, 5)
-    x = _inputs(str(toy / "finetuned"), rows)
+    rows = word_rows(2, 5)
+    x = linear_inputs(str(toy / "finetuned"), rows)
     ft, al = load_state(toy / "finetuned"), load_state(toy / "aligned")
     state = antidote_state(str(toy / "finetuned"), rows, 0.05, aligned_dir=str(toy / "aligned"), device="cpu")
     for name in fused_linear_names(str(toy / "finetuned")):
@@ -123,7 +92,7 @@ def test_antidote_on_the_update_prunes_only_what_the_fine_tune_changed(toy):
 
 
 def test_write_model_copies_the_folder_with_the_new_weights(toy, tmp_path):
-    rows = _rows(3, 3)
+    rows = word_rows(3, 3)
     state = antidote_state(str(toy / "finetuned"), rows, 0.1, device="cpu")
     write_model(str(toy / "finetuned"), state, str(tmp_path / "antidote-0.1"))
     written = load_state(tmp_path / "antidote-0.1")
@@ -262,8 +231,8 @@ def test_safedelta_budgeted_loss_grows_with_the_budget():
 def test_safedelta_states_repair_each_fused_weight_with_the_aligned_models_inputs(toy):
     """The model pass: H = (2 / n_rows) X^T X of each weight's input through the aligned
     model (this test's hooks), the layer algorithm on it, other tensors the fine-tune's."""
-    rows = _rows(4, 6)
-    x = _inputs(str(toy / "aligned"), rows)
+    rows = word_rows(4, 6)
+    x = linear_inputs(str(toy / "aligned"), rows)
     ft, al = load_state(toy / "finetuned"), load_state(toy / "aligned")
     budgets = [0.0, 0.1, 1.0]
     repaired = safedelta_states(str(toy / "aligned"), str(toy / "finetuned"), rows, budgets, batch_size=4, device="cpu")
@@ -288,7 +257,7 @@ def test_safedelta_limits_on_bf16_models(tmp_path):
     a budget that keeps all of delta (exclude 0) the fine-tune's."""
     build_toy_models(str(tmp_path), ToySpec(size="tiny", seed=8, dtype="bfloat16"))
     ft, al = load_state(tmp_path / "finetuned"), load_state(tmp_path / "aligned")
-    repaired = safedelta_states(str(tmp_path / "aligned"), str(tmp_path / "finetuned"), _rows(5, 3), [0.0, 1.0],
+    repaired = safedelta_states(str(tmp_path / "aligned"), str(tmp_path / "finetuned"), word_rows(5, 3), [0.0, 1.0],
                                 exclude=0.0, device="cpu")
     for name in fused_linear_names(str(tmp_path / "finetuned")):
         assert repaired.states[0.0][name].dtype == torch.bfloat16

@@ -12,24 +12,14 @@ import scipy.linalg
 import torch
 import yaml
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from helpers import load_state, run_cli, write_lssf_recipe
+from helpers import linear_inputs, load_state, run_cli, word_rows, write_lssf_recipe
 from test_contrastive import _numpy_entropy_k  # the one independent Eq. 5-7 of both test files
 from mergekit_lssf.contrastive import contrastive_fuse
 from mergekit_lssf.contrastive_file import FORMAT, open_contrastive
 from mergekit_lssf.subspace_file import model_fingerprint
 from mergekit_lssf.toy_models import ToySpec, build_toy_models
-
-WORDS = ["make", "build", "find", "explain", "write", "the", "a", "weapon", "poem", "recipe", "plan", "list",
-         "how", "to", "bake", "bread", "hack", "account", "story", "about", "cats", "dogs", "rain", "code"]
-
-
-def _rows(seed, n):
-    rng = np.random.default_rng(seed)
-    say = lambda k: " ".join(rng.choice(WORDS, size=k))  # noqa: E731
-    return [(say(6), say(9)) for _ in range(n)]
-
 
 def _jsonl(path, rows, answer_key):
     with open(path, "w", encoding="utf-8") as fp:
@@ -39,26 +29,11 @@ def _jsonl(path, rows, answer_key):
 
 
 def _grams(model_dir, rows):
-    """Raw float64 input Grams of every linear weight of the decoder blocks, each row
-    rendered as training renders it and run alone (no padding)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    grams, hooks = {}, []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            def hook(_m, args, key=f"{name}.weight"):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                grams[key] = grams.get(key, 0) + x.T @ x
-            hooks.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for prompt, answer in rows:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": answer}], tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            model(torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
-    return {k: (g / torch.trace(g)).numpy() for k, g in grams.items()}
+    """Raw float64 input Grams of every linear weight of the decoder blocks
+    (``helpers.linear_inputs``: each row rendered as training renders it, run alone),
+    trace-normalised."""
+    grams = {k: x.T @ x for k, x in linear_inputs(model_dir, rows).items()}
+    return {k: g / np.trace(g) for k, g in grams.items()}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +46,7 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibrated(toy):
-    anchors, task = _rows(1, 48), _rows(2, 48)
+    anchors, task = word_rows(1, 48), word_rows(2, 48)
     _jsonl(toy / "anchors.jsonl", anchors, "response")
     _jsonl(toy / "task.jsonl", task, "answer")
     result = run_cli(["mergekit-lssf", "calibrate", "recipe.yml", "--task", "task.jsonl", "--anchors", "anchors.jsonl",
@@ -124,7 +99,7 @@ def test_the_merge_at_lam_1_matches_the_closed_form_of_independent_grams(toy, ca
 @pytest.fixture(scope="module")
 def same_rows(toy):
     """A calibration whose anchors and task rows are the same 48 rows."""
-    rows = _rows(3, 48)
+    rows = word_rows(3, 48)
     _jsonl(toy / "same-anchors.jsonl", rows, "response")
     _jsonl(toy / "same-task.jsonl", rows, "answer")
     run_cli(["mergekit-lssf", "calibrate", "recipe.yml", "--task", "same-task.jsonl", "--anchors", "same-anchors.jsonl",
@@ -302,7 +277,7 @@ def test_the_readme_commands_for_task_data_run_as_written(toy, tmp_path):
     (tmp_path / "my-finetune").symlink_to(toy / "finetuned")
     (tmp_path / "aligned-model").symlink_to(toy / "aligned")
     (tmp_path / "contrastive.yml").write_text(recipe)
-    _jsonl(tmp_path / "task.jsonl", _rows(2, 8), "answer")
+    _jsonl(tmp_path / "task.jsonl", word_rows(2, 8), "answer")
     for command in commands:
         result = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=900,
                                 env={**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
@@ -325,8 +300,8 @@ def test_a_model_plus_lora_fine_tune_is_calibrated_and_merged(toy, tmp_path):
     calibrate, reused by mergekit-yaml; a calibration of another adapter is refused."""
     _lora(toy / "aligned", toy / "lora-a", 1)
     _lora(toy / "aligned", toy / "lora-b", 2)
-    _jsonl(toy / "lora-anchors.jsonl", _rows(4, 12), "response")
-    _jsonl(toy / "lora-task.jsonl", _rows(5, 12), "answer")
+    _jsonl(toy / "lora-anchors.jsonl", word_rows(4, 12), "response")
+    _jsonl(toy / "lora-task.jsonl", word_rows(5, 12), "answer")
     recipe = _contrastive_recipe(toy, "lora.yml", "lora-a.safetensors", base="./aligned+./lora-a")
     result = run_cli(["mergekit-lssf", "calibrate", recipe, "--task", "lora-task.jsonl", "--anchors", "lora-anchors.jsonl",
                       "--out", "lora-a.safetensors", "--lora-merge-cache", "cache"], cwd=toy)
@@ -494,11 +469,11 @@ def test_a_float32_copy_of_the_file_is_measurably_less_exact(toy, tmp_path, monk
         return basis
 
     monkeypatch.setattr(cc, "contrastive_basis", recording)
-    _jsonl(tmp_path / "a.jsonl", _rows(6, 24), "response")
+    _jsonl(tmp_path / "a.jsonl", word_rows(6, 24), "response")
     eps, lam = 1e-6, 1.0
     out64 = tmp_path / "f64.safetensors"
     cc.contrastive_calibrate(cc.Roles(str(toy / "finetuned"), str(toy / "aligned")), str(out64),
-                             task=[cc.Anchor(p, a) for p, a in _rows(7, 24)], anchors_path=str(tmp_path / "a.jsonl"),
+                             task=[cc.Anchor(p, a) for p, a in word_rows(7, 24)], anchors_path=str(tmp_path / "a.jsonl"),
                              max_rank=None, eps=eps, device="cpu", batch_size=4, progress=False, log=lambda _line: None)
     tensors, meta = _file(out64)
     with safe_open(out64, "pt") as h:
