@@ -41,7 +41,7 @@ import time
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_merge import BIN, HERE, timed  # noqa: E402
+from bench_merge import BIN, HERE, timed, toy_models  # noqa: E402
 
 #: decoder shapes: (hidden, intermediate, layers, heads, kv heads)
 MODELS = {"Llama-3-8B": (4096, 14336, 32, 32, 8), "Llama-3-70B": (8192, 28672, 80, 64, 8)}
@@ -76,17 +76,6 @@ def write_rows(directory: str, rows: int, seed: int = 0):
     with open(os.path.join(directory, "anchors.jsonl"), "w", encoding="utf-8") as fp:
         for _ in range(rows):
             fp.write(json.dumps({"prompt": say(8), "response": REFUSAL}) + "\n")
-
-
-def models(workdir: str, size: str) -> str:
-    """bfloat16 toy models of ``size`` under ``workdir``, built on first use."""
-    from mergekit_lssf.toy_models import ToySpec, build_toy_models
-
-    directory = os.path.join(workdir, f"contrastive-{size}")
-    if not os.path.exists(os.path.join(directory, "finetuned", "model.safetensors")):
-        print(f"building {size} toy models (bfloat16) ...", flush=True)
-        build_toy_models(directory, ToySpec(size=size, dtype="bfloat16"))
-    return directory
 
 
 def recipes(directory: str) -> None:
@@ -129,7 +118,7 @@ def bench_merge(sizes, repeats, workdir):
           "contrastive / task_arithmetic | contrastive / linear | peak RSS MiB (ta / contrastive) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for size in sizes:
-        directory = models(workdir, size)
+        directory = toy_models(workdir, size, "bfloat16")
         cal = calibrate(directory, 64)
         best = {}
         for _ in range(repeats):
@@ -158,7 +147,7 @@ def bench_calibration(rows, depths, widths, workdir):
             continue
         seen.add((size, n))
         hidden, inter, layers = SIZES[size][:3]
-        wall, rss, mib = calibrate(models(workdir, size), n)
+        wall, rss, mib = calibrate(toy_models(workdir, size, "bfloat16"), n)
         print(f"| {size} ({count_parameters(size) / 1e6:.0f}M) | {hidden} / {inter} / {layers} | {n} | {wall:.1f} | "
               f"{rss:.0f} | {mib:.1f} | {file_bytes(hidden, inter, layers, 256) / 2**20:.1f} |", flush=True)
 

@@ -65,15 +65,15 @@ def timed(command, cwd, env=None):
     return float(wall), int(rss_kib) / 1024
 
 
-def toy_models(workdir: str, size: str) -> str:
+def toy_models(workdir: str, size: str, dtype: str = "float32") -> str:
     """The folder under ``workdir`` holding ``size``'s aligned, unaligned and finetuned
-    toy models, built on first use."""
+    toy models (stored in ``dtype``), built on first use."""
     from mergekit_lssf.toy_models import ToySpec, build_toy_models
 
-    directory = os.path.join(workdir, size)
+    directory = os.path.join(workdir, size if dtype == "float32" else f"{size}-{dtype}")
     if not os.path.exists(os.path.join(directory, "finetuned", "model.safetensors")):
-        print(f"building {size} toy models ...", flush=True)
-        build_toy_models(directory, ToySpec(size=size))
+        print(f"building {size} toy models ({dtype}) ...", flush=True)
+        build_toy_models(directory, ToySpec(size=size, dtype=dtype))
     return directory
 
 
