@@ -129,8 +129,11 @@ def check(recipe: str, as_json: bool) -> None:
 @click.option("--max-new-tokens", default=64, show_default=True, help="Length of generated responses for anchors without one.")
 @click.option("--lora-merge-cache", type=click.Path(file_okay=False),
               help="RECIPE only: where mergekit merges a model+lora fine-tune (as mergekit-yaml's).")
+@click.option("--keep-control", is_flag=True,
+              help="RECIPE only: write the study control C_H = I instead of the anchors' Gram (\"roll back every "
+                   "direction the task does not use\"); not a safety repair.")
 def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch_size, max_new_tokens,
-              lora_merge_cache) -> None:
+              lora_merge_cache, keep_control) -> None:
     """Calibrate a subspace from activations. Two forms:
 
     `calibrate ALIGNED_MODEL --out FILE`: the paper's calibrated safety subspace (Eq. 4)
@@ -147,8 +150,8 @@ def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch
     if max_rank != "full" and not max_rank.isdigit():
         raise click.BadParameter(f"expected a positive integer or `full`, got {max_rank!r}", param_hint="--max-rank")
     if not is_recipe:
-        if task_path or max_rank == "full" or lora_merge_cache:
-            raise click.UsageError("--task, --lora-merge-cache and --max-rank full need a RECIPE (the contrastive "
+        if task_path or max_rank == "full" or lora_merge_cache or keep_control:
+            raise click.UsageError("--task, --lora-merge-cache, --keep-control and --max-rank full need a RECIPE (the contrastive "
                                    f"calibration), not the model folder {source}")
         check_model_folder(source, "ALIGNED_MODEL", local=True)
         meta = run_calibration(source, out_path, anchors_path=anchors, max_rank=int(max_rank), device=device,
@@ -163,10 +166,10 @@ def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch
     roles = recipe_models(load_recipe(source), lora_merge_cache)
     meta = contrastive_calibrate(roles, out_path, task=task, anchors_path=anchors,
                                  max_rank=None if max_rank == "full" else int(max_rank), eps=eps, device=device,
-                                 batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, max_new_tokens=max_new_tokens, keep_control=keep_control,
                                  log=lambda line: click.echo(line, err=True))
     click.echo(
-        f"Wrote {out_path} ({meta['task']}): {meta['anchors']} anchors ({meta['anchor_tokens']} tokens), "
+        f"Wrote {out_path} ({meta['task']}{', the C_H = I control' if keep_control else ''}): {meta['anchors']} anchors ({meta['anchor_tokens']} tokens), "
         f"{meta['task_rows']} task rows ({meta['task_tokens']} tokens), {meta['sites_count']} input sites, "
         f"eps {meta['eps']}, {meta['bytes'] / 2**20:.1f} MiB, {meta['seconds']} s, "
         f"peak memory {meta['peak_mib']} MiB; {meta['truncation']}"

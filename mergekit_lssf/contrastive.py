@@ -96,6 +96,13 @@ def trace_normalised(gram: torch.Tensor) -> torch.Tensor:
     return gram / trace
 
 
+def identity_gram(width: int, device=None) -> torch.Tensor:
+    """``I / width`` in float64, ``(width, width)``: the trace-normalised Gram of inputs
+    that use every direction equally, the ``C_H = I`` control of the contrastive repair
+    ("roll back every direction the task does not use")."""
+    return torch.eye(width, dtype=torch.float64, device=device) / width
+
+
 def contrastive_basis(c_h: torch.Tensor, c_t: torch.Tensor, *, eps: float = 1e-6,
                       k: Optional[int] = None) -> ContrastiveBasis:
     """Generalized eigenpairs of ``(C_H, B)``, ``B = C_T + eps I``, leading ``k`` kept.

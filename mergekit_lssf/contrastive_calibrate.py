@@ -43,7 +43,7 @@ from mergekit_lssf.calibrate import (
     open_streamed,
     run_through,
 )
-from mergekit_lssf.contrastive import contrastive_basis, dropped_share, trace_normalised
+from mergekit_lssf.contrastive import contrastive_basis, dropped_share, identity_gram, trace_normalised
 from mergekit_lssf.contrastive_file import FORMAT, NORMALIZATION
 from mergekit_lssf.evaluate import has_tokenizer, is_refusal
 from mergekit_lssf.guards import check_model_folder
@@ -156,13 +156,15 @@ def check_options(out_path: str, eps: float, max_rank: Optional[int], batch_size
 def contrastive_calibrate(roles: Roles, out_path: str, *, task: Optional[List[Anchor]] = None,
                           anchors_path: Optional[str] = None, max_rank: Optional[int] = 256, eps: float = 1e-6,
                           device: str = "auto", batch_size: int = 8, max_new_tokens: int = 64,
-                          progress: bool = True, log=print) -> Dict:
+                          keep_control: bool = False, progress: bool = True, log=print) -> Dict:
     """Write the contrastive calibration of ``roles.finetuned`` against
     ``roles.aligned``'s refusals to ``out_path``; returns the metadata (with the time
     in seconds and the peak resident memory in MiB, and ``truncation``: a sentence on
     what the dropped vectors carry). ``task``: the task rows (``load_task``; None: the
     benign-only variant). ``max_rank`` None keeps every eigenvector; every eigenvalue
-    is stored whatever it is."""
+    is stored whatever it is. ``keep_control``: write the control ``C_H = I / d_in``
+    ("roll back every direction the task does not use", ``identity_gram``) instead of
+    the anchors' Gram, for studies; the anchors are still answered and recorded."""
     check_options(out_path, eps, max_rank, batch_size)
     anchors = load_anchors(anchors_path)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
@@ -190,7 +192,8 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task: Optional[List[An
             grams = _block_grams(block, prefix, forward, batches)
             for owner, (g_h, g_t) in grams["sites"].items():
                 try:
-                    c_h, c_t = trace_normalised(g_h), trace_normalised(g_t)
+                    c_t = trace_normalised(g_t)
+                    c_h = identity_gram(c_t.shape[0], c_t.device) if keep_control else trace_normalised(g_h)
                 except ValueError as error:
                     raise LSSFConfigError(f"calibrate: input site {owner}: {error}") from None
                 basis = contrastive_basis(c_h, c_t, eps=eps, k=max_rank)
@@ -206,6 +209,7 @@ def contrastive_calibrate(roles: Roles, out_path: str, *, task: Optional[List[An
             "aligned": os.path.abspath(roles.aligned),
             "aligned_fingerprint": model_fingerprint(roles.aligned),
             "task": variant,
+            "harmful_gram": "identity" if keep_control else "anchors",
             "task_sha256": anchors_sha256(task),
             "anchors_sha256": anchors_sha256(anchors),
             "anchors": str(len(anchors)),

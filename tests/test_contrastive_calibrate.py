@@ -177,6 +177,36 @@ def test_mergekit_yaml_writes_the_closed_form(toy, calibrated, tmp_path):
             assert torch.equal(tensor, ft[name]), name  # every other tensor is the fine-tune's
 
 
+def test_the_keep_control_merges_the_closed_form_with_c_h_the_identity(toy, calibrated, tmp_path):
+    """``calibrate --keep-control``: the file says so, and mergekit-yaml at lam 3 writes
+    ``W_ft + (W_al - W_ft) (I/d) (I/d + lam B)^-1`` (this test's own task Grams, float64)."""
+    _, _, task, _ = calibrated
+    result = run_cli(["mergekit-lssf", "calibrate", "recipe.yml", "--task", "task.jsonl", "--anchors", "anchors.jsonl",
+                      "--out", "keep.contrastive.safetensors", "--max-rank", "full", "--keep-control"], cwd=toy)
+    assert "the C_H = I control" in result.stdout
+    with safe_open(toy / "keep.contrastive.safetensors", "pt") as h:
+        assert h.metadata()["harmful_gram"] == "identity"
+    run_cli(["mergekit-yaml", _contrastive_recipe(toy, "keep.yml", "keep.contrastive.safetensors", lam=3.0),
+             str(tmp_path / "out")], cwd=toy)
+    merged, ft, al = load_state(tmp_path / "out"), load_state(toy / "finetuned"), load_state(toy / "aligned")
+    c_t = _grams(str(toy / "finetuned"), task)
+    for name in sorted(c_t):
+        w_ft, w_al = ft[name].double().numpy(), al[name].double().numpy()
+        d = len(c_t[name])
+        c_h, b = np.eye(d) / d, c_t[name] + 1e-6 * np.eye(d)
+        w_ref = w_ft + (w_al - w_ft) @ np.linalg.solve((c_h + 3.0 * b).T, c_h.T).T
+        got = merged[name].double().numpy()
+        assert np.linalg.norm(w_ref - w_ft) > 0, name
+        assert np.linalg.norm(got - w_ref) <= 1e-3 * np.linalg.norm(w_ref - w_ft), name
+
+
+def test_the_keep_control_needs_a_recipe(toy):
+    result = run_cli(["mergekit-lssf", "calibrate", "aligned", "--out", "x.safetensors", "--keep-control"], cwd=toy,
+                     check=False)
+    assert result.returncode != 0 and "--keep-control" in result.stderr and "Traceback" not in result.stderr
+    assert not (toy / "x.safetensors").exists()
+
+
 def test_same_rows_merge_like_linear_at_one_half_on_the_data(toy, same_rows, tmp_path):
     """Anchors = task rows, lam 1: the merge matches mergekit's `linear` at 0.5 / 0.5
     on the rows' activations (issue 46: within 0.02)."""
