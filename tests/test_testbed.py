@@ -23,7 +23,7 @@ from mergekit_lssf.parameters import FusionSettings
 MAIN_MODELS = {
     "unaligned", "aligned", "finetuned", "interpolate-0.5", "lssf-restore-rank2", "random-restore-rank2", "lssf-alpha0.5",
     "resta-0.5", "resta-dare-0.5", "safe-lora-0.5", "safe-lora-1", "lssf-restore", "lssf-noise-floor-restore",
-    "lssf-signal-restore", "safe-lora", "lssf-chosen", "interpolate-chosen",
+    "lssf-signal-restore", "safe-lora", "lssf-chosen", "interpolate-chosen", "contrastive-3", "keep-3", "contrastive-chosen",
 }
 
 
@@ -133,9 +133,17 @@ def test_repair_recipes_are_the_curve_points_computed_in_float32_written_in_the_
     from lssf_testbed import curves, repairs
 
     s = Settings()
-    built = repairs.recipes("al", "un", "ft", s, "bfloat16")
+    built = repairs.recipes("al", "un", "ft", s, "bfloat16", {"contrastive": "c.safetensors", "keep": "k.safetensors"})
     expressible = [p.name for p in curves.points(s) if p.curve not in ("random-restore-rank", "safe-lora")]
     assert set(built) == set(expressible) | set(curves.RULES)
+    without = repairs.recipes("al", "un", "ft", s, "bfloat16")  # no calibration files: no contrastive point
+    assert set(built) - set(without) == {p.name for p in curves.points(s) if p.curve in ("contrastive", "keep")}
+    for curve, lam, file in (("contrastive", 30, "c.safetensors"), ("keep", 1, "k.safetensors")):
+        recipe = built[f"{curve}-{lam}"]
+        assert recipe["base_model"] == "ft" and recipe["models"] == [{"model": "al", "parameters": {"role": "aligned"}}]
+        assert recipe["parameters"] == {"fusion": "contrastive", "calibration": file, "lam": lam, "round_to": "bfloat16"}
+    assert [p.name for p in curves.points(s) if p.curve == "contrastive"] == ["contrastive-30", "contrastive-10",
+                                                                             "contrastive-3", "contrastive-1"]
     assert all(r["dtype"] == "float32" and r["out_dtype"] == "bfloat16" for r in built.values())
     bf16 = {"round_to": "bfloat16"}  # lssf rounds its own bf16 output, as the published runs did
     assert built["lssf-restore"]["parameters"] == bf16 and built["lssf-restore"]["base_model"] == "ft"
@@ -227,7 +235,25 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     assert set(main["curves"]) == {"interpolate", "lssf-restore-rank", "random-restore-rank", "lssf-alpha", "resta",
                                    "resta-dare", "safe-lora", "lssf-restore", "lssf-noise-floor-restore",
                                    "lssf-signal-restore", "safe-lora, chosen on validation",
-                                   "lssf, chosen on validation", "interpolate, chosen on validation"}
+                                   "lssf, chosen on validation", "interpolate, chosen on validation", "contrastive",
+                                   "keep", "contrastive, chosen on validation"}
+    # issue 47: both calibrations by the package's own calibrate, on the task's training rows against the
+    # harmful_train prompts only (harmful_val chooses lam), every vector kept; keep is the C_H = I control
+    from safetensors import safe_open
+
+    for curve, gram in (("contrastive", "anchors"), ("keep", "identity")):
+        calibration = tmp_path / "bed" / "calibration" / f"{curve}.safetensors"
+        with safe_open(calibration, "pt") as h:
+            meta = h.metadata()
+        assert (meta["harmful_gram"], meta["max_rank"], meta["task"]) == (gram, "full", "task"), curve
+        assert int(meta["anchors"]) == settings.harmful_train and int(meta["task_rows"]) == len(bed.prompts.task_train)
+        assert json.loads((calibration.parent / f"{curve}.json").read_text())["seconds"] > 0
+        recipe = (tmp_path / "bed" / f"{curve}-3.yml").read_text()
+        assert str(calibration) in recipe and "fusion: contrastive" in recipe
+    anchors = [json.loads(line)["prompt"] for line in (tmp_path / "bed" / "sweeps" / "anchors-lora.jsonl").open()]
+    assert anchors == bed.prompts.harmful_train and not set(anchors) & set(bed.prompts.harmful_val)
+    moved = state("main", 0, "contrastive-3")
+    assert any(not torch.equal(moved[k], ft[k]) for k in repairs.fused_names(ft))  # the repair moved the fused weights
     assert [r["model"] for r in main["curves"]["safe-lora"]] == ["safe-lora-0.5", "safe-lora-1"]
     u = main["curves"]["interpolate"][0]["u"]
     assert u["min"] <= u["mean"] <= u["max"]

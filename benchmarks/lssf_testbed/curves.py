@@ -15,6 +15,12 @@ more refusal and less task skill as its parameter grows:
   update (mergekit ``dare_linear``, ``Settings.dare_density``);
 * ``safe-lora-{q}``: Safe LoRA, the fine-tune's update projected onto the safety
   vector's column space on the share ``q`` of weights where it is least aligned with it.
+* ``contrastive-{lam}`` (issue 47): the package's data-aware repair, ``fusion:
+  contrastive`` with a calibration of the fine-tune on the task's training rows against
+  the ``harmful_train`` prompts answered by the aligned model (``calibrate --max-rank
+  full``: the closed form itself); ``lam`` falls along the curve (more repair);
+* ``keep-{lam}``: its control, the same task Gram with ``C_H = I`` (``calibrate
+  --keep-control``: "roll back every direction the task does not use").
 
 Single points (``RULES``): ``lssf-restore`` (every package default: the entropy rule),
 ``lssf-noise-floor-restore`` and ``lssf-signal-restore`` (the other rank rules), and
@@ -28,7 +34,8 @@ from typing import List
 
 # (curve, what its parameter is) in report order
 CURVES = (("interpolate", "l"), ("lssf-restore-rank", "rank"), ("random-restore-rank", "rank"), ("lssf-alpha", "alpha"),
-          ("resta", "scale"), ("resta-dare", "scale"), ("safe-lora", "share projected"))
+          ("resta", "scale"), ("resta-dare", "scale"), ("safe-lora", "share projected"), ("contrastive", "lam"),
+          ("keep", "lam"))
 # single points: the package defaults and the other rank rules of lssf-restore
 RULES = ("lssf-restore", "lssf-noise-floor-restore", "lssf-signal-restore")
 # Chosen on the validation splits by one rule fixed before any test result was read
@@ -40,6 +47,7 @@ CHOICES = {
     "safe-lora": ("safe-lora, chosen on validation", ("safe-lora",)),
     "lssf-chosen": ("lssf, chosen on validation", ("lssf-restore-rank", "lssf-alpha") + RULES),
     "interpolate-chosen": ("interpolate, chosen on validation", ("interpolate",)),
+    "contrastive-chosen": ("contrastive, chosen on validation", ("contrastive",)),
 }
 CHOSEN_METHODS = {model: method for model, (method, _) in CHOICES.items()}
 SINGLES = RULES + tuple(CHOSEN_METHODS.values())  # the methods that are one point, not a curve
@@ -59,7 +67,7 @@ def points(s) -> List[Point]:
     """Every curve point of settings ``s``, in report order."""
     values = {"interpolate": s.interpolations, "lssf-restore-rank": s.ranks, "random-restore-rank": s.ranks,
               "lssf-alpha": s.alphas, "resta": s.resta_scales, "resta-dare": s.resta_scales,
-              "safe-lora": s.safe_lora_shares}
+              "safe-lora": s.safe_lora_shares, "contrastive": s.contrastive_lams, "keep": s.keep_lams}
     out = []
     for curve, _ in CURVES:
         sep = "" if curve.endswith("rank") or curve == "lssf-alpha" else "-"

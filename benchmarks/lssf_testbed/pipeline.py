@@ -306,6 +306,57 @@ class Testbed:
         index = [x["candidate"] for x in choice["tried"]].index(choice["chosen"])
         return choice["chosen"], os.path.join(folder, f"candidate{index}")
 
+    # ---- the contrastive calibrations (issue 47) -------------------------------------
+    def calibration_path(self, cell: Cell, seed: int, curve: str) -> str:
+        """The calibration file of curve ``contrastive`` or ``keep`` of ``cell`` and
+        ``seed``: ``FOLDER/calibration/CURVE.safetensors`` beside its ``models/``."""
+        return os.path.join(cell_folder(self.out, cell.name, seed), "calibration", f"{curve}.safetensors")
+
+    def _anchor_file(self, cell: Cell, aligned: str) -> str:
+        """The ``harmful_train`` prompts (never ``harmful_val``, on which ``lam`` is chosen)
+        with ``aligned``'s own greedy answers (the package's ``fill_responses``, its
+        defaults), as the anchors JSONL of both calibrations; cached per aligned model."""
+        path = os.path.join(self.out, "sweeps", f"anchors-{cell.align}" + (f"-{cell.dtype}" if cell.dtype else "") + ".jsonl")
+        if not os.path.exists(path):
+            import torch
+            from mergekit_lssf.calibrate import Anchor, fill_responses
+
+            answered = fill_responses(aligned, [Anchor(p, None) for p in self.prompts.harmful_train],
+                                      device=torch.device("cpu"), batch_size=self.s.batch_size, max_new_tokens=64,
+                                      progress=False)
+            with open(path + ".partial", "w", encoding="utf-8") as fp:
+                for a in answered:
+                    fp.write(json.dumps({"prompt": a.prompt, "response": a.response}) + "\n")
+            os.replace(path + ".partial", path)
+        return path
+
+    def calibration(self, cell: Cell, seed: int, curve: str, models: Dict[str, str]) -> str:
+        """Build (once) the calibration of ``curve`` with the package's own
+        ``contrastive_calibrate``: the fine-tune's input Grams over its training rows
+        (``_task_pairs``) against the ``_anchor_file`` (``keep``: ``C_H = I``), every
+        vector kept (``--max-rank full``), eps 1e-6; its metadata, time and peak memory
+        go to ``CURVE.json`` beside it. Returns the file."""
+        from mergekit_lssf.calibrate import Anchor
+        from mergekit_lssf.contrastive_calibrate import Roles, contrastive_calibrate
+
+        path = self.calibration_path(cell, seed, curve)
+        if os.path.exists(path):
+            return path
+        anchors = self._anchor_file(cell, models["aligned"])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path + ".partial"):
+            os.remove(path + ".partial")
+        self.log(f"stage calibration {curve} ({cell.name}, seed {seed})")
+        task = [Anchor(p, a) for p, a in self._task_pairs()]
+        meta = self._timed("calibration", lambda: contrastive_calibrate(
+            Roles(models["finetuned"], models["aligned"]), path + ".partial", task=task, anchors_path=anchors,
+            max_rank=None, device="cpu", batch_size=self.s.batch_size, keep_control=curve == "keep", progress=False,
+            log=self.log))
+        with open(path[: -len(".safetensors")] + ".json", "w") as fp:
+            json.dump(meta, fp, indent=2)
+        os.replace(path + ".partial", path)
+        return path
+
     # ---- repairs and evaluation ----------------------------------------------------
     def evaluate(self, model: str) -> Dict:
         def compute():
@@ -323,6 +374,8 @@ class Testbed:
         dtype, inputs = cell.storage(self.s), (models["aligned"], models["reference"], models["finetuned"])
         point = {p.name: p for p in points(self.s)}.get(name)
         recipe_dir = os.path.dirname(self.models_dir(cell.name, seed))
+        if point is not None and point.curve in ("contrastive", "keep"):
+            self.calibration(cell, seed, point.curve, models)
         if name in books:
             self._timed("merge", lambda: repairs.run_recipe(books[name], path, os.path.join(recipe_dir, f"{name}.yml"), self.log,
                                                             seed=self.s.random_control_seed + seed))
@@ -382,7 +435,9 @@ class Testbed:
         self.unaligned(cell)  # evaluated with the rest, also where the reference is another model
         if cell.align == "full":
             self._check_full_alignment(models["aligned"])
-        books = repairs.recipes(models["aligned"], models["reference"], models["finetuned"], self.s, cell.storage(self.s))
+        calibrations = {c: self.calibration_path(cell, seed, c) for c in ("contrastive", "keep")}
+        books = repairs.recipes(models["aligned"], models["reference"], models["finetuned"], self.s, cell.storage(self.s),
+                                calibrations)
         results, choices = {}, {}
         for name in self.model_names(cell, seed):
             if name in CHOICES:

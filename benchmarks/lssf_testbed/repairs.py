@@ -23,7 +23,7 @@ import hashlib
 import math
 import os
 import shutil
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import yaml
@@ -41,10 +41,13 @@ from .curves import points
 from .training import is_done
 from mergekit_lssf.parameters import FusionSettings
 
-def recipes(aligned: str, unaligned: str, finetuned: str, s, dtype: str) -> Dict[str, dict]:
+def recipes(aligned: str, unaligned: str, finetuned: str, s, dtype: str,
+            calibrations: Optional[Dict[str, str]] = None) -> Dict[str, dict]:
     """name -> mergekit recipe (dict) of every repair of one fine-tune that mergekit
     can express: the ``interpolate``, ``lssf-restore-rank``, ``lssf-alpha``, ``resta``
-    and ``resta-dare`` points and the rules; computed in float32, written in ``dtype``."""
+    and ``resta-dare`` points and the rules, and with ``calibrations`` (curve ->
+    calibration file, built or not) the ``contrastive`` and ``keep`` points; computed in
+    float32, written in ``dtype``."""
     precision = {"dtype": "float32", "out_dtype": dtype}
     # lssf rounds its own 16-bit output (subspace-preserving), as the published runs did
     round_to = {"round_to": dtype} if dtype in ("bfloat16", "float16") else {}
@@ -75,6 +78,12 @@ def recipes(aligned: str, unaligned: str, finetuned: str, s, dtype: str) -> Dict
             out[p.name] = resta(p.value)
         elif p.curve == "resta-dare":
             out[p.name] = resta(p.value, s.dare_density)
+        elif p.curve in ("contrastive", "keep") and calibrations:
+            # fusion: contrastive reads the aligned model and the calibration only
+            out[p.name] = {"merge_method": "lssf", "base_model": finetuned, **precision,
+                           "parameters": {"fusion": "contrastive", "calibration": calibrations[p.curve], "lam": p.value,
+                                          **round_to},
+                           "models": [{"model": aligned, "parameters": {"role": "aligned"}}]}
     return out
 
 

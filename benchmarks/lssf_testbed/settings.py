@@ -54,6 +54,9 @@ class Settings:
     resta_scales: Tuple[float, ...] = (0.25, 0.5, 1.0)  # resta-{s} and resta-dare-{s}
     dare_density: float = 0.7  # resta-dare: the share of the fine-tune's update DARE keeps
     safe_lora_shares: Tuple[float, ...] = (0.25, 0.5, 1.0)  # safe-lora-{q}: the share of weights projected
+    # issue 47: lam of contrastive-{lam} and keep-{lam}, weakest repair first (lam falls along the curve)
+    contrastive_lams: Tuple[float, ...] = (30.0, 10.0, 3.0, 1.0)
+    keep_lams: Tuple[float, ...] = (10.0, 3.0, 1.0)
     utility_floor: float = 0.95  # safe-lora's choice on validation: most refusal at utility kept >= this
     # LoRA alignment candidates, tried in order until one meets the targets on validation
     # (perplexity on the held-out validation prose). First: the one setting that met every
@@ -94,7 +97,7 @@ class Settings:
         return cls(base=base, harmful_train=6, harmful_val=4, harmful_test=4, strongreject=4, benign_train=4,
                    benign_val=2, benign_test=4, task_train=8, task_dictionary=1, task_val=4, task_test=4, batch_size=4,
                    max_new_tokens=4, eval_batch=8, interpolations=(0.5,), ranks=(2,), alphas=(0.5,),
-                   resta_scales=(0.5,), safe_lora_shares=(0.5, 1.0), replay_tokens=8,
+                   resta_scales=(0.5,), safe_lora_shares=(0.5, 1.0), contrastive_lams=(3.0,), keep_lams=(3.0,), replay_tokens=8,
                    align_candidates=[dict(rank=4, lr=1e-3, epochs=1, benign_repeat=1), dict(rank=4, lr=2e-3, epochs=1, benign_repeat=1, prose=1)],
                    drift_candidates=[dict(rank=4, lr=1e-3, epochs=1)],
                    full_align=dict(lr=1e-4, epochs=1, benign_repeat=1, prose=1), full_drift=dict(lr=1e-4, epochs=1),
@@ -159,7 +162,7 @@ ARM_SETTINGS = {"full_align": lambda c: c.align == "full", "full_drift": lambda 
 # and evaluated on its own, so adding a point to a list changes no model already built (the
 # points chosen on validation are chosen again among the longer list). The digest leaves
 # them out; each run lists the models it has, and the report names what a run lacks.
-CURVE_POINTS = ("interpolations", "ranks", "alphas", "resta_scales", "safe_lora_shares")
+CURVE_POINTS = ("interpolations", "ranks", "alphas", "resta_scales", "safe_lora_shares", "contrastive_lams", "keep_lams")
 
 
 def cell_settings(settings: Settings, cell: Cell) -> Dict:
