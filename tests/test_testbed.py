@@ -24,6 +24,7 @@ MAIN_MODELS = {
     "unaligned", "aligned", "finetuned", "interpolate-0.5", "lssf-restore-rank2", "random-restore-rank2", "lssf-alpha0.5",
     "resta-0.5", "resta-dare-0.5", "safe-lora-0.5", "safe-lora-1", "lssf-restore", "lssf-noise-floor-restore",
     "lssf-signal-restore", "safe-lora", "lssf-chosen", "interpolate-chosen", "contrastive-3", "keep-3", "contrastive-chosen",
+    "antidote-0.1", "safedelta-0.3",
 }
 
 
@@ -134,7 +135,8 @@ def test_repair_recipes_are_the_curve_points_computed_in_float32_written_in_the_
 
     s = Settings()
     built = repairs.recipes("al", "un", "ft", s, "bfloat16", {"contrastive": "c.safetensors", "keep": "k.safetensors"})
-    expressible = [p.name for p in curves.points(s) if p.curve not in ("random-restore-rank", "safe-lora")]
+    expressible = [p.name for p in curves.points(s) if p.curve not in ("random-restore-rank", "safe-lora", "antidote",
+                                                                         "safedelta")]
     assert set(built) == set(expressible) | set(curves.RULES)
     without = repairs.recipes("al", "un", "ft", s, "bfloat16")  # no calibration files: no contrastive point
     assert set(built) - set(without) == {p.name for p in curves.points(s) if p.curve in ("contrastive", "keep")}
@@ -236,7 +238,7 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
                                    "resta-dare", "safe-lora", "lssf-restore", "lssf-noise-floor-restore",
                                    "lssf-signal-restore", "safe-lora, chosen on validation",
                                    "lssf, chosen on validation", "interpolate, chosen on validation", "contrastive",
-                                   "keep", "contrastive, chosen on validation"}
+                                   "keep", "contrastive, chosen on validation", "antidote", "safedelta"}
     # issue 47: both calibrations by the package's own calibrate, on the task's training rows against the
     # harmful_train prompts only (harmful_val chooses lam), every vector kept; keep is the C_H = I control
     from safetensors import safe_open
@@ -252,6 +254,15 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
         assert str(calibration) in recipe and "fusion: contrastive" in recipe
     anchors = [json.loads(line)["prompt"] for line in (tmp_path / "bed" / "sweeps" / "anchors-lora.jsonl").open()]
     assert anchors == bed.prompts.harmful_train and not set(anchors) & set(bed.prompts.harmful_val)
+    # the peers (their formulas: test_baselines.py): Antidote zeroes the top tenth of each row of every fused
+    # weight, Safe Delta writes each weight between the aligned model's and the fine-tune's
+    from baselines.antidote import pruned_per_row
+
+    pruned, stats = state("main", 0, "antidote-0.1"), json.loads((tmp_path / "bed" / "models" / "antidote-0.1.json").read_text())
+    for k in repairs.fused_names(ft):
+        rows, cols = ft[k].shape
+        assert stats[k]["pruned"] == rows * pruned_per_row(cols, 0.1) and int((pruned[k] == 0).sum()) >= stats[k]["pruned"], k
+    assert set(json.loads((tmp_path / "bed" / "models" / "safedelta-0.3.json").read_text())) == set(repairs.fused_names(ft))
     moved = state("main", 0, "contrastive-3")
     assert any(not torch.equal(moved[k], ft[k]) for k in repairs.fused_names(ft))  # the repair moved the fused weights
     assert [r["model"] for r in main["curves"]["safe-lora"]] == ["safe-lora-0.5", "safe-lora-1"]

@@ -21,6 +21,13 @@ more refusal and less task skill as its parameter grows:
   full``: the closed form itself); ``lam`` falls along the curve (more repair);
 * ``keep-{lam}``: its control, the same task Gram with ``C_H = I`` (``calibrate
   --keep-control``: "roll back every direction the task does not use").
+* ``antidote-{ratio}``: Antidote (``benchmarks/baselines/antidote.py``), the top
+  ``ratio`` of each fused weight of the fine-tune by ``|W_ij| ||X_j||`` set to zero, X over
+  the ``harmful_train`` prompts with the unaligned model's own compliant answers;
+* ``safedelta-{budget}``: Safe Delta (``benchmarks/baselines/safedelta.py``), the
+  fine-tune's weight changes kept greedily within a relative safety budget with the OBS
+  correction, H over the ``harmful_train`` prompts with the aligned model's refusals
+  through the aligned model; the budget falls along the curve (more repair).
 
 Single points (``RULES``): ``lssf-restore`` (every package default: the entropy rule),
 ``lssf-noise-floor-restore`` and ``lssf-signal-restore`` (the other rank rules), and
@@ -35,7 +42,7 @@ from typing import List
 # (curve, what its parameter is) in report order
 CURVES = (("interpolate", "l"), ("lssf-restore-rank", "rank"), ("random-restore-rank", "rank"), ("lssf-alpha", "alpha"),
           ("resta", "scale"), ("resta-dare", "scale"), ("safe-lora", "share projected"), ("contrastive", "lam"),
-          ("keep", "lam"))
+          ("keep", "lam"), ("antidote", "ratio"), ("safedelta", "budget"))
 # single points: the package defaults and the other rank rules of lssf-restore
 RULES = ("lssf-restore", "lssf-noise-floor-restore", "lssf-signal-restore")
 # Chosen on the validation splits by one rule fixed before any test result was read
@@ -67,7 +74,8 @@ def points(s) -> List[Point]:
     """Every curve point of settings ``s``, in report order."""
     values = {"interpolate": s.interpolations, "lssf-restore-rank": s.ranks, "random-restore-rank": s.ranks,
               "lssf-alpha": s.alphas, "resta": s.resta_scales, "resta-dare": s.resta_scales,
-              "safe-lora": s.safe_lora_shares, "contrastive": s.contrastive_lams, "keep": s.keep_lams}
+              "safe-lora": s.safe_lora_shares, "contrastive": s.contrastive_lams, "keep": s.keep_lams,
+              "antidote": s.antidote_ratios, "safedelta": s.safedelta_budgets}
     out = []
     for curve, _ in CURVES:
         sep = "" if curve.endswith("rank") or curve == "lssf-alpha" else "-"

@@ -357,6 +357,33 @@ class Testbed:
         os.replace(path + ".partial", path)
         return path
 
+    def peer_baseline(self, cell: Cell, seed: int, curve: str, models: Dict[str, str]) -> None:
+        """Write every point of peer curve ``antidote`` or ``safedelta`` (``curves.py``) of
+        ``cell`` and ``seed`` not yet complete, from one pass of its rows (``baselines``),
+        each with its per-weight figures in ``NAME.json`` beside it."""
+        from baselines.antidote import antidote_states
+        from baselines.safedelta import safedelta_states
+
+        wanted = {p.value: self.model_path(cell, seed, p.name) for p in points(self.s) if p.curve == curve}
+        wanted = {v: path for v, path in wanted.items() if not is_done(path)}
+        if not wanted:
+            return
+        self.log(f"stage {curve} ({cell.name}, seed {seed}): {', '.join(f'{v:g}' for v in wanted)}")
+        if curve == "antidote":  # harmful prompts with the unaligned model's own compliant answers
+            comply = self._self_answers(self.unaligned(), self.prompts.harmful_train, "unaligned-harmful-train")
+            built = self._timed("merge", lambda: antidote_states(
+                models["finetuned"], list(zip(self.prompts.harmful_train, comply)), list(wanted),
+                batch_size=self.s.batch_size, device="cpu"))
+        else:  # harmful prompts with the aligned model's refusals (the calibrations' anchors)
+            with open(self._anchor_file(cell, models["aligned"]), encoding="utf-8") as fp:
+                rows = [json.loads(line) for line in fp]
+            built = self._timed("merge", lambda: safedelta_states(
+                models["aligned"], models["finetuned"], rows, list(wanted), batch_size=self.s.batch_size, device="cpu"))
+        for value, path in wanted.items():
+            repairs._write_like(models["finetuned"], built.states[value], path)
+            with open(path + ".json", "w") as fp:
+                json.dump(built.stats[value], fp, indent=2)
+
     # ---- repairs and evaluation ----------------------------------------------------
     def evaluate(self, model: str) -> Dict:
         def compute():
@@ -376,7 +403,9 @@ class Testbed:
         recipe_dir = os.path.dirname(self.models_dir(cell.name, seed))
         if point is not None and point.curve in ("contrastive", "keep"):
             self.calibration(cell, seed, point.curve, models)
-        if name in books:
+        if point is not None and point.curve in ("antidote", "safedelta"):
+            self.peer_baseline(cell, seed, point.curve, models)
+        elif name in books:
             self._timed("merge", lambda: repairs.run_recipe(books[name], path, os.path.join(recipe_dir, f"{name}.yml"), self.log,
                                                             seed=self.s.random_control_seed + seed))
         elif point is not None and point.curve == "random-restore-rank":

@@ -57,6 +57,10 @@ class Settings:
     # issue 47: lam of contrastive-{lam} and keep-{lam}, weakest repair first (lam falls along the curve)
     contrastive_lams: Tuple[float, ...] = (30.0, 10.0, 3.0, 1.0)
     keep_lams: Tuple[float, ...] = (10.0, 3.0, 1.0)
+    # issue 47's peers: Antidote's pruned share (upstream's scripts: 0.1) and Safe Delta's relative budget,
+    # swept on validation first (baselines/safedelta.py), weakest repair first
+    antidote_ratios: Tuple[float, ...] = (0.01, 0.05, 0.1)
+    safedelta_budgets: Tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01)
     utility_floor: float = 0.95  # safe-lora's choice on validation: most refusal at utility kept >= this
     # LoRA alignment candidates, tried in order until one meets the targets on validation
     # (perplexity on the held-out validation prose). First: the one setting that met every
@@ -97,7 +101,8 @@ class Settings:
         return cls(base=base, harmful_train=6, harmful_val=4, harmful_test=4, strongreject=4, benign_train=4,
                    benign_val=2, benign_test=4, task_train=8, task_dictionary=1, task_val=4, task_test=4, batch_size=4,
                    max_new_tokens=4, eval_batch=8, interpolations=(0.5,), ranks=(2,), alphas=(0.5,),
-                   resta_scales=(0.5,), safe_lora_shares=(0.5, 1.0), contrastive_lams=(3.0,), keep_lams=(3.0,), replay_tokens=8,
+                   resta_scales=(0.5,), safe_lora_shares=(0.5, 1.0), contrastive_lams=(3.0,), keep_lams=(3.0,),
+                   antidote_ratios=(0.1,), safedelta_budgets=(0.3,), replay_tokens=8,
                    align_candidates=[dict(rank=4, lr=1e-3, epochs=1, benign_repeat=1), dict(rank=4, lr=2e-3, epochs=1, benign_repeat=1, prose=1)],
                    drift_candidates=[dict(rank=4, lr=1e-3, epochs=1)],
                    full_align=dict(lr=1e-4, epochs=1, benign_repeat=1, prose=1), full_drift=dict(lr=1e-4, epochs=1),
@@ -162,7 +167,8 @@ ARM_SETTINGS = {"full_align": lambda c: c.align == "full", "full_drift": lambda 
 # and evaluated on its own, so adding a point to a list changes no model already built (the
 # points chosen on validation are chosen again among the longer list). The digest leaves
 # them out; each run lists the models it has, and the report names what a run lacks.
-CURVE_POINTS = ("interpolations", "ranks", "alphas", "resta_scales", "safe_lora_shares", "contrastive_lams", "keep_lams")
+CURVE_POINTS = ("interpolations", "ranks", "alphas", "resta_scales", "safe_lora_shares", "contrastive_lams", "keep_lams",
+                "antidote_ratios", "safedelta_budgets")
 
 
 def cell_settings(settings: Settings, cell: Cell) -> Dict:
