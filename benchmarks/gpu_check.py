@@ -26,6 +26,10 @@ Steps, in order (a failed or timed-out step is recorded and the next one runs):
    minutes on one H100), extrapolated from two generated layers of its shape: forward,
    float64 Grams, generalized eigenproblems at widths 4096 and 14336
    (``benchmarks/bench_contrastive.py``).
+8. ``tune``: ``mergekit-lssf tune``'s defaults on an 8B model (issue 48's target: 30
+   minutes on one H100), extrapolated from generated Llama-3-8B-shaped models of two and
+   four layers: a generate call and a forward at tune's batch, applying a point, and the
+   default lssf term of each weight shape (``benchmarks/bench_tune.py``).
 
 Writes DIR/gpu_check.json and DIR/gpu_check.md. The models are generated under DIR,
 on the machine's local disk. The whole run is sized to fit in 9 minutes on one modern
@@ -54,8 +58,8 @@ ROOT = os.path.dirname(HERE)
 BIN = os.path.dirname(sys.executable)
 
 #: step -> seconds it may take (the total stays under 9 minutes)
-LIMITS = {"tests": 60, "models": 90, "merge": 165, "cpu-vs-device": 40, "precision": 50, "executors": 60,
-          "contrastive": 75}
+LIMITS = {"tests": 60, "models": 80, "merge": 150, "cpu-vs-device": 35, "precision": 45, "executors": 50,
+          "contrastive": 75, "tune": 45}
 SHAPES = {"full": [(4096, 4096), (1024, 4096), (14336, 4096)], "tiny": [(256, 256), (64, 256), (896, 256)]}
 
 
@@ -303,8 +307,27 @@ def step_contrastive(args) -> Dict:
             "within_15_min": estimate["total_s"] <= 900}
 
 
+def step_tune(args) -> Dict:
+    """``mergekit-lssf tune``'s defaults (2 families x 5 points, 64 + 30 prompts, 32
+    measurement rows) on an 8B model, from the parts ``bench_tune`` measures on the
+    device (``--tiny``: a tiny shape). Issue 48's target: <= 30 minutes on one H100."""
+    import torch
+
+    sys.path.insert(0, HERE)
+    from bench_tune import MODELS, measured_parts, term_layer_seconds, tune_estimate
+
+    shape = MODELS["tiny" if args.tiny else "Llama-3-8B"]
+    device = torch.device(args.device)
+    parts = measured_parts(shape, device)
+    terms = term_layer_seconds(shape, device)
+    parts.update(term_layer_s=terms["layer_s"], term_shapes=terms["per_shape"])
+    estimate = tune_estimate(parts, shape)
+    return {"ok": estimate["total_s"] > 0, "shape": list(shape), "parts": parts, "estimate_8b": estimate,
+            "within_30_min": estimate["total_s"] <= 1800}
+
+
 STEPS = {"tests": step_tests, "models": step_models, "merge": step_merge, "cpu-vs-device": step_cpu_vs_device,
-         "precision": step_precision, "executors": step_executors, "contrastive": step_contrastive}
+         "precision": step_precision, "executors": step_executors, "contrastive": step_contrastive, "tune": step_tune}
 
 
 def markdown(report: Dict) -> str:

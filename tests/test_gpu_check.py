@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu_check.py")
 
 
@@ -14,7 +16,7 @@ def test_gpu_check_tiny_on_cpu_runs_every_step(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["tests", "models", "merge", "cpu-vs-device", "precision", "executors", "contrastive"]
+    assert list(steps) == ["tests", "models", "merge", "cpu-vs-device", "precision", "executors", "contrastive", "tune"]
     assert {name: s["status"] for name, s in steps.items()} == dict.fromkeys(steps, "passed")
     assert all(c["rank"] == c["reference_rank"] for c in steps["tests"]["kernel_vs_float64_reference"])
     assert steps["merge"]["lssf"]["spectral_s"] is not None and steps["merge"]["time_ratio"] > 0
@@ -25,6 +27,9 @@ def test_gpu_check_tiny_on_cpu_runs_every_step(tmp_path):
     estimate = steps["contrastive"]["estimate_8b"]
     assert estimate["total_s"] == estimate["forward_s"] + estimate["grams_s"] + estimate["solves_s"] > 0
     assert set(steps["contrastive"]["parts"]["solve_s"]) == {"256", "896"}  # both widths measured on the tiny shape
+    tune = steps["tune"]["estimate_8b"]
+    assert tune["total_s"] == pytest.approx(tune["measurements"] * tune["measurement_s"] + tune["apply_s"] + tune["terms_s"])
+    assert tune["measurements"] == 12 and tune["terms_s"] > 0  # 2 families x 5 points + the two references
     assert "| merge | passed |" in (tmp_path / "gpu_check.md").read_text()
 
 

@@ -1,0 +1,208 @@
+"""What ``mergekit-lssf tune`` costs (issue 48): its measured parts on a device, and the
+whole run extrapolated from them.
+
+    python benchmarks/bench_tune.py --model SmolLM2-135M [--device cpu]   # check the model against a real run
+    python benchmarks/bench_tune.py --model Llama-3-8B --device cuda        # the 8B estimate (gpu_check step 8)
+
+A tune run measures ``points + 2`` models (every point of its families, the fine-tune
+and the aligned model). Each measurement (``evaluate.measure_model``) is greedy
+generation over the harmful and the benign prompts in batches of ``batch`` with
+``new_tokens`` new tokens, teacher-forced forwards over the measurement rows and the
+prose, and (a point) applying it to the resident fine-tune and undoing it.
+
+The parts, measured here on generated Llama-shaped models of ``--model``'s shape with
+two and with four decoder layers (random weights, float32): a ``generate`` call of ``batch`` prompts of ``--prompt-tokens``
+tokens with exactly ``new_tokens`` new ones, and one forward of ``batch`` rows of
+``--row-tokens`` tokens. A decoder layer's share is half the four-layer time minus the
+two-layer time; the rest (embeddings, head, the sampling loop) is the two-layer time
+minus two layers' share, so a model of ``L`` layers takes ``rest + L * layer``. The
+application of a point is timed on one layer's fused weights (``W_ft + s * term`` in
+float32, rounded once to the stored dtype, then the kept copy put back) and scaled by
+the layer count. The ``lssf`` family's terms, computed once per run, are timed with the
+package's kernel (``kernel.safety_factors`` with the defaults, then ``with_finetune``)
+on one weight of each shape of a layer, on bfloat16-stored values upcast to float32,
+and scaled by the count of each shape. Models are loaded in float32, as tune loads
+them. Not included: reading the checkpoints from disk (three models, once per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+
+#: decoder shapes: (hidden, intermediate, layers, heads, kv heads, vocabulary)
+MODELS = {"SmolLM2-135M": (576, 1536, 30, 9, 3, 49152), "Llama-3-8B": (4096, 14336, 32, 32, 8, 128256),
+          "tiny": (64, 160, 4, 4, 2, 512)}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _model(shape, layers: int, device, dtype):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, _, heads, kv, vocab = shape
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=kv,
+                         num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs (an 8B-shaped layer is 0.9 GB in float32)
+        return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def _seconds(fn, device, repeats: int = 2) -> float:
+    """The best of ``repeats`` timed calls of ``fn`` after one warm-up call."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def measured_parts(shape, device, *, batch: int = 24, prompt_tokens: int = 48, new_tokens: int = 32,
+                   row_tokens: int = 96) -> dict:
+    """Seconds of one ``generate`` call and one teacher-forced forward (``batch`` rows)
+    split into one decoder layer's share and the rest, and of applying and undoing a
+    point on one layer's fused weights (module doc)."""
+    import torch
+
+    dtype = torch.float32  # as tune loads every model (generation.load_model)
+    vocab = shape[5]
+    prompts = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    rows = torch.randint(0, vocab, (batch, row_tokens), generator=torch.Generator().manual_seed(2)).to(device)
+    timings = {}
+    for layers in (2, 4):
+        model = _model(shape, layers, device, dtype)
+        with torch.no_grad():
+            generate = lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,  # noqa: E731
+                                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            forward = lambda: model(rows).logits.float().log_softmax(-1)  # noqa: E731  (as row_nll reads it)
+            timings[layers] = {"generate_s": _seconds(generate, device), "forward_s": _seconds(forward, device)}
+        if layers == 2:
+            apply_s = _apply_seconds(model.model.layers[0], device)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    parts = {"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "row_tokens": row_tokens,
+             "dtype": str(dtype).replace("torch.", ""), "apply_layer_s": apply_s}
+    for key in ("generate_s", "forward_s"):
+        layer = max(timings[4][key] - timings[2][key], 0.0) / 2
+        parts[key.replace("_s", "_layer_s")] = layer
+        parts[key.replace("_s", "_rest_s")] = max(timings[2][key] - 2 * layer, 0.0)
+    return parts
+
+
+def _apply_seconds(layer, device) -> float:
+    """Seconds of putting ``W_ft + 0.5 * term`` (float32, rounded once to the stored
+    dtype) into every linear weight of ``layer`` and restoring the kept copies."""
+    import torch
+
+    weights = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    kept = [w.detach().clone() for w in weights]
+    terms = [torch.randn(w.shape, device=device, dtype=torch.float32) * 1e-3 for w in weights]
+
+    def apply_and_undo():
+        with torch.no_grad():
+            for w, k, t in zip(weights, kept, terms):
+                w.copy_((k.float() + 0.5 * t).to(w.dtype))
+            for w, k in zip(weights, kept):
+                w.copy_(k)
+
+    return _seconds(apply_and_undo, device)
+
+
+def layer_shapes(shape) -> dict:
+    """``(d_out, d_in) -> count`` of the fused linear weights of one decoder layer."""
+    hidden, inter, _, heads, kv, _ = shape
+    kv_width = hidden // heads * kv
+    counts: dict = {}
+    for out_in in ((hidden, hidden), (kv_width, hidden), (kv_width, hidden), (hidden, hidden), (inter, hidden),
+                   (inter, hidden), (hidden, inter)):
+        counts[out_in] = counts.get(out_in, 0) + 1
+    return counts
+
+
+def term_layer_seconds(shape, device) -> dict:
+    """Seconds of the default lssf term of one decoder layer (module doc): per weight
+    shape, the best of two after a warm-up, times the shape's count."""
+    import torch
+
+    from mergekit_lssf.kernel import safety_factors
+    from mergekit_lssf.parameters import FusionSettings
+
+    per_shape = {}
+    for (rows, cols), count in layer_shapes(shape).items():
+        gen = torch.Generator().manual_seed(rows * 7 + cols)
+        u = torch.randn(rows, cols, generator=gen) * 0.02
+        a = u + 1e-3 * torch.randn(rows, cols, generator=gen)
+        w = a + 1e-3 * torch.randn(rows, cols, generator=gen)
+        u, a, w = (t.to(torch.bfloat16).float().to(device) for t in (u, a, w))  # bf16-stored values
+        seconds = _seconds(lambda: safety_factors(a, u, FusionSettings(fusion="restore")).with_finetune(w), device)
+        per_shape[f"{rows}x{cols}"] = {"count": count, "seconds": seconds}
+    return {"per_shape": per_shape, "layer_s": sum(v["count"] * v["seconds"] for v in per_shape.values())}
+
+
+def tune_estimate(parts: dict, shape, *, points: int = 10, harmful: int = 64, benign: int = 30,
+                  task_rows: int = 32) -> dict:
+    """Seconds of a tune run of ``points`` points on a model of ``shape``, from
+    ``measured_parts``: ``points + 2`` measurements, each ``ceil(harmful / batch) +
+    ceil(benign / batch)`` generate calls and ``ceil(task_rows / batch) + 1`` forwards
+    (the rows and the prose), plus ``points`` applications, plus the lssf terms once
+    when ``parts`` has ``term_layer_s`` (module doc). The defaults
+    are tune's: 2 families x 5 points, 64 HarmBench prompts (the test split's 72
+    capped), the 30 shipped benign prompts; ``task_rows``: the measurement rows."""
+    layers, batch = shape[2], parts["batch"]
+    generate = parts["generate_rest_s"] + layers * parts["generate_layer_s"]
+    forward = parts["forward_rest_s"] + layers * parts["forward_layer_s"]
+    calls = math.ceil(harmful / batch) + math.ceil(benign / batch)
+    forwards = math.ceil(task_rows / batch) + 1
+    measurement = calls * generate + forwards * forward
+    out = {"generate_call_s": generate, "forward_s": forward, "generate_calls": calls, "forwards": forwards,
+           "measurement_s": measurement, "measurements": points + 2,
+           "apply_s": points * layers * parts["apply_layer_s"], "terms_s": layers * parts.get("term_layer_s", 0.0)}
+    out["total_s"] = out["measurements"] * measurement + out["apply_s"] + out["terms_s"]
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="SmolLM2-135M")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--points", type=int, default=10, help="points over every family (default 2 x 5)")
+    parser.add_argument("--task-rows", type=int, default=32, help="measurement rows of the task")
+    parser.add_argument("--batch", type=int, default=24)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=48, help="tokens of each generated-for prompt")
+    parser.add_argument("--row-tokens", type=int, default=96, help="tokens of each teacher-forced row")
+    args = parser.parse_args(argv)
+    import torch
+
+    device = torch.device(args.device)
+    shape = MODELS[args.model]
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {time.strftime('%Y-%m-%d')}")
+    parts = measured_parts(shape, device, batch=args.batch, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                           row_tokens=args.row_tokens)
+    terms = term_layer_seconds(shape, device)
+    parts.update(term_layer_s=terms["layer_s"], term_shapes=terms["per_shape"])
+    estimate = tune_estimate(parts, shape, points=args.points, task_rows=args.task_rows)
+    print(json.dumps({"model": args.model, "parts": parts, "estimate": estimate}, indent=2))
+    print(f"tune on {args.model} ({args.points} points, {estimate['measurements']} measurements) on {args.device}: "
+          f"about {estimate['total_s'] / 60:.1f} min ({estimate['measurement_s']:.1f} s a measurement, lssf terms "
+          f"{estimate['terms_s']:.0f} s; reading the checkpoints not included)")
+
+
+if __name__ == "__main__":
+    main()

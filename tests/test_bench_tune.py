@@ -1,0 +1,28 @@
+"""benchmarks/bench_tune.py: the arithmetic of the tune estimate (issue 48's 8B figure), checked by hand."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+
+from bench_tune import MODELS, layer_shapes, tune_estimate  # noqa: E402
+
+
+def test_a_llama_layer_has_seven_fused_weights_of_four_shapes():
+    assert layer_shapes(MODELS["Llama-3-8B"]) == {(4096, 4096): 2, (1024, 4096): 2, (14336, 4096): 2, (4096, 14336): 1}
+    assert sum(layer_shapes(MODELS["SmolLM2-135M"]).values()) == 7
+
+
+def test_the_estimate_counts_tunes_calls_at_its_defaults():
+    parts = {"batch": 24, "generate_layer_s": 0.5, "generate_rest_s": 2.0, "forward_layer_s": 0.1, "forward_rest_s": 0.4,
+             "apply_layer_s": 0.01, "term_layer_s": 3.0}
+    got = tune_estimate(parts, MODELS["SmolLM2-135M"])  # 30 layers, 10 points, 64 + 30 prompts, 32 rows
+    generate, forward = 2.0 + 30 * 0.5, 0.4 + 30 * 0.1  # 17 s a generate call, 3.4 s a forward
+    measurement = (3 + 2) * generate + (2 + 1) * forward  # ceil(64/24) + ceil(30/24) calls; ceil(32/24) + the prose
+    assert got["measurement_s"] == pytest.approx(measurement)
+    assert got["total_s"] == pytest.approx(12 * measurement + 10 * 30 * 0.01 + 30 * 3.0)
+    without_terms = tune_estimate({k: v for k, v in parts.items() if k != "term_layer_s"}, MODELS["SmolLM2-135M"],
+                                  points=4, harmful=24, benign=1, task_rows=48)
+    assert without_terms["total_s"] == pytest.approx(6 * (2 * generate + 3 * forward) + 4 * 30 * 0.01)
