@@ -85,14 +85,10 @@ def measured_parts(shape, device, *, batch: int = 24, prompt_tokens: int = 48, n
     timings = {}
     for layers in (2, 4):
         model = _model(shape, layers, device, dtype)
-        with torch.no_grad():
-            generate = lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,  # noqa: E731
-                                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-            forward = lambda: model(rows).logits.float().log_softmax(-1)  # noqa: E731  (as row_nll reads it)
-            timings[layers] = {"generate_s": _seconds(generate, device), "forward_s": _seconds(forward, device)}
+        timings[layers] = _call_seconds(model, prompts, rows, new_tokens, device)
         if layers == 2:
             apply_s = _apply_seconds(model.model.layers[0], device)
-        del model
+        model = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     parts = {"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "row_tokens": row_tokens,
@@ -102,6 +98,22 @@ def measured_parts(shape, device, *, batch: int = 24, prompt_tokens: int = 48, n
         parts[key.replace("_s", "_layer_s")] = layer
         parts[key.replace("_s", "_rest_s")] = max(timings[2][key] - 2 * layer, 0.0)
     return parts
+
+
+def _call_seconds(model, prompts, rows, new_tokens: int, device) -> dict:
+    """Seconds of one greedy ``generate`` of ``prompts`` with exactly ``new_tokens`` new
+    tokens, and of one forward of ``rows`` to log-probabilities (as ``row_nll``)."""
+    import torch
+
+    def generate():
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=0)
+
+    def forward():
+        model(rows).logits.float().log_softmax(-1)
+
+    with torch.no_grad():
+        return {"generate_s": _seconds(generate, device), "forward_s": _seconds(forward, device)}
 
 
 def _apply_seconds(layer, device) -> float:
