@@ -26,3 +26,37 @@ def test_the_estimate_counts_tunes_calls_at_its_defaults():
     without_terms = tune_estimate({k: v for k, v in parts.items() if k != "term_layer_s"}, MODELS["SmolLM2-135M"],
                                   points=4, harmful=24, benign=1, task_rows=48)
     assert without_terms["total_s"] == pytest.approx(6 * (2 * generate + 3 * forward) + 4 * 30 * 0.01)
+
+
+def test_the_agreement_check_needs_every_verdict_equal_and_utility_within_a_hundredth(tmp_path):
+    """benchmarks/tune_agreement.compare on a made-up testbed folder and tune record."""
+    import json
+
+    from tune_agreement import compare
+
+    (tmp_path / "eval").mkdir()
+    flags = [1, 0, 1, 1]
+
+    def evaluation(name, nll, refused):
+        rows = [{"prompt": f"p{i}", "response": "", "refused": bool(f)} for i, f in enumerate(refused)]
+        (tmp_path / "eval" / f"{name}.json").write_text(json.dumps(
+            {"refusal_rate": sum(refused) / len(refused), "task_nll": nll, "responses": {"harmful": rows}}))
+
+    evaluation("finetuned", 1.0, [0, 0, 0, 0])
+    evaluation("aligned", 3.0, [1, 1, 1, 1])
+    evaluation("interpolate-0.25", 1.2, flags)  # utility kept (3 - 1.2) / (3 - 1) = 0.9
+    evaluation("interpolate-0.5", 2.0, [1, 1, 1, 1])  # 0.5
+
+    def record(nll_025, flags_025):
+        point = lambda value, nll, refused: {"family": "interpolation", "value": value, "task_nll": nll,  # noqa: E731
+                                             "refused": {"harmbench": refused},
+                                             "refusal": {"harmbench": sum(refused) / len(refused)}}
+        return {"references": {"finetuned": {"task_nll": 2.0}, "aligned": {"task_nll": 4.0}},  # its own references
+                "points": [point(0.25, nll_025, flags_025), point(0.5, 3.0, [1, 1, 1, 1])]}
+
+    same = compare(str(tmp_path), record(2.2, flags))  # (4 - 2.2) / 2 = 0.9 and 0.5: both sides agree
+    assert same["agree"] and [r["utility_tune"] for r in same["levels"]] == pytest.approx([0.9, 0.5])
+    assert compare(str(tmp_path), record(2.2, [1, 1, 0, 1]))["levels"][0]["verdicts_differ"] == 2  # same rate, other prompts
+    assert not compare(str(tmp_path), record(2.2, [1, 1, 0, 1]))["agree"]
+    assert not compare(str(tmp_path), record(2.23, flags))["agree"]  # utility 0.885 against 0.9
+    assert compare(str(tmp_path), record(2.21, flags))["agree"]  # 0.895: within 0.01
