@@ -11,18 +11,28 @@ generation over the harmful and the benign prompts in batches of ``batch`` with
 prose, and (a point) applying it to the resident fine-tune and undoing it.
 
 The parts, measured here on generated Llama-shaped models of ``--model``'s shape with
-two and with four decoder layers (random weights, float32): a ``generate`` call of ``batch`` prompts of ``--prompt-tokens``
-tokens with exactly ``new_tokens`` new ones, and one forward of ``batch`` rows of
-``--row-tokens`` tokens. A decoder layer's share is half the four-layer time minus the
-two-layer time; the rest (embeddings, head, the sampling loop) is the two-layer time
-minus two layers' share, so a model of ``L`` layers takes ``rest + L * layer``. The
-application of a point is timed on one layer's fused weights (``W_ft + s * term`` in
-float32, rounded once to the stored dtype, then the kept copy put back) and scaled by
-the layer count. The ``lssf`` family's terms, computed once per run, are timed with the
-package's kernel (``kernel.safety_factors`` with the defaults, then ``with_finetune``)
-on one weight of each shape of a layer, on bfloat16-stored values upcast to float32,
-and scaled by the count of each shape. Models are loaded in float32, as tune loads
-them. Not included: reading the checkpoints from disk (three models, once per run).
+two and with four decoder layers (random weights, float32, as tune loads every model):
+a ``generate`` call of ``batch`` prompts of ``--prompt-tokens`` tokens with exactly
+``new_tokens`` new ones, and one forward of ``batch`` rows of ``--row-tokens`` tokens,
+on ``--device``. A decoder layer's share is half the four-layer time minus the two-layer
+time; the rest (embeddings, head, the sampling loop) is the two-layer time minus two
+layers' share, so a model of ``L`` layers takes ``rest + L * layer``.
+
+Tune computes terms and points on the CPU whatever ``--device`` says (as plain
+``mergekit-yaml`` does; ``tune_points``), so these two parts are timed on the CPU:
+
+* a point, on one layer's fused weights: ``W_ft + s * (left @ right)`` with rank-256
+  float32 factors (an lssf point; an interpolation point is cheaper), rounded once to
+  bfloat16, copied into the resident model on ``--device`` after a CPU copy of the
+  original is kept, then the original put back; scaled by the layer count;
+* the ``lssf`` family's terms, once per run: the package's kernel
+  (``kernel.safety_factors`` with the defaults, then ``with_finetune``) on one weight of
+  each shape of a layer, on bfloat16-stored values upcast to float32, scaled by the
+  count of each shape and the layer count.
+
+Not included: reading the checkpoints from disk (each model once; mergekit's loader
+reads the fine-tune's and the aligned model's tensors again for each interpolation
+point).
 """
 
 from __future__ import annotations
@@ -116,21 +126,27 @@ def _call_seconds(model, prompts, rows, new_tokens: int, device) -> dict:
         return {"generate_s": _seconds(generate, device), "forward_s": _seconds(forward, device)}
 
 
-def _apply_seconds(layer, device) -> float:
-    """Seconds of putting ``W_ft + 0.5 * term`` (float32, rounded once to the stored
-    dtype) into every linear weight of ``layer`` and restoring the kept copies."""
+def _apply_seconds(layer, device, rank: int = 256) -> float:
+    """Seconds of one point on every linear weight of ``layer`` (module doc): computed
+    on the CPU, put into the model on ``device`` after keeping a CPU copy of the
+    original, then the original copied back."""
     import torch
 
     weights = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    kept = [w.detach().clone() for w in weights]
-    terms = [torch.randn(w.shape, device=device, dtype=torch.float32) * 1e-3 for w in weights]
+    gen = torch.Generator().manual_seed(3)
+    cpu = [w.detach().to("cpu", torch.bfloat16) for w in weights]  # the fine-tune as stored
+    factors = [(torch.randn(w.shape[0], rank, generator=gen) * 1e-2, torch.randn(rank, w.shape[1], generator=gen) * 1e-2)
+               for w in weights]
 
     def apply_and_undo():
         with torch.no_grad():
-            for w, k, t in zip(weights, kept, terms):
-                w.copy_((k.float() + 0.5 * t).to(w.dtype))
-            for w, k in zip(weights, kept):
-                w.copy_(k)
+            kept = []
+            for w, stored, (left, right) in zip(weights, cpu, factors):
+                point = (stored.float() + 0.5 * (left @ right)).to(torch.bfloat16)
+                kept.append(w.detach().to("cpu", torch.bfloat16, copy=True))
+                w.copy_(point.to(w.device, w.dtype))
+            for w, original in zip(weights, kept):
+                w.copy_(original.to(w.device, w.dtype))
 
     return _seconds(apply_and_undo, device)
 
@@ -146,10 +162,13 @@ def layer_shapes(shape) -> dict:
     return counts
 
 
-def term_layer_seconds(shape, device) -> dict:
-    """Seconds of the default lssf term of one decoder layer (module doc): per weight
-    shape, the best of two after a warm-up, times the shape's count."""
+def term_layer_seconds(shape) -> dict:
+    """Seconds of the default lssf term of one decoder layer on the CPU, where tune
+    computes it (module doc): per weight shape, the best of two after a warm-up, times
+    the shape's count."""
     import torch
+
+    device = torch.device("cpu")
 
     from mergekit_lssf.kernel import safety_factors
     from mergekit_lssf.parameters import FusionSettings
@@ -207,7 +226,7 @@ def main(argv=None) -> None:
           f"{torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {time.strftime('%Y-%m-%d')}")
     parts = measured_parts(shape, device, batch=args.batch, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                            row_tokens=args.row_tokens)
-    terms = term_layer_seconds(shape, device)
+    terms = term_layer_seconds(shape)
     parts.update(term_layer_s=terms["layer_s"], term_shapes=terms["per_shape"])
     estimate = tune_estimate(parts, shape, points=args.points, task_rows=args.task_rows)
     print(json.dumps({"model": args.model, "parts": parts, "estimate": estimate}, indent=2))

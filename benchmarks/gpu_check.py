@@ -28,8 +28,9 @@ Steps, in order (a failed or timed-out step is recorded and the next one runs):
    (``benchmarks/bench_contrastive.py``).
 8. ``tune``: ``mergekit-lssf tune``'s defaults on an 8B model (issue 48's target: 30
    minutes on one H100), extrapolated from generated Llama-3-8B-shaped models of two and
-   four layers: a generate call and a forward at tune's batch, applying a point, and the
-   default lssf term of each weight shape (``benchmarks/bench_tune.py``).
+   four layers: a generate call and a forward at tune's batch on the device; a point and
+   the default lssf term of each weight shape on the CPU, where tune computes them
+   (``benchmarks/bench_tune.py``).
 
 Writes DIR/gpu_check.json and DIR/gpu_check.md. The models are generated under DIR,
 on the machine's local disk. The whole run is sized to fit in 9 minutes on one modern
@@ -319,7 +320,7 @@ def step_tune(args) -> Dict:
     shape = MODELS["tiny" if args.tiny else "Llama-3-8B"]
     device = torch.device(args.device)
     parts = measured_parts(shape, device)
-    terms = term_layer_seconds(shape, device)
+    terms = term_layer_seconds(shape)
     parts.update(term_layer_s=terms["layer_s"], term_shapes=terms["per_shape"])
     estimate = tune_estimate(parts, shape)
     return {"ok": estimate["total_s"] > 0, "shape": list(shape), "parts": parts, "estimate_8b": estimate,
