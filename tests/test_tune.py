@@ -194,6 +194,30 @@ def test_the_chosen_recipe_merges_and_eval_reproduces_its_figures(toy, tuned):
     assert figures["perplexity"] == pytest.approx(point["perplexity"], rel=1e-9)
 
 
+def test_benchmarks_tune_reproduce_merges_recipe_yml_and_finds_tune_json_s_figures(toy, tuned, tmp_path, monkeypatch):
+    """benchmarks/tune_reproduce.py (issue 48's check on the testbed's models), run here on
+    the toy run: identical figures, exit 0; a changed figure in tune.json: exit 1."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+    import tune_reproduce
+
+    out, record, _ = tuned
+    monkeypatch.chdir(toy)  # the recipe's paths are relative to it, as for the user
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run (ONE_THREAD)
+    try:
+        assert tune_reproduce.main(["--tune", str(out), "--out", str(tmp_path / "a")]) == 0
+        changed = tmp_path / "changed"
+        shutil.copytree(out, changed)
+        key = record["chosen"]["key"]
+        edited = json.loads((changed / "tune.json").read_text())
+        next(p for p in edited["points"] if p["key"] == key)["task_nll"] += 1e-6
+        (changed / "tune.json").write_text(json.dumps(edited))
+        assert tune_reproduce.main(["--tune", str(changed), "--out", str(tmp_path / "b")]) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "a" / "reproduce.json").read_text())["identical"] is True
+
+
 def _merge(toy, text, name):
     """mergekit-yaml of recipe ``text``, as a user runs it (the test process's threads)."""
     (toy / f"{name}.yml").write_text(text)
