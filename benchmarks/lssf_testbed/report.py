@@ -86,10 +86,15 @@ def method_models(settings) -> Dict[str, List[str]]:
 
 def contrasts(runs: List[Verdicts], settings) -> List[Dict]:
     """``paired_contrast`` of each ``lssf-restore-rank{r}`` against its random control
-    ``random-restore-rank{r}``, and of the package default against interpolation at
-    each ``l``, on both harmful prompt sets, over ``runs`` (one cell's seeds)."""
+    ``random-restore-rank{r}``, of the package default against interpolation at each
+    ``l``, and (issue 47) of ``contrastive-{lam}`` against ``keep-{lam}`` at each lam both
+    curves have and of ``contrastive-chosen`` against the other points chosen on
+    validation and the default, on both harmful prompt sets, over ``runs`` (one cell's
+    seeds). A pair a run lacks is left out."""
     pairs = [(f"lssf-restore-rank{r:g}", f"random-restore-rank{r:g}") for r in settings.ranks]
     pairs += [("lssf-restore", f"interpolate-{l:g}") for l in settings.interpolations]
+    pairs += [(f"contrastive-{lam:g}", f"keep-{lam:g}") for lam in settings.contrastive_lams if lam in settings.keep_lams]
+    pairs += [("contrastive-chosen", b) for b in ("interpolate-chosen", "lssf-chosen", "lssf-restore", "safe-lora")]
     rows = []
     for a, b in pairs:
         for key, label in PROMPT_SETS:
