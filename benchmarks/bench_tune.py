@@ -30,9 +30,11 @@ Tune computes terms and points on the CPU whatever ``--device`` says (as plain
   each shape of a layer, on bfloat16-stored values upcast to float32, scaled by the
   count of each shape and the layer count.
 
-Not included: reading the checkpoints from disk (each model once; mergekit's loader
-reads the fine-tune's and the aligned model's tensors again for each interpolation
-point).
+An interpolation point also writes the embeddings and the head (``linear`` writes every
+tensor): timed on the CPU as ``(1 - l) W_ft + l W_al``. Not included: reading the
+checkpoints from disk (mergekit's loader reads the fine-tune's tensors again for every
+point, and the aligned model's for every interpolation point; the page cache usually
+holds them after the first).
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ def _model(shape, layers: int, device, dtype):
         return LlamaForCausalLM(config).to(dtype).eval()
 
 
-def _seconds(fn, device, repeats: int = 2) -> float:
-    """The best of ``repeats`` timed calls of ``fn`` after one warm-up call."""
-    fn()
+def _seconds(fn, device, repeats: int = 2, warm_up: bool = True) -> float:
+    """The best of ``repeats`` timed calls of ``fn``, after one warm-up call."""
+    if warm_up:
+        fn()
     best = math.inf
     for _ in range(repeats):
         _sync(device)
@@ -98,11 +101,12 @@ def measured_parts(shape, device, *, batch: int = 24, prompt_tokens: int = 48, n
         timings[layers] = _call_seconds(model, prompts, rows, new_tokens, device)
         if layers == 2:
             apply_s = _apply_seconds(model.model.layers[0], device)
+            outer_s = _interpolate_seconds([model.model.embed_tokens.weight, model.lm_head.weight])
         model = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
     parts = {"batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "row_tokens": row_tokens,
-             "dtype": str(dtype).replace("torch.", ""), "apply_layer_s": apply_s}
+             "dtype": str(dtype).replace("torch.", ""), "apply_layer_s": apply_s, "apply_outer_s": outer_s}
     for key in ("generate_s", "forward_s"):
         layer = max(timings[4][key] - timings[2][key], 0.0) / 2
         parts[key.replace("_s", "_layer_s")] = layer
@@ -120,7 +124,7 @@ def _call_seconds(model, prompts, rows, new_tokens: int, device) -> dict:
                        min_new_tokens=new_tokens, pad_token_id=0)
 
     def forward():
-        model(rows).logits.float().log_softmax(-1)
+        model(rows).logits.double().log_softmax(-1)  # as measure.row_nll
 
     with torch.no_grad():
         return {"generate_s": _seconds(generate, device), "forward_s": _seconds(forward, device)}
@@ -149,6 +153,36 @@ def _apply_seconds(layer, device, rank: int = 256) -> float:
                 w.copy_(original.to(w.device, w.dtype))
 
     return _seconds(apply_and_undo, device)
+
+
+def _interpolate_seconds(weights) -> float:
+    """Seconds of an interpolation point's other tensors on the CPU (the embeddings and
+    the head: ``linear`` writes every tensor): ``(1 - l) W_ft + l W_al`` in float32 from
+    bfloat16-stored values, rounded once to bfloat16."""
+    import torch
+
+    stored = [w.detach().to("cpu", torch.bfloat16) for w in weights]
+
+    def interpolate():
+        for w in stored:
+            (0.75 * w.float() + 0.25 * w.float()).to(torch.bfloat16)
+
+    return _seconds(interpolate, torch.device("cpu"))
+
+
+def tune_defaults() -> dict:
+    """What a tune run with its defaults measures: points over every default family,
+    prompts per harmful and benign set (as ``tune`` caps them), batch size and new tokens
+    (``tune.TuneOptions``)."""
+    from mergekit_lssf import evaluate as ev
+    from mergekit_lssf.measure import evenly_spaced
+    from mergekit_lssf.tune import TuneOptions, harmful_sets
+
+    opts = TuneOptions()
+    return {"points": opts.points * len(opts.families), "families": len(opts.families),
+            "harmful": sum(len(v) for v in harmful_sets(opts.max_prompts).values()),
+            "benign": len(evenly_spaced(ev.benign_prompts("test"), opts.max_prompts)),
+            "batch": opts.batch_size, "new_tokens": opts.max_new_tokens}
 
 
 def layer_shapes(shape) -> dict:
@@ -180,20 +214,21 @@ def term_layer_seconds(shape) -> dict:
         a = u + 1e-3 * torch.randn(rows, cols, generator=gen)
         w = a + 1e-3 * torch.randn(rows, cols, generator=gen)
         u, a, w = (t.to(torch.bfloat16).float().to(device) for t in (u, a, w))  # bf16-stored values
-        seconds = _seconds(lambda: safety_factors(a, u, FusionSettings(fusion="restore")).with_finetune(w), device)
+        seconds = _seconds(lambda: safety_factors(a, u, FusionSettings(fusion="restore")).with_finetune(w), device,
+                           repeats=1, warm_up=False)  # seconds each at 8B shapes: one call (gpu_check's limit)
         per_shape[f"{rows}x{cols}"] = {"count": count, "seconds": seconds}
     return {"per_shape": per_shape, "layer_s": sum(v["count"] * v["seconds"] for v in per_shape.values())}
 
 
-def tune_estimate(parts: dict, shape, *, points: int = 10, harmful: int = 64, benign: int = 30,
-                  task_rows: int = 32) -> dict:
+def tune_estimate(parts: dict, shape, *, points: int, harmful: int, benign: int, task_rows: int = 32,
+                  interpolation_points: int = 0) -> dict:
     """Seconds of a tune run of ``points`` points on a model of ``shape``, from
     ``measured_parts``: ``points + 2`` measurements, each ``ceil(harmful / batch) +
     ceil(benign / batch)`` generate calls and ``ceil(task_rows / batch) + 1`` forwards
-    (the rows and the prose), plus ``points`` applications, plus the lssf terms once
-    when ``parts`` has ``term_layer_s`` (module doc). The defaults
-    are tune's: 2 families x 5 points, 64 HarmBench prompts (the test split's 72
-    capped), the 30 shipped benign prompts; ``task_rows``: the measurement rows."""
+    (the rows and the prose), plus ``points`` applications (and the embeddings and head
+    of each of the ``interpolation_points``), plus the lssf terms once when ``parts``
+    has ``term_layer_s`` (module doc). ``tune_defaults`` gives tune's own counts;
+    ``task_rows``: the measurement rows."""
     layers, batch = shape[2], parts["batch"]
     generate = parts["generate_rest_s"] + layers * parts["generate_layer_s"]
     forward = parts["forward_rest_s"] + layers * parts["forward_layer_s"]
@@ -202,19 +237,25 @@ def tune_estimate(parts: dict, shape, *, points: int = 10, harmful: int = 64, be
     measurement = calls * generate + forwards * forward
     out = {"generate_call_s": generate, "forward_s": forward, "generate_calls": calls, "forwards": forwards,
            "measurement_s": measurement, "measurements": points + 2,
-           "apply_s": points * layers * parts["apply_layer_s"], "terms_s": layers * parts.get("term_layer_s", 0.0)}
+           "apply_s": points * layers * parts["apply_layer_s"] + interpolation_points * parts.get("apply_outer_s", 0.0),
+           "terms_s": layers * parts.get("term_layer_s", 0.0)}
     out["total_s"] = out["measurements"] * measurement + out["apply_s"] + out["terms_s"]
     return out
+
+
+def default_estimate(parts: dict, shape, defaults: dict, task_rows: int = 32) -> dict:
+    """``tune_estimate`` at tune's defaults (``tune_defaults``: its families' points, one
+    family of them interpolation)."""
+    return tune_estimate(parts, shape, points=defaults["points"], harmful=defaults["harmful"],
+                         benign=defaults["benign"], task_rows=task_rows,
+                         interpolation_points=defaults["points"] // defaults["families"])
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="SmolLM2-135M")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--points", type=int, default=10, help="points over every family (default 2 x 5)")
     parser.add_argument("--task-rows", type=int, default=32, help="measurement rows of the task")
-    parser.add_argument("--batch", type=int, default=24)
-    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=48, help="tokens of each generated-for prompt")
     parser.add_argument("--row-tokens", type=int, default=96, help="tokens of each teacher-forced row")
     args = parser.parse_args(argv)
@@ -224,13 +265,14 @@ def main(argv=None) -> None:
     shape = MODELS[args.model]
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {time.strftime('%Y-%m-%d')}")
-    parts = measured_parts(shape, device, batch=args.batch, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                           row_tokens=args.row_tokens)
+    defaults = tune_defaults()
+    parts = measured_parts(shape, device, batch=defaults["batch"], new_tokens=defaults["new_tokens"],
+                           prompt_tokens=args.prompt_tokens, row_tokens=args.row_tokens)
     terms = term_layer_seconds(shape)
     parts.update(term_layer_s=terms["layer_s"], term_shapes=terms["per_shape"])
-    estimate = tune_estimate(parts, shape, points=args.points, task_rows=args.task_rows)
-    print(json.dumps({"model": args.model, "parts": parts, "estimate": estimate}, indent=2))
-    print(f"tune on {args.model} ({args.points} points, {estimate['measurements']} measurements) on {args.device}: "
+    estimate = default_estimate(parts, shape, defaults, args.task_rows)
+    print(json.dumps({"model": args.model, "defaults": defaults, "parts": parts, "estimate": estimate}, indent=2))
+    print(f"tune on {args.model} ({defaults['points']} points, {estimate['measurements']} measurements) on {args.device}: "
           f"about {estimate['total_s'] / 60:.1f} min ({estimate['measurement_s']:.1f} s a measurement, lssf terms "
           f"{estimate['terms_s']:.0f} s; reading the checkpoints not included)")
 

@@ -315,14 +315,15 @@ def step_tune(args) -> Dict:
     import torch
 
     sys.path.insert(0, HERE)
-    from bench_tune import MODELS, measured_parts, term_layer_seconds, tune_estimate
+    from bench_tune import MODELS, default_estimate, measured_parts, term_layer_seconds, tune_defaults
 
     shape = MODELS["tiny" if args.tiny else "Llama-3-8B"]
     device = torch.device(args.device)
-    parts = measured_parts(shape, device)
+    defaults = tune_defaults()
+    parts = measured_parts(shape, device, batch=defaults["batch"], new_tokens=defaults["new_tokens"])
     terms = term_layer_seconds(shape)
     parts.update(term_layer_s=terms["layer_s"], term_shapes=terms["per_shape"])
-    estimate = tune_estimate(parts, shape)
+    estimate = default_estimate(parts, shape, defaults)
     return {"ok": estimate["total_s"] > 0, "shape": list(shape), "parts": parts, "estimate_8b": estimate,
             "within_30_min": estimate["total_s"] <= 1800}
 

@@ -6,14 +6,17 @@ Runs, as a user would, on the testbed's main cell, seed 0 (built by ``python
 benchmarks/safety_testbed.py --out testbed/ --cell main``)::
 
     mergekit-lssf tune OUT/recipe.yml --task OUT/task.jsonl --out OUT/tune \\
-        --families interpolation --grid interpolation=0.25,0.5 --max-prompts 72
+        --families interpolation --grid interpolation=0.25,0.5 --max-prompts 72 \\
+        --batch-size 24 --max-new-tokens 32
 
 ``recipe.yml`` is the lssf recipe of the cell's models (fine-tune as base, its aligned
 and unaligned models), ``task.jsonl`` the testbed's task ``test`` rows (the rows its
-utility is measured on). Then each tune point ``interpolation`` at ``l`` is set beside
+utility is measured on; the folder must be built with the default settings). Then each tune point ``interpolation`` at ``l`` is set beside
 the testbed's own evaluation of ``interpolate-{l}`` (``eval/interpolate-{l}.json``):
-HarmBench-test refusal (same 72 prompts, greedy, 32 new tokens, batches of 24, the same
-detector: the rates and every prompt's verdict must be identical) and utility kept
+HarmBench-test refusal (same 72 prompts, greedy, the testbed's new tokens and batch
+size passed explicitly, the same detector, the same torch thread count as the testbed's
+run when run on the same machine: the rates and every prompt's verdict must be
+identical) and utility kept
 (``measure.utility_kept`` from each side's own task NLL of the fine-tune, the aligned
 model and the point: must agree within 0.01). Prints a table and writes
 ``OUT/agreement.json``; exits 1 when they disagree.
@@ -35,6 +38,18 @@ sys.path.insert(0, HERE)
 
 LEVELS = (0.25, 0.5)
 UTILITY_TOLERANCE = 0.01
+
+
+def check_testbed(testbed: str) -> None:
+    """The testbed folder was built with the default ``Settings`` (its ``digests.json``),
+    so the task rows written here are the ones its utility was measured on."""
+    from lssf_testbed.settings import Settings, settings_digest
+
+    with open(os.path.join(testbed, "digests.json"), encoding="utf-8") as fp:
+        built = json.load(fp).get("main")
+    if built != settings_digest(Settings(), "main"):
+        raise SystemExit(f"--testbed {testbed}: its main cell was built with other settings ({built}); the check needs "
+                         "the default ones")
 
 
 def write_inputs(testbed: str, out: str) -> tuple[str, str]:
@@ -68,6 +83,9 @@ def compare(testbed: str, record: dict) -> dict:
 
     bed_ft, bed_al = evaluation("finetuned"), evaluation("aligned")
     refs = record["references"]
+    if len(bed_ft["task_rows"]) != len(refs["finetuned"]["task_rows"]):
+        raise SystemExit(f"the testbed measured {len(bed_ft['task_rows'])} task rows, tune "
+                         f"{len(refs['finetuned']['task_rows'])}: not the same rows")
     rows = []
     for level in LEVELS:
         point = next(p for p in record["points"] if p["family"] == "interpolation" and abs(p["value"] - level) < 1e-12)
@@ -94,18 +112,25 @@ def main(argv=None) -> int:
     for name in ("finetuned", "aligned", *(f"interpolate-{level:g}" for level in LEVELS)):
         if not os.path.exists(os.path.join(args.testbed, "eval", f"{name}.json")):
             parser.error(f"--testbed {args.testbed}: no eval/{name}.json (build the main cell first)")
+    check_testbed(args.testbed)
+    from lssf_testbed.settings import Settings
+
     recipe, task = write_inputs(args.testbed, args.out)
     tune_dir = os.path.join(args.out, "tune")
     command = [os.path.join(os.path.dirname(sys.executable), "mergekit-lssf"), "tune", recipe, "--task", task, "--out",
                tune_dir, "--families", "interpolation", "--grid", "interpolation=" + ",".join(f"{v:g}" for v in LEVELS),
-               "--max-prompts", "72"]
+               "--max-prompts", "72", "--batch-size", str(Settings().eval_batch),
+               "--max-new-tokens", str(Settings().max_new_tokens)]
     print(" ".join(command[1:]), flush=True)
     started = time.perf_counter()
     subprocess.run(command, check=True)
     seconds = time.perf_counter() - started
     with open(os.path.join(tune_dir, "tune.json"), encoding="utf-8") as fp:
         result = compare(args.testbed, json.load(fp))
+    import torch
+
     result["tune_seconds"] = round(seconds, 1)
+    result["torch_threads"] = torch.get_num_threads()  # tune's child process has the same default
     with open(os.path.join(args.out, "agreement.json"), "w", encoding="utf-8") as fp:
         json.dump(result, fp, indent=2)
     print("| l | refusal tune | refusal testbed | verdicts differ | utility kept tune | utility kept testbed |")

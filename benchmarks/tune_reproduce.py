@@ -7,7 +7,8 @@ recipe.yml DIR/merged``), loads the merged model as tune loads a model, and meas
 with the package's ``evaluate.measure_model`` on exactly tune's sets (the HarmBench
 ``test`` prompts and the benign ``test`` prompts, each ``evenly_spaced`` to tune.json's
 ``max_prompts``; the task rows tune measured, from its ``task_file`` and
-``measurement_rows``), at tune.json's batch size and new tokens. Tune's chosen point
+``measurement_rows``), at tune.json's batch size, new tokens and device, with this
+process's torch threads (run it with the thread count tune ran with). Tune's chosen point
 must come out the same: every prompt's refusal verdict, the empty rates, over-refusal and
 the task NLL identical (the weights are bit-identical, so the float32 forward is too).
 Writes ``DIR/reproduce.json``; exits 1 when any figure differs. Run it from the folder
@@ -36,7 +37,7 @@ def measure_like_tune(model_dir: str, record: dict) -> dict:
 
     s = record["settings"]
     rows = [{"prompt": r.prompt, "answer": r.response} for r in load_task(record["task_file"])]
-    model, tokenizer = load_model(model_dir, "cpu")
+    model, tokenizer = load_model(model_dir, s["device"])
     return measure_model(model, tokenizer, harmful=harmful_sets(s["max_prompts"]),
                          benign=evenly_spaced(ev.benign_prompts("test"), s["max_prompts"]), text=ev.benign_text(),
                          rows=[rows[i] for i in s["measurement_rows"]], max_new_tokens=s["max_new_tokens"],
@@ -54,7 +55,10 @@ def main(argv=None) -> int:
     with open(os.path.join(args.tune, "tune.json"), encoding="utf-8") as fp:
         record = json.load(fp)
     merged = os.path.join(args.out, "merged")
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), recipe, merged], check=True)
+    import torch
+
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), recipe, merged], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     got = measure_like_tune(merged, record)
     point = next(p for p in record["points"] if p["key"] == record["chosen"]["key"])
     rows = {k: {"tune": point[k], "merged": got[k], "identical": point[k] == got[k]} for k in KEYS}

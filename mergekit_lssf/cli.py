@@ -131,7 +131,7 @@ def check(recipe: str, as_json: bool) -> None:
               help="RECIPE only: where mergekit merges a model+lora fine-tune (as mergekit-yaml's).")
 @click.option("--keep-control", is_flag=True,
               help="RECIPE only: write the study control C_H = I instead of the anchors' Gram (\"roll back every "
-                   "direction the task does not use\"); not a safety repair.")
+                   "direction the task does not use\"), with --max-rank full; not a safety repair.")
 def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch_size, max_new_tokens,
               lora_merge_cache, keep_control) -> None:
     """Calibrate a subspace from activations. Two forms:
@@ -161,6 +161,9 @@ def calibrate(source, out_path, task_path, anchors, max_rank, eps, device, batch
             f"max_rank {meta['max_rank']}, {meta['seconds']} s"
         )
         return
+    if keep_control and max_rank != "full":
+        raise click.UsageError("--keep-control needs --max-rank full: with C_H = I every direction the task leaves "
+                               "unused has the same eigenvalue, so a leading few of them would be an arbitrary pick")
     check_options(out_path, eps, None if max_rank == "full" else int(max_rank), batch_size)  # before a LoRA merge
     task = load_task(task_path) if task_path else None
     roles = recipe_models(load_recipe(source), lora_merge_cache)

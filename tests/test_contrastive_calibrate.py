@@ -200,11 +200,14 @@ def test_the_keep_control_merges_the_closed_form_with_c_h_the_identity(toy, cali
         assert np.linalg.norm(got - w_ref) <= 1e-3 * np.linalg.norm(w_ref - w_ft), name
 
 
-def test_the_keep_control_needs_a_recipe(toy):
+def test_the_keep_control_needs_a_recipe_and_every_vector(toy, calibrated):
     result = run_cli(["mergekit-lssf", "calibrate", "aligned", "--out", "x.safetensors", "--keep-control"], cwd=toy,
                      check=False)
     assert result.returncode != 0 and "--keep-control" in result.stderr and "Traceback" not in result.stderr
-    assert not (toy / "x.safetensors").exists()
+    result = run_cli(["mergekit-lssf", "calibrate", "recipe.yml", "--task", "task.jsonl", "--out", "x.safetensors",
+                      "--keep-control", "--max-rank", "8"], cwd=toy, check=False)
+    assert result.returncode != 0 and "--keep-control needs --max-rank full" in result.stderr
+    assert "Traceback" not in result.stderr and not (toy / "x.safetensors").exists()
 
 
 def test_same_rows_merge_like_linear_at_one_half_on_the_data(toy, same_rows, tmp_path):

@@ -23,7 +23,7 @@ from mergekit_lssf.parameters import FusionSettings
 MAIN_MODELS = {
     "unaligned", "aligned", "finetuned", "interpolate-0.5", "lssf-restore-rank2", "random-restore-rank2", "lssf-alpha0.5",
     "resta-0.5", "resta-dare-0.5", "safe-lora-0.5", "safe-lora-1", "lssf-restore", "lssf-noise-floor-restore",
-    "lssf-signal-restore", "safe-lora", "lssf-chosen", "interpolate-chosen", "contrastive-3", "keep-3", "contrastive-chosen",
+    "lssf-signal-restore", "safe-lora", "lssf-chosen", "interpolate-chosen", "contrastive-3", "keep-3", "contrastive-chosen", "antidote-chosen", "safedelta-chosen",
     "antidote-0.1", "safedelta-0.3",
 }
 
@@ -238,7 +238,8 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
                                    "resta-dare", "safe-lora", "lssf-restore", "lssf-noise-floor-restore",
                                    "lssf-signal-restore", "safe-lora, chosen on validation",
                                    "lssf, chosen on validation", "interpolate, chosen on validation", "contrastive",
-                                   "keep", "contrastive, chosen on validation", "antidote", "safedelta"}
+                                   "keep", "contrastive, chosen on validation", "antidote", "safedelta",
+                                   "antidote, chosen on validation", "safedelta, chosen on validation"}
     # issue 47: both calibrations by the package's own calibrate, on the task's training rows against the
     # harmful_train prompts only (harmful_val chooses lam), every vector kept; keep is the C_H = I control
     from safetensors import safe_open
@@ -249,7 +250,8 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
             meta = h.metadata()
         assert (meta["harmful_gram"], meta["max_rank"], meta["task"]) == (gram, "full", "task"), curve
         assert int(meta["anchors"]) == settings.harmful_train and int(meta["task_rows"]) == len(bed.prompts.task_train)
-        assert json.loads((calibration.parent / f"{curve}.json").read_text())["seconds"] > 0
+        record = json.loads((calibration.parent / f"{curve}.json").read_text())
+        assert record["seconds"] > 0 and record["peak_mib"] > 0 and ("--keep-control" in record["command"]) == (curve == "keep")
         recipe = (tmp_path / "bed" / f"{curve}-3.yml").read_text()
         assert str(calibration) in recipe and "fusion: contrastive" in recipe
     anchors = [json.loads(line)["prompt"] for line in (tmp_path / "bed" / "sweeps" / "anchors-lora.jsonl").open()]

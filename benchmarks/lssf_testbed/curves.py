@@ -55,6 +55,8 @@ CHOICES = {
     "lssf-chosen": ("lssf, chosen on validation", ("lssf-restore-rank", "lssf-alpha") + RULES),
     "interpolate-chosen": ("interpolate, chosen on validation", ("interpolate",)),
     "contrastive-chosen": ("contrastive, chosen on validation", ("contrastive",)),
+    "antidote-chosen": ("antidote, chosen on validation", ("antidote",)),
+    "safedelta-chosen": ("safedelta, chosen on validation", ("safedelta",)),
 }
 CHOSEN_METHODS = {model: method for model, (method, _) in CHOICES.items()}
 SINGLES = RULES + tuple(CHOSEN_METHODS.values())  # the methods that are one point, not a curve

@@ -314,8 +314,9 @@ class Testbed:
 
     def _anchor_file(self, cell: Cell, aligned: str) -> str:
         """The ``harmful_train`` prompts (never ``harmful_val``, on which ``lam`` is chosen)
-        with ``aligned``'s own greedy answers (the package's ``fill_responses``, its
-        defaults), as the anchors JSONL of both calibrations; cached per aligned model."""
+        with ``aligned``'s own greedy answers (the package's ``fill_responses``, calibrate's
+        64 new tokens), as the anchors JSONL of both calibrations and of Safe Delta;
+        cached per aligned model (``sweeps/anchors-ARM[-DTYPE].jsonl``)."""
         path = os.path.join(self.out, "sweeps", f"anchors-{cell.align}" + (f"-{cell.dtype}" if cell.dtype else "") + ".jsonl")
         if not os.path.exists(path):
             import torch
@@ -324,6 +325,7 @@ class Testbed:
             answered = fill_responses(aligned, [Anchor(p, None) for p in self.prompts.harmful_train],
                                       device=torch.device("cpu"), batch_size=self.s.batch_size, max_new_tokens=64,
                                       progress=False)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".partial", "w", encoding="utf-8") as fp:
                 for a in answered:
                     fp.write(json.dumps({"prompt": a.prompt, "response": a.response}) + "\n")
@@ -331,29 +333,49 @@ class Testbed:
         return path
 
     def calibration(self, cell: Cell, seed: int, curve: str, models: Dict[str, str]) -> str:
-        """Build (once) the calibration of ``curve`` with the package's own
-        ``contrastive_calibrate``: the fine-tune's input Grams over its training rows
-        (``_task_pairs``) against the ``_anchor_file`` (``keep``: ``C_H = I``), every
-        vector kept (``--max-rank full``), eps 1e-6; its metadata, time and peak memory
-        go to ``CURVE.json`` beside it. Returns the file."""
-        from mergekit_lssf.calibrate import Anchor
-        from mergekit_lssf.contrastive_calibrate import Roles, contrastive_calibrate
+        """Build (once) the calibration of ``curve`` as a user would, with the package's
+        own command in a child process: ``mergekit-lssf calibrate RECIPE --task TASK
+        --anchors ANCHORS --out FILE --max-rank full`` (``keep``: with ``--keep-control``),
+        RECIPE the cell's lssf recipe (fine-tune as base, its aligned model), TASK the
+        fine-tune's training rows (``_task_pairs``), ANCHORS the ``_anchor_file``, eps
+        1e-6. Its summary line, wall time and peak memory (the child's ``ru_maxrss``) go
+        to ``CURVE.json`` beside the file. Returns the file."""
+        import resource
+        import subprocess
+        import sys
+
+        import yaml
 
         path = self.calibration_path(cell, seed, curve)
         if os.path.exists(path):
             return path
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
         anchors = self._anchor_file(cell, models["aligned"])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        recipe, task = os.path.join(folder, "recipe.yml"), os.path.join(folder, "task.jsonl")
+        with open(recipe, "w", encoding="utf-8") as fp:
+            yaml.safe_dump({"merge_method": "lssf", "base_model": models["finetuned"], "dtype": "float32",
+                            "models": [{"model": models["aligned"], "parameters": {"role": "aligned"}}]}, fp)
+        with open(task, "w", encoding="utf-8") as fp:
+            for prompt, answer in self._task_pairs():
+                fp.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
         if os.path.exists(path + ".partial"):
             os.remove(path + ".partial")
         self.log(f"stage calibration {curve} ({cell.name}, seed {seed})")
-        task = [Anchor(p, a) for p, a in self._task_pairs()]
-        meta = self._timed("calibration", lambda: contrastive_calibrate(
-            Roles(models["finetuned"], models["aligned"]), path + ".partial", task=task, anchors_path=anchors,
-            max_rank=None, device="cpu", batch_size=self.s.batch_size, keep_control=curve == "keep", progress=False,
-            log=self.log))
+        command = [os.path.join(os.path.dirname(sys.executable), "mergekit-lssf"), "calibrate", recipe, "--task", task,
+                   "--anchors", anchors, "--out", path + ".partial", "--max-rank", "full", "--device", "cpu",
+                   "--batch-size", str(self.s.batch_size)] + (["--keep-control"] if curve == "keep" else [])
+        started = time.perf_counter()
+        done = self._timed("calibration", lambda: subprocess.run(command, capture_output=True, text=True))
+        if done.returncode != 0:
+            raise RuntimeError(f"calibrate {curve} failed: {done.stderr.strip()[-2000:]}")
+        record = {"command": ["mergekit-lssf", *command[1:]], "summary": done.stdout.strip(),
+                  "seconds": round(time.perf_counter() - started, 1),
+                  "peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
+                  "peak_note": "the largest ru_maxrss of this process's children so far (calibrations are the only "
+                               "heavy ones)"}
         with open(path[: -len(".safetensors")] + ".json", "w") as fp:
-            json.dump(meta, fp, indent=2)
+            json.dump(record, fp, indent=2)
         os.replace(path + ".partial", path)
         return path
 

@@ -304,7 +304,7 @@ def _plot_curves(out: str, name: str, cell: Dict) -> None:
             else:
                 ax.errorbar([1.0] + xs, [0.0] + ys, xerr=[[0] + xerr[0], [0] + xerr[1]], yerr=[[0] + yerr[0], [0] + yerr[1]],
                             fmt="o", markersize=3, linewidth=1,
-                            linestyle="--" if method.startswith("random-") else "-", **style)
+                            linestyle="--" if method.startswith("random-") or i >= len(colours) else "-", **style)
         ax.scatter([1.0], [0.0], marker="s", color="black", zorder=5)
         ax.scatter([0.0], [1.0], marker="s", color="grey", zorder=5)
         ax.annotate("fine-tune", (1.0, 0.0), fontsize=7, xytext=(-30, -12), textcoords="offset points")
