@@ -42,7 +42,7 @@ from mergekit.options import MergeOptions
 from tqdm import tqdm
 
 from mergekit_lssf.merge_method import GroupTerms, fused_terms, write_terms
-from mergekit_lssf.parameters import FusionSettings, LSSFConfigError
+from mergekit_lssf.parameters import FusionSettings, LSSFConfigError, settings_from
 from mergekit_lssf.plan import planned_tensors
 from mergekit_lssf.tune_recipes import Point
 
@@ -197,8 +197,9 @@ class TermTask(Task[TensorTerm | None]):
             if torch.equal(kept.to(torch.float32), stored.to(torch.float32)):  # as eval loads either
                 return None
             return TensorTerm(name, None, dtype, written, kept=kept.to(CPU))
-        return TensorTerm(name, _base_load(src, cast=True), dtype, written, tuple(t.settings for t in terms),
-                          tuple(terms))
+        # each point's own settings (its alpha): a cached term carries the first point's
+        settings = tuple(settings_from(v, f"tensor {name}") for v in points)
+        return TensorTerm(name, _base_load(src, cast=True), dtype, written, settings, tuple(terms))
 
 
 def lssf_terms(config: MergeConfiguration, options: MergeOptions, points: Sequence[Point], *,

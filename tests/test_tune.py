@@ -275,9 +275,10 @@ def _assert_as_merged(toy, point, applied, finetune, name):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = {"max_prompts": 2, "max_new_tokens": 4, "budget": 0.8, "progress": False, "device": DEVICE}
 BIT_CASES = {  # recipe, families, grids, finetune folder
-    "restore and interpolation": ("recipe.yml", ("lssf", "interpolation"), {"lssf": (0.5,), "interpolation": (0.5,)},
+    # two strengths of one lssf family: they share the term, not the alpha (a cache once gave every point the first's)
+    "restore and interpolation": ("recipe.yml", ("lssf", "interpolation"), {"lssf": (0.5, 1.0), "interpolation": (0.5,)},
                                   "finetuned"),
-    "add": ("recipe-add.yml", ("lssf",), {"lssf": (0.5,)}, "finetuned"),
+    "add": ("recipe-add.yml", ("lssf",), {"lssf": (0.5, 1.0)}, "finetuned"),
     "float32 fine-tune, bf16 out": ("recipe-fp32.yml", ("lssf", "interpolation"),
                                     {"lssf": (0.5,), "interpolation": (0.5,)}, "finetuned32"),
 }
