@@ -1,6 +1,7 @@
 """Does the recipe.yml that ``mergekit-lssf tune`` writes give the figures tune.json reports?
 
     python benchmarks/tune_reproduce.py --tune TUNE_DIR --out DIR
+    python benchmarks/tune_reproduce.py --tune TUNE_DIR --out DIR --point "lssf alpha=1"   # any measured point
 
 Merges ``TUNE_DIR/recipe.yml`` with plain ``mergekit-yaml`` (as a user would: ``mergekit-yaml
 recipe.yml DIR/merged``), loads the merged model as tune loads a model, and measures it
@@ -9,7 +10,7 @@ with the package's ``evaluate.measure_model`` on exactly tune's sets (the HarmBe
 ``max_prompts``; the task rows tune measured, from its ``task_file`` and
 ``measurement_rows``), at tune.json's batch size, new tokens and device, with this
 process's torch threads (run it with the thread count tune ran with). Tune's chosen point
-must come out the same: every prompt's refusal verdict, the empty rates, over-refusal and
+(or ``--point KEY``: that point, its recipe as tune.json stores it) must come out the same: every prompt's refusal verdict, the empty rates, over-refusal and
 the task NLL identical (the weights are bit-identical, so the float32 forward is too).
 Writes ``DIR/reproduce.json``; exits 1 when any figure differs. Run it from the folder
 tune ran in: the recipe's model paths and tune.json's ``task_file`` are read as given.
@@ -48,19 +49,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tune", required=True, help="a folder tune wrote, with recipe.yml")
     parser.add_argument("--out", required=True, help="where the merged model and reproduce.json go")
+    parser.add_argument("--point", help="a point's key in tune.json (default: the chosen one, from recipe.yml)")
     args = parser.parse_args(argv)
-    recipe = os.path.join(args.tune, "recipe.yml")
-    if not os.path.exists(recipe):
-        parser.error(f"--tune {args.tune}: no recipe.yml there (tune chose no point)")
     with open(os.path.join(args.tune, "tune.json"), encoding="utf-8") as fp:
         record = json.load(fp)
+    recipe = os.path.join(args.tune, "recipe.yml")
+    if args.point is not None:
+        keys = [p["key"] for p in record["points"]]
+        if args.point not in keys:
+            parser.error(f"--point {args.point!r}: tune.json has {', '.join(keys)}")
+        os.makedirs(args.out, exist_ok=True)
+        recipe = os.path.join(args.out, "recipe.yml")
+        with open(recipe, "w", encoding="utf-8") as fp:
+            fp.write(next(p for p in record["points"] if p["key"] == args.point)["recipe"])
+    elif not os.path.exists(recipe):
+        parser.error(f"--tune {args.tune}: no recipe.yml there (tune chose no point); name one with --point")
     merged = os.path.join(args.out, "merged")
     import torch
 
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), recipe, merged], check=True,
                    env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     got = measure_like_tune(merged, record)
-    point = next(p for p in record["points"] if p["key"] == record["chosen"]["key"])
+    point = next(p for p in record["points"] if p["key"] == (args.point or record["chosen"]["key"]))
     rows = {k: {"tune": point[k], "merged": got[k], "identical": point[k] == got[k]} for k in KEYS}
     result = {"chosen": point["key"], "figures": rows, "identical": all(r["identical"] for r in rows.values())}
     with open(os.path.join(args.out, "reproduce.json"), "w", encoding="utf-8") as fp:
