@@ -21,10 +21,11 @@ layers' share, so a model of ``L`` layers takes ``rest + L * layer``.
 Tune computes terms and points on the CPU whatever ``--device`` says (as plain
 ``mergekit-yaml`` does; ``tune_points``), so these two parts are timed on the CPU:
 
-* a point, on one layer's fused weights: ``W_ft + s * (left @ right)`` with rank-256
-  float32 factors (an lssf point; an interpolation point is cheaper), rounded once to
-  bfloat16, copied into the resident model on ``--device`` after a CPU copy of the
-  original is kept, then the original put back; scaled by the layer count;
+* a point, on one layer's fused weights: the merge's last step for an lssf point
+  (``kernel.write_fused``: ``W_ft + alpha * term`` rounded into bfloat16 with the
+  subspace-preserving rounding; an interpolation point is cheaper), copied into the
+  resident model on ``--device`` after a CPU copy of the original is kept, then the
+  original put back; scaled by the layer count;
 * the ``lssf`` family's terms, once per run: the package's kernel
   (``kernel.safety_factors`` with the defaults, then ``with_finetune``) on one weight of
   each shape of a layer, on bfloat16-stored values upcast to float32, scaled by the
@@ -85,7 +86,7 @@ def _seconds(fn, device, repeats: int = 2, warm_up: bool = True) -> float:
 
 
 def measured_parts(shape, device, *, batch: int = 24, prompt_tokens: int = 48, new_tokens: int = 32,
-                   row_tokens: int = 96) -> dict:
+                   row_tokens: int = 48) -> dict:
     """Seconds of one ``generate`` call and one teacher-forced forward (``batch`` rows)
     split into one decoder layer's share and the rest, and of applying and undoing a
     point on one layer's fused weights (module doc)."""
@@ -130,23 +131,33 @@ def _call_seconds(model, prompts, rows, new_tokens: int, device) -> dict:
         return {"generate_s": _seconds(generate, device), "forward_s": _seconds(forward, device)}
 
 
-def _apply_seconds(layer, device, rank: int = 256) -> float:
-    """Seconds of one point on every linear weight of ``layer`` (module doc): computed
-    on the CPU, put into the model on ``device`` after keeping a CPU copy of the
-    original, then the original copied back."""
+def _apply_seconds(layer, device) -> float:
+    """Seconds of one lssf point on every linear weight of ``layer`` (module doc): the
+    merge's own last step on the CPU (``kernel.write_fused`` of the default restore term,
+    alpha 0.5, rounded into bfloat16 with ``rounding: subspace``, from the fine-tune's
+    bfloat16 values upcast to float32), put into the model on ``device`` after keeping a
+    CPU copy of the original, then the original copied back. The term itself is made
+    before the clock starts (``term_layer_seconds`` times it)."""
     import torch
+
+    from mergekit_lssf.kernel import safety_factors, write_fused
+    from mergekit_lssf.parameters import FusionSettings
 
     weights = [m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     gen = torch.Generator().manual_seed(3)
-    cpu = [w.detach().to("cpu", torch.bfloat16) for w in weights]  # the fine-tune as stored
-    factors = [(torch.randn(w.shape[0], rank, generator=gen) * 1e-2, torch.randn(rank, w.shape[1], generator=gen) * 1e-2)
-               for w in weights]
+    stored, factors = [], []
+    for w in weights:
+        ft = w.detach().to("cpu", torch.bfloat16).float()  # the fine-tune as stored
+        al = (ft + 1e-3 * torch.randn(ft.shape, generator=gen)).to(torch.bfloat16).float()
+        un = (al + 1e-3 * torch.randn(ft.shape, generator=gen)).to(torch.bfloat16).float()
+        stored.append(ft)
+        factors.append(safety_factors(al, un, FusionSettings(fusion="restore")))
 
     def apply_and_undo():
         with torch.no_grad():
             kept = []
-            for w, stored, (left, right) in zip(weights, cpu, factors):
-                point = (stored.float() + 0.5 * (left @ right)).to(torch.bfloat16)
+            for w, ft, f in zip(weights, stored, factors):
+                point, _ = write_fused(ft, f, 0.5, out_dtype=torch.bfloat16, rounding="subspace")
                 kept.append(w.detach().to("cpu", torch.bfloat16, copy=True))
                 w.copy_(point.to(w.device, w.dtype))
             for w, original in zip(weights, kept):
@@ -257,7 +268,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--task-rows", type=int, default=32, help="measurement rows of the task")
     parser.add_argument("--prompt-tokens", type=int, default=48, help="tokens of each generated-for prompt")
-    parser.add_argument("--row-tokens", type=int, default=96, help="tokens of each teacher-forced row")
+    parser.add_argument("--row-tokens", type=int, default=48, help="tokens of each teacher-forced row")
     args = parser.parse_args(argv)
     import torch
 
