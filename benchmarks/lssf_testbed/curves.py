@@ -94,5 +94,6 @@ def candidates(s, chosen: str) -> List[str]:
 
 def repair_names(s) -> List[str]:
     """The names of every repair of one fine-tune: the curve points, the rules and the
-    points chosen on validation (``CHOICES``, built after their candidates)."""
-    return [p.name for p in points(s)] + list(RULES) + list(CHOICES)
+    points chosen on validation (``CHOICES``, built after their candidates; one whose
+    curves have no point in ``s`` is left out)."""
+    return [p.name for p in points(s)] + list(RULES) + [c for c in CHOICES if candidates(s, c)]
