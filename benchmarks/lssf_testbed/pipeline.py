@@ -64,6 +64,15 @@ def alignment_targets_met(metrics: Dict, base_perplexity: float, targets: Dict) 
             "perplexity": metrics["perplexity"] <= targets["perplexity_ratio"] * base_perplexity}
 
 
+def _write_jsonl(path: str, rows: List[Dict]) -> None:
+    """``rows`` as JSON lines at ``path`` (written at once, its folder made)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".partial", "w", encoding="utf-8") as fp:
+        for row in rows:
+            fp.write(json.dumps(row) + "\n")
+    os.replace(path + ".partial", path)
+
+
 def _copy_model(source: str, path: str) -> None:
     """A copy of model folder ``source`` at ``path`` (written at once)."""
     shutil.rmtree(path + ".partial", ignore_errors=True)
@@ -325,11 +334,7 @@ class Testbed:
             answered = fill_responses(aligned, [Anchor(p, None) for p in self.prompts.harmful_train],
                                       device=torch.device("cpu"), batch_size=self.s.batch_size, max_new_tokens=64,
                                       progress=False)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".partial", "w", encoding="utf-8") as fp:
-                for a in answered:
-                    fp.write(json.dumps({"prompt": a.prompt, "response": a.response}) + "\n")
-            os.replace(path + ".partial", path)
+            _write_jsonl(path, [{"prompt": a.prompt, "response": a.response} for a in answered])
         return path
 
     def calibration(self, cell: Cell, seed: int, curve: str, models: Dict[str, str]) -> str:
@@ -356,9 +361,7 @@ class Testbed:
         with open(recipe, "w", encoding="utf-8") as fp:
             yaml.safe_dump({"merge_method": "lssf", "base_model": models["finetuned"], "dtype": "float32",
                             "models": [{"model": models["aligned"], "parameters": {"role": "aligned"}}]}, fp)
-        with open(task, "w", encoding="utf-8") as fp:
-            for prompt, answer in self._task_pairs():
-                fp.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+        _write_jsonl(task, [{"prompt": prompt, "answer": answer} for prompt, answer in self._task_pairs()])
         if os.path.exists(path + ".partial"):
             os.remove(path + ".partial")
         self.log(f"stage calibration {curve} ({cell.name}, seed {seed})")
