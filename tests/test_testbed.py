@@ -24,8 +24,12 @@ MAIN_MODELS = {
     "unaligned", "aligned", "finetuned", "interpolate-0.5", "lssf-restore-rank2", "random-restore-rank2", "lssf-alpha0.5",
     "resta-0.5", "resta-dare-0.5", "safe-lora-0.5", "safe-lora-1", "lssf-restore", "lssf-noise-floor-restore",
     "lssf-signal-restore", "safe-lora", "lssf-chosen", "interpolate-chosen", "contrastive-3", "keep-3", "contrastive-chosen", "antidote-chosen", "safedelta-chosen",
-    "antidote-0.1", "safedelta-0.3",
+    "antidote-0.1", "safedelta-0.3", "antidote-update-0.1", "antidote-update-chosen", "safedelta-exclude0-0.5",
+    "safedelta-exclude0-chosen",
+    # issue 47's seed-0 families (seed 0 of the primary cells only)
+    "contrastive-0.3", "contrastive-benign-3", "contrastive-rank2", "calibrated-restore-rank2",
 }
+SEED0_MODELS = {"contrastive-0.3", "contrastive-benign-3", "contrastive-rank2", "calibrated-restore-rank2"}
 
 
 def test_translation_task_is_a_made_up_lexicon_with_held_out_sentences():
@@ -134,18 +138,37 @@ def test_repair_recipes_are_the_curve_points_computed_in_float32_written_in_the_
     from lssf_testbed import curves, repairs
 
     s = Settings()
-    built = repairs.recipes("al", "un", "ft", s, "bfloat16", {"contrastive": "c.safetensors", "keep": "k.safetensors"})
-    expressible = [p.name for p in curves.points(s) if p.curve not in ("random-restore-rank", "safe-lora", "antidote",
-                                                                         "safedelta")]
+    files = {"contrastive": "c.safetensors", "keep": "k.safetensors", "benign": "b.safetensors",
+             "calibrated": "e.safetensors"}
+    built = repairs.recipes("al", "un", "ft", s, "bfloat16", files)
+    written_here = ("random-restore-rank", "safe-lora") + curves.PEERS
+    expressible = [p.name for p in curves.points(s, seed0=True) if p.curve not in written_here]
     assert set(built) == set(expressible) | set(curves.RULES)
-    without = repairs.recipes("al", "un", "ft", s, "bfloat16")  # no calibration files: no contrastive point
-    assert set(built) - set(without) == {p.name for p in curves.points(s) if p.curve in ("contrastive", "keep")}
-    for curve, lam, file in (("contrastive", 30, "c.safetensors"), ("keep", 1, "k.safetensors")):
+    without = repairs.recipes("al", "un", "ft", s, "bfloat16")  # no calibration files: no point that reads one
+    assert set(built) - set(without) == {p.name for p in curves.points(s, seed0=True) if p.curve in curves.CALIBRATION_OF}
+    for curve, lam, file in (("contrastive", 30, "c.safetensors"), ("keep", 1, "k.safetensors"),
+                             ("contrastive", 0.3, "c.safetensors"), ("contrastive-benign", 10, "b.safetensors")):
         recipe = built[f"{curve}-{lam}"]
         assert recipe["base_model"] == "ft" and recipe["models"] == [{"model": "al", "parameters": {"role": "aligned"}}]
         assert recipe["parameters"] == {"fusion": "contrastive", "calibration": file, "lam": lam, "round_to": "bfloat16"}
+    assert built["contrastive-rank64"]["parameters"] == {"fusion": "contrastive", "calibration": "c.safetensors",
+                                                         "lam": 3.0, "rank": 64, "round_to": "bfloat16"}
+    assert built["calibrated-restore-rank16"]["parameters"] == {"subspace": "e.safetensors", "rank": 16,
+                                                                "round_to": "bfloat16"}
+    assert built["calibrated-restore-rank16"]["models"] == built["lssf-restore"]["models"]  # aligned and unaligned
     assert [p.name for p in curves.points(s) if p.curve == "contrastive"] == ["contrastive-30", "contrastive-10",
                                                                              "contrastive-3", "contrastive-1"]
+    # the seed-0 families (issue 47): only with seed0, never a candidate of a choice
+    seed0 = [p.name for p in curves.points(s, seed0=True) if p.name not in {q.name for q in curves.points(s)}]
+    assert seed0 == ["contrastive-0.3", "contrastive-benign-10", "contrastive-benign-3", "contrastive-benign-1",
+                     "contrastive-rank16", "contrastive-rank64", "contrastive-rank256", "calibrated-restore-rank16",
+                     "calibrated-restore-rank64", "calibrated-restore-rank256"]
+    assert not set(seed0) & {n for c in curves.CHOICES for n in curves.candidates(s, c)}
+    with_seed0 = curves.repair_names(s, seed0=True)
+    assert [n for n in with_seed0 if n not in seed0] == curves.repair_names(s) and set(seed0) < set(with_seed0)
+    assert all(with_seed0.index(n) < with_seed0.index(curves.RULES[0]) for n in seed0)  # curve points first
+    assert curves.candidates(s, "antidote-update-chosen") == ["antidote-update-0.01", "antidote-update-0.05",
+                                                              "antidote-update-0.1"]
     assert all(r["dtype"] == "float32" and r["out_dtype"] == "bfloat16" for r in built.values())
     bf16 = {"round_to": "bfloat16"}  # lssf rounds its own bf16 output, as the published runs did
     assert built["lssf-restore"]["parameters"] == bf16 and built["lssf-restore"]["base_model"] == "ft"
@@ -239,7 +262,10 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
                                    "lssf-signal-restore", "safe-lora, chosen on validation",
                                    "lssf, chosen on validation", "interpolate, chosen on validation", "contrastive",
                                    "keep", "contrastive, chosen on validation", "antidote", "safedelta",
-                                   "antidote, chosen on validation", "safedelta, chosen on validation"}
+                                   "antidote, chosen on validation", "safedelta, chosen on validation",
+                                   "antidote-update", "antidote-update, chosen on validation", "contrastive-benign",
+                                   "contrastive-rank", "calibrated-restore-rank", "safedelta-exclude0",
+                                   "safedelta-exclude0, chosen on validation"}
     # issue 47: both calibrations by the package's own calibrate, on the task's training rows against the
     # harmful_train prompts only (harmful_val chooses lam), every vector kept; keep is the C_H = I control
     from safetensors import safe_open
@@ -254,6 +280,19 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
         assert record["seconds"] > 0 and record["peak_mib"] > 0 and ("--keep-control" in record["command"]) == (curve == "keep")
         recipe = (tmp_path / "bed" / f"{curve}-3.yml").read_text()
         assert str(calibration) in recipe and "fusion: contrastive" in recipe
+    # the seed-0 families: the benign-only and the Eq. 4 calibrations, at seed 0 of the primary cells only
+    with safe_open(tmp_path / "bed" / "calibration" / "benign.safetensors", "pt") as h:
+        assert (h.metadata()["task"], h.metadata()["max_rank"]) == ("benign-only", "full")
+    eq4 = json.loads((tmp_path / "bed" / "calibration" / "calibrated.json").read_text())["command"]
+    assert eq4[1:3] == ["calibrate", path("main", 0, "aligned")] and "--task" not in eq4
+    assert eq4[eq4.index("--max-rank") + 1] == "2" and eq4[eq4.index("--anchors") + 1].endswith("anchors-lora.jsonl")
+    assert "subspace: " + str(tmp_path / "bed" / "calibration" / "calibrated.safetensors") in \
+        (tmp_path / "bed" / "calibrated-restore-rank2.yml").read_text()
+    assert "rank: 2" in (tmp_path / "bed" / "contrastive-rank2.yml").read_text()
+    for cell, seed in (("main", 1), ("align-full", 1), ("attack", 0), ("drift-full", 0)):
+        record = json.loads((tmp_path / "bed" / "runs" / f"{cell}-seed{seed}.json").read_text())
+        assert not SEED0_MODELS & set(record["models"]) and "antidote-update-0.1" in record["models"], (cell, seed)
+    assert SEED0_MODELS < set(json.loads((tmp_path / "bed" / "runs" / "align-full-seed0.json").read_text())["models"])
     anchors = [json.loads(line)["prompt"] for line in (tmp_path / "bed" / "sweeps" / "anchors-lora.jsonl").open()]
     assert anchors == bed.prompts.harmful_train and not set(anchors) & set(bed.prompts.harmful_val)
     # the peers (their formulas: test_baselines.py): Antidote zeroes the top tenth of each row of every fused
@@ -264,7 +303,15 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     for k in repairs.fused_names(ft):
         rows, cols = ft[k].shape
         assert stats[k]["pruned"] == rows * pruned_per_row(cols, 0.1) and int((pruned[k] == 0).sum()) >= stats[k]["pruned"], k
-    assert set(json.loads((tmp_path / "bed" / "models" / "safedelta-0.3.json").read_text())) == set(repairs.fused_names(ft))
+    # antidote-update prunes the fine-tune's update: each pruned entry goes back to the aligned weight
+    update = state("main", 0, "antidote-update-0.1")
+    stats = json.loads((tmp_path / "bed" / "models" / "antidote-update-0.1.json").read_text())
+    for k in repairs.fused_names(ft):
+        rows, cols = ft[k].shape
+        assert ((update[k] == ft[k]) | (update[k] == al[k])).all() and not torch.equal(update[k], ft[k]), k
+        assert stats[k]["pruned"] == rows * pruned_per_row(cols, 0.1) and int((update[k] == al[k]).sum()) >= stats[k]["pruned"], k
+    for name in ("safedelta-0.3", "safedelta-exclude0-0.5"):
+        assert set(json.loads((tmp_path / "bed" / "models" / f"{name}.json").read_text())) == set(repairs.fused_names(ft))
     moved = state("main", 0, "contrastive-3")
     assert any(not torch.equal(moved[k], ft[k]) for k in repairs.fused_names(ft))  # the repair moved the fused weights
     assert [r["model"] for r in main["curves"]["safe-lora"]] == ["safe-lora-0.5", "safe-lora-1"]
@@ -283,7 +330,7 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     info = json.loads((tmp_path / "bed" / "models" / "safe-lora-0.5.json").read_text())
     assert info["projected"] == -(-info["weights"] // 2)  # the lowest-cosine half, rounded up
     table = (tmp_path / "bed" / "results.md").read_text()
-    assert table.count("## cell") == len(CELLS) and "at cost <= 2%" in table and "lssf, chosen on validation (most" in table
+    assert table.count("## cell") == len(CELLS) and "at cost <= 1%" in table and "at cost <= 2%" in table and "lssf, chosen on validation (most" in table
     for cell in CELLS:
         assert (tmp_path / "bed" / f"curves-{cell}.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "bed" / "results.json").read_text())
@@ -580,8 +627,7 @@ def test_a_cells_settings_digest_changes_with_the_settings_it_reads_only():
     more = dataclasses.replace(s, ranks=s.ranks + (512,), interpolations=(0.9,), alphas=(), resta_scales=(2.0,),
                                safe_lora_shares=(0.1,))
     assert {c: settings_digest(more, c) for c in CELLS} == digests
-    assert set(CURVE_POINTS) == {f.name for f in dataclasses.fields(Settings) if f.type.startswith("Tuple[float")
-                                 or f.name == "ranks"} - {"main_seeds"}
+    assert set(CURVE_POINTS) == {f.name for f in dataclasses.fields(Settings) if f.type.startswith("Tuple[")} - {"main_seeds"}
     for field, value in (("dare_density", 0.5), ("random_control_seed", 7), ("utility_floor", 0.9)):
         assert all(settings_digest(dataclasses.replace(s, **{field: value}), c) != digests[c] for c in CELLS), field
 

@@ -36,7 +36,7 @@ from mergekit_lssf.measure import (
 )
 
 SETS = (("harmful", "HarmBench"), ("strongreject", "StrongREJECT"))
-BUDGETS = (0.02, 0.05)
+BUDGETS = (0.01, 0.02, 0.05)  # issue 47: refusal won back at 1%, 2% and 5% task cost
 
 
 class RunArrays:

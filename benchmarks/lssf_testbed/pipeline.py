@@ -21,7 +21,7 @@ from mergekit_lssf import evaluate as ev
 from mergekit_lssf.measure import utility_kept
 
 from . import repairs
-from .curves import CHOICES, candidates, points, repair_names
+from .curves import CALIBRATION_OF, CHOICES, PEERS, candidates, points, repair_names
 from .data import REFUSALS, PromptSets, replay_openings, validation_prose
 from .evaluation import evaluate_model, validation_metrics
 from .report import publish_report, write_report
@@ -108,7 +108,13 @@ class Testbed:
         """Every model ``run_cell`` builds and evaluates for ``cell`` and ``seed``, in
         report order: the references, the fine-tune and every repair (``curves.py``)."""
         reference = [cell.reference_model] if cell.reference_model != "unaligned" else []
-        return ["unaligned", "aligned"] + reference + ["finetuned"] + repair_names(self.s)
+        return ["unaligned", "aligned"] + reference + ["finetuned"] + repair_names(self.s, seed0=self.seed0(cell, seed))
+
+    @staticmethod
+    def seed0(cell: Cell, seed: int) -> bool:
+        """Whether ``cell`` and ``seed`` build the seed-0 families (``curves.SEED0_CURVES``):
+        seed 0 of the ``PRIMARY`` cells."""
+        return seed == 0 and cell.name in PRIMARY
 
     def unaligned(self, cell: Cell = CELLS["main"]) -> str:
         """``cell``'s unaligned model: SmolLM2-135M-Instruct (or ``Settings.base``) stored
@@ -316,10 +322,11 @@ class Testbed:
         return choice["chosen"], os.path.join(folder, f"candidate{index}")
 
     # ---- the contrastive calibrations (issue 47) -------------------------------------
-    def calibration_path(self, cell: Cell, seed: int, curve: str) -> str:
-        """The calibration file of curve ``contrastive`` or ``keep`` of ``cell`` and
-        ``seed``: ``FOLDER/calibration/CURVE.safetensors`` beside its ``models/``."""
-        return os.path.join(cell_folder(self.out, cell.name, seed), "calibration", f"{curve}.safetensors")
+    def calibration_path(self, cell: Cell, seed: int, kind: str) -> str:
+        """The calibration file of ``kind`` (``contrastive``, ``keep``, ``benign`` or
+        ``calibrated``: ``curves.CALIBRATION_OF``) of ``cell`` and ``seed``:
+        ``FOLDER/calibration/KIND.safetensors`` beside its ``models/``."""
+        return os.path.join(cell_folder(self.out, cell.name, seed), "calibration", f"{kind}.safetensors")
 
     def _anchor_file(self, cell: Cell, aligned: str) -> str:
         """The ``harmful_train`` prompts (never ``harmful_val``, on which ``lam`` is chosen)
@@ -337,41 +344,51 @@ class Testbed:
             _write_jsonl(path, [{"prompt": a.prompt, "response": a.response} for a in answered])
         return path
 
-    def calibration(self, cell: Cell, seed: int, curve: str, models: Dict[str, str]) -> str:
-        """Build (once) the calibration of ``curve`` as a user would, with the package's
-        own command in a child process: ``mergekit-lssf calibrate RECIPE --task TASK
-        --anchors ANCHORS --out FILE --max-rank full`` (``keep``: with ``--keep-control``),
-        RECIPE the cell's lssf recipe (fine-tune as base, its aligned model), TASK the
-        fine-tune's training rows (``_task_pairs``), ANCHORS the ``_anchor_file``, eps
-        1e-6. Its summary line, wall time and peak memory (the child's ``ru_maxrss``) go
-        to ``CURVE.json`` beside the file. Returns the file."""
+    def calibration(self, cell: Cell, seed: int, kind: str, models: Dict[str, str]) -> str:
+        """Build (once) the calibration ``kind`` (``calibration_path``) as a user would,
+        with the package's own command in a child process, ANCHORS the ``_anchor_file``:
+
+        * ``contrastive``: ``mergekit-lssf calibrate RECIPE --task TASK --anchors ANCHORS
+          --out FILE --max-rank full``, RECIPE the cell's lssf recipe (fine-tune as base,
+          its aligned model), TASK the fine-tune's training rows (``_task_pairs``), eps 1e-6;
+        * ``keep``: the same with ``--keep-control``;
+        * ``benign``: the same without ``--task`` (benign-only);
+        * ``calibrated``: ``mergekit-lssf calibrate ALIGNED --anchors ANCHORS --out FILE
+          --max-rank R`` (Eq. 4), R the largest of ``Settings.calibrated_ranks``.
+
+        Its summary line, wall time and peak memory (the child's ``ru_maxrss``) go to
+        ``KIND.json`` beside the file. Returns the file."""
         import resource
         import subprocess
         import sys
 
         import yaml
 
-        path = self.calibration_path(cell, seed, curve)
+        path = self.calibration_path(cell, seed, kind)
         if os.path.exists(path):
             return path
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
         anchors = self._anchor_file(cell, models["aligned"])
-        recipe, task = os.path.join(folder, "recipe.yml"), os.path.join(folder, "task.jsonl")
-        with open(recipe, "w", encoding="utf-8") as fp:
-            yaml.safe_dump({"merge_method": "lssf", "base_model": models["finetuned"], "dtype": "float32",
-                            "models": [{"model": models["aligned"], "parameters": {"role": "aligned"}}]}, fp)
-        _write_jsonl(task, [{"prompt": prompt, "answer": answer} for prompt, answer in self._task_pairs()])
         if os.path.exists(path + ".partial"):
             os.remove(path + ".partial")
-        self.log(f"stage calibration {curve} ({cell.name}, seed {seed})")
-        command = [os.path.join(os.path.dirname(sys.executable), "mergekit-lssf"), "calibrate", recipe, "--task", task,
-                   "--anchors", anchors, "--out", path + ".partial", "--max-rank", "full", "--device", "cpu",
-                   "--batch-size", str(self.s.batch_size)] + (["--keep-control"] if curve == "keep" else [])
+        self.log(f"stage calibration {kind} ({cell.name}, seed {seed})")
+        common = ["--anchors", anchors, "--out", path + ".partial", "--device", "cpu", "--batch-size", str(self.s.batch_size)]
+        program = os.path.join(os.path.dirname(sys.executable), "mergekit-lssf")
+        if kind == "calibrated":
+            command = [program, "calibrate", models["aligned"], *common, "--max-rank", str(max(self.s.calibrated_ranks))]
+        else:
+            recipe, task = os.path.join(folder, "recipe.yml"), os.path.join(folder, "task.jsonl")
+            with open(recipe, "w", encoding="utf-8") as fp:
+                yaml.safe_dump({"merge_method": "lssf", "base_model": models["finetuned"], "dtype": "float32",
+                                "models": [{"model": models["aligned"], "parameters": {"role": "aligned"}}]}, fp)
+            _write_jsonl(task, [{"prompt": prompt, "answer": answer} for prompt, answer in self._task_pairs()])
+            command = [program, "calibrate", recipe, *common, "--max-rank", "full"]
+            command += {"contrastive": ["--task", task], "keep": ["--task", task, "--keep-control"], "benign": []}[kind]
         started = time.perf_counter()
         done = self._timed("calibration", lambda: subprocess.run(command, capture_output=True, text=True))
         if done.returncode != 0:
-            raise RuntimeError(f"calibrate {curve} failed: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"calibrate {kind} failed: {done.stderr.strip()[-2000:]}")
         record = {"command": ["mergekit-lssf", *command[1:]], "summary": done.stdout.strip(),
                   "seconds": round(time.perf_counter() - started, 1),
                   "peak_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
@@ -383,7 +400,8 @@ class Testbed:
         return path
 
     def peer_baseline(self, cell: Cell, seed: int, curve: str, models: Dict[str, str]) -> None:
-        """Write every point of peer curve ``antidote`` or ``safedelta`` (``curves.py``) of
+        """Write every point of peer curve ``antidote``, ``antidote-update``, ``safedelta`` or
+        ``safedelta-exclude0`` (``curves.py``) of
         ``cell`` and ``seed`` not yet complete, from one pass of its rows (``baselines``),
         each with its per-weight figures in ``NAME.json`` beside it."""
         from baselines.antidote import antidote_states
@@ -394,16 +412,19 @@ class Testbed:
         if not wanted:
             return
         self.log(f"stage {curve} ({cell.name}, seed {seed}): {', '.join(f'{v:g}' for v in wanted)}")
-        if curve == "antidote":  # harmful prompts with the unaligned model's own compliant answers
+        if curve.startswith("antidote"):  # harmful prompts with the unaligned model's own compliant answers
             comply = self._self_answers(self.unaligned(), self.prompts.harmful_train, "unaligned-harmful-train")
+            update = models["aligned"] if curve == "antidote-update" else None  # prune the update, not the weights
             built = self._timed("merge", lambda: antidote_states(
                 models["finetuned"], list(zip(self.prompts.harmful_train, comply)), list(wanted),
-                batch_size=self.s.batch_size, device="cpu"))
+                aligned_dir=update, batch_size=self.s.batch_size, device="cpu"))
         else:  # harmful prompts with the aligned model's refusals (the calibrations' anchors)
             with open(self._anchor_file(cell, models["aligned"]), encoding="utf-8") as fp:
                 rows = [json.loads(line) for line in fp]
+            exclude = {"exclude": 0.0} if curve == "safedelta-exclude0" else {}  # else upstream's 0.15
             built = self._timed("merge", lambda: safedelta_states(
-                models["aligned"], models["finetuned"], rows, list(wanted), batch_size=self.s.batch_size, device="cpu"))
+                models["aligned"], models["finetuned"], rows, list(wanted), batch_size=self.s.batch_size, device="cpu",
+                **exclude))
         for value, path in wanted.items():
             repairs._write_like(models["finetuned"], built.states[value], path)
             with open(path + ".json", "w") as fp:
@@ -424,11 +445,11 @@ class Testbed:
         if is_done(path):
             return
         dtype, inputs = cell.storage(self.s), (models["aligned"], models["reference"], models["finetuned"])
-        point = {p.name: p for p in points(self.s)}.get(name)
+        point = {p.name: p for p in points(self.s, seed0=True)}.get(name)
         recipe_dir = os.path.dirname(self.models_dir(cell.name, seed))
-        if point is not None and point.curve in ("contrastive", "keep"):
-            self.calibration(cell, seed, point.curve, models)
-        if point is not None and point.curve in ("antidote", "safedelta"):
+        if point is not None and point.curve in CALIBRATION_OF:
+            self.calibration(cell, seed, CALIBRATION_OF[point.curve], models)
+        if point is not None and point.curve in PEERS:
             self.peer_baseline(cell, seed, point.curve, models)
         elif name in books:
             self._timed("merge", lambda: repairs.run_recipe(books[name], path, os.path.join(recipe_dir, f"{name}.yml"), self.log,
@@ -489,7 +510,7 @@ class Testbed:
         self.unaligned(cell)  # evaluated with the rest, also where the reference is another model
         if cell.align == "full":
             self._check_full_alignment(models["aligned"])
-        calibrations = {c: self.calibration_path(cell, seed, c) for c in ("contrastive", "keep")}
+        calibrations = {kind: self.calibration_path(cell, seed, kind) for kind in set(CALIBRATION_OF.values())}
         books = repairs.recipes(models["aligned"], models["reference"], models["finetuned"], self.s, cell.storage(self.s),
                                 calibrations)
         results, choices = {}, {}

@@ -37,7 +37,7 @@ from mergekit_lssf.kernel import safety_factors
 from mergekit_lssf.fused import fuses
 from mergekit_lssf.parameters import DEFAULT_ETA, DEFAULT_MAX_RANK
 
-from .curves import points
+from .curves import CALIBRATION_OF, CONTRASTIVE_RANK_LAM, points
 from .training import is_done
 from mergekit_lssf.parameters import FusionSettings
 
@@ -45,9 +45,9 @@ def recipes(aligned: str, unaligned: str, finetuned: str, s, dtype: str,
             calibrations: Optional[Dict[str, str]] = None) -> Dict[str, dict]:
     """name -> mergekit recipe (dict) of every repair of one fine-tune that mergekit
     can express: the ``interpolate``, ``lssf-restore-rank``, ``lssf-alpha``, ``resta``
-    and ``resta-dare`` points and the rules, and with ``calibrations`` (curve ->
-    calibration file, built or not) the ``contrastive`` and ``keep`` points; computed in
-    float32, written in ``dtype``."""
+    and ``resta-dare`` points and the rules, and with ``calibrations`` (calibration kind
+    of ``curves.CALIBRATION_OF`` -> its file, built or not) the points of the curves that
+    read one, seed-0 families included; computed in float32, written in ``dtype``."""
     precision = {"dtype": "float32", "out_dtype": dtype}
     # lssf rounds its own 16-bit output (subspace-preserving), as the published runs did
     round_to = {"round_to": dtype} if dtype in ("bfloat16", "float16") else {}
@@ -57,6 +57,12 @@ def recipes(aligned: str, unaligned: str, finetuned: str, s, dtype: str,
             {"model": aligned, "parameters": {"role": "aligned"}},
             {"model": unaligned, "parameters": {"role": "unaligned"}}]}
 
+    def contrastive(calibration: str, lam: float, **p):
+        # fusion: contrastive reads the aligned model and the calibration only
+        return {"merge_method": "lssf", "base_model": finetuned, **precision,
+                "parameters": {"fusion": "contrastive", "calibration": calibration, "lam": lam, **p, **round_to},
+                "models": [{"model": aligned, "parameters": {"role": "aligned"}}]}
+
     def resta(scale: float, density: float = 1.0):
         ft = {"weight": 1.0, **({"density": density} if density < 1 else {})}
         return {"merge_method": "dare_linear" if density < 1 else "task_arithmetic", "base_model": aligned, **precision,
@@ -65,7 +71,8 @@ def recipes(aligned: str, unaligned: str, finetuned: str, s, dtype: str,
 
     out = {"lssf-restore": lssf(), "lssf-noise-floor-restore": lssf(rank_rule="noise_floor"),
            "lssf-signal-restore": lssf(spectrum="signal")}
-    for p in points(s):
+    for p in points(s, seed0=True):
+        calibration = (calibrations or {}).get(CALIBRATION_OF.get(p.curve, ""))
         if p.curve == "interpolate":
             out[p.name] = {"merge_method": "linear", **precision, "models": [
                 {"model": finetuned, "parameters": {"weight": 1.0 - p.value}},
@@ -78,12 +85,14 @@ def recipes(aligned: str, unaligned: str, finetuned: str, s, dtype: str,
             out[p.name] = resta(p.value)
         elif p.curve == "resta-dare":
             out[p.name] = resta(p.value, s.dare_density)
-        elif p.curve in ("contrastive", "keep") and calibrations:
-            # fusion: contrastive reads the aligned model and the calibration only
-            out[p.name] = {"merge_method": "lssf", "base_model": finetuned, **precision,
-                           "parameters": {"fusion": "contrastive", "calibration": calibrations[p.curve], "lam": p.value,
-                                          **round_to},
-                           "models": [{"model": aligned, "parameters": {"role": "aligned"}}]}
+        elif calibration is None:
+            continue
+        elif p.curve in ("contrastive", "keep", "contrastive-benign"):
+            out[p.name] = contrastive(calibration, p.value)
+        elif p.curve == "contrastive-rank":
+            out[p.name] = contrastive(calibration, CONTRASTIVE_RANK_LAM, rank=int(p.value))
+        elif p.curve == "calibrated-restore-rank":
+            out[p.name] = lssf(subspace=calibration, rank=int(p.value))
     return out
 
 

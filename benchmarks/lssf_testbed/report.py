@@ -7,7 +7,7 @@ from all of them, so cells and seeds built in separate invocations, or sessions
 publishing into the same folder, add up. Per cell: every model's metrics (mean and
 [min, max] over seeds), the curves (``frontier.curve_points``) drawn as
 ``curves-CELL.png`` (x = utility kept, y = refusal won back), the refusal won back at
-a utility cost of at most 2% and 5% per method with bootstrap intervals
+a utility cost of at most 1%, 2% and 5% (``frontier.BUDGETS``) per method with bootstrap intervals
 (``frontier.budget_table``), the rank-matched LSSF-vs-random paired contrasts and
 Safe LoRA's choice on validation.
 """
@@ -75,10 +75,11 @@ def with_derived(run: Dict) -> Dict[str, Dict[str, float]]:
 
 
 def method_models(settings) -> Dict[str, List[str]]:
-    """method -> its models in parameter order: each curve of ``curves.CURVES``, then
-    each single point (``curves.RULES`` and the points chosen on validation)."""
+    """method -> its models in parameter order: each curve of ``curves.CURVES`` (the
+    seed-0 families and points included: a run without them has none), then each single
+    point (``curves.RULES`` and the points chosen on validation)."""
     out: Dict[str, List[str]] = {}
-    for p in points(settings):
+    for p in points(settings, seed0=True):
         out.setdefault(p.curve, []).append(p.name)
     return {**{c: out[c] for c, _ in CURVES if c in out}, **{r: [r] for r in RULES},
             **{method: [model] for model, method in CHOSEN_METHODS.items()}}
@@ -87,14 +88,21 @@ def method_models(settings) -> Dict[str, List[str]]:
 def contrasts(runs: List[Verdicts], settings) -> List[Dict]:
     """``paired_contrast`` of each ``lssf-restore-rank{r}`` against its random control
     ``random-restore-rank{r}``, of the package default against interpolation at each
-    ``l``, and (issue 47) of ``contrastive-{lam}`` against ``keep-{lam}`` at each lam both
-    curves have and of ``contrastive-chosen`` against the other points chosen on
+    ``l``, and (issue 47) of ``contrastive-{lam}`` against ``keep-{lam}`` and against
+    ``contrastive-benign-{lam}`` at each lam both curves have, of
+    ``calibrated-restore-rank{r}`` against ``lssf-restore-rank{r}`` (Eq. 4 against the
+    data-free subspace), and of ``contrastive-chosen`` against the other points chosen on
     validation and the default, on both harmful prompt sets, over ``runs`` (one cell's
     seeds). A pair a run lacks is left out."""
     pairs = [(f"lssf-restore-rank{r:g}", f"random-restore-rank{r:g}") for r in settings.ranks]
     pairs += [("lssf-restore", f"interpolate-{l:g}") for l in settings.interpolations]
     pairs += [(f"contrastive-{lam:g}", f"keep-{lam:g}") for lam in settings.contrastive_lams if lam in settings.keep_lams]
-    pairs += [("contrastive-chosen", b) for b in ("interpolate-chosen", "lssf-chosen", "lssf-restore", "safe-lora")]
+    pairs += [(f"contrastive-{lam:g}", f"contrastive-benign-{lam:g}") for lam in settings.contrastive_lams
+              if lam in settings.benign_lams]
+    pairs += [(f"calibrated-restore-rank{r:g}", f"lssf-restore-rank{r:g}") for r in settings.calibrated_ranks]
+    pairs += [("contrastive-chosen", b) for b in ("interpolate-chosen", "lssf-chosen", "lssf-restore", "safe-lora",
+                                                   "antidote-chosen", "antidote-update-chosen", "safedelta-chosen",
+                                                   "safedelta-exclude0-chosen")]
     rows = []
     for a, b in pairs:
         for key, label in PROMPT_SETS:
@@ -224,7 +232,8 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
         if len(cell["seeds"]) > 1:
             lines += ["(`unaligned` and `aligned` do not depend on the drift seed: one model each, evaluated once.)", ""]
         if cell["budgets"]:
-            lines += [f"Refusal won back at a utility cost of at most 2% / 5% (`curves-{name}.png`): the most along each "
+            lines += [f"Refusal won back at a utility cost of at most {' / '.join(f'{c:.0%}' for c in BUDGETS)} "
+                      f"(`curves-{name}.png`): the most along each "
                       "curve, read as straight segments from the fine-tune; a single point only where it lies within the "
                       "budget. Mean over seeds, 95% bootstrap interval over seeds, prompts and task rows:", ""]
             lines += _budget_lines(cell["budgets"]) + [""]

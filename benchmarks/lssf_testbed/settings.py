@@ -61,6 +61,16 @@ class Settings:
     # swept on validation first (baselines/safedelta.py), weakest repair first
     antidote_ratios: Tuple[float, ...] = (0.01, 0.05, 0.1)
     safedelta_budgets: Tuple[float, ...] = (1.0, 0.3, 0.1, 0.03, 0.01)
+    # Safe Delta with exclude = 0 (every column may keep the fine-tune's change; upstream never keeps the 15% most
+    # safety-sensitive columns, which caps its utility kept, 0.86 at budget 1 on main seed 0): budget 1 is W_ft itself
+    safedelta_exclude0_budgets: Tuple[float, ...] = (0.9, 0.7, 0.5, 0.3, 0.1)
+    # issue 47's seed-0 families (seed 0 of main and align-full only, curves.SEED0_CURVES): the benign-only
+    # calibration's lam, the contrastive truncation's ranks (at curves.CONTRASTIVE_RANK_LAM), the contrastive curve's
+    # extra lam, and the ranks of the paper's calibrated subspace (Eq. 4) with fusion restore
+    benign_lams: Tuple[float, ...] = (10.0, 3.0, 1.0)
+    contrastive_ranks: Tuple[int, ...] = (16, 64, 256)
+    contrastive_seed0_lams: Tuple[float, ...] = (0.3,)
+    calibrated_ranks: Tuple[int, ...] = (16, 64, 256)
     utility_floor: float = 0.95  # safe-lora's choice on validation: most refusal at utility kept >= this
     # LoRA alignment candidates, tried in order until one meets the targets on validation
     # (perplexity on the held-out validation prose). First: the one setting that met every
@@ -102,7 +112,8 @@ class Settings:
                    benign_val=2, benign_test=4, task_train=8, task_dictionary=1, task_val=4, task_test=4, batch_size=4,
                    max_new_tokens=4, eval_batch=8, interpolations=(0.5,), ranks=(2,), alphas=(0.5,),
                    resta_scales=(0.5,), safe_lora_shares=(0.5, 1.0), contrastive_lams=(3.0,), keep_lams=(3.0,),
-                   antidote_ratios=(0.1,), safedelta_budgets=(0.3,), replay_tokens=8,
+                   antidote_ratios=(0.1,), safedelta_budgets=(0.3,), safedelta_exclude0_budgets=(0.5,), benign_lams=(3.0,),
+                   contrastive_ranks=(2,), contrastive_seed0_lams=(0.3,), calibrated_ranks=(2,), replay_tokens=8,
                    align_candidates=[dict(rank=4, lr=1e-3, epochs=1, benign_repeat=1), dict(rank=4, lr=2e-3, epochs=1, benign_repeat=1, prose=1)],
                    drift_candidates=[dict(rank=4, lr=1e-3, epochs=1)],
                    full_align=dict(lr=1e-4, epochs=1, benign_repeat=1, prose=1), full_drift=dict(lr=1e-4, epochs=1),
@@ -168,7 +179,8 @@ ARM_SETTINGS = {"full_align": lambda c: c.align == "full", "full_drift": lambda 
 # points chosen on validation are chosen again among the longer list). The digest leaves
 # them out; each run lists the models it has, and the report names what a run lacks.
 CURVE_POINTS = ("interpolations", "ranks", "alphas", "resta_scales", "safe_lora_shares", "contrastive_lams", "keep_lams",
-                "antidote_ratios", "safedelta_budgets")
+                "antidote_ratios", "safedelta_budgets", "safedelta_exclude0_budgets", "benign_lams", "contrastive_ranks",
+                "contrastive_seed0_lams", "calibrated_ranks")
 
 
 def cell_settings(settings: Settings, cell: Cell) -> Dict:
