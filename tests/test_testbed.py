@@ -265,7 +265,7 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
                                    "antidote, chosen on validation", "safedelta, chosen on validation",
                                    "antidote-update", "antidote-update, chosen on validation", "contrastive-benign",
                                    "contrastive-rank", "calibrated-restore-rank", "safedelta-exclude0",
-                                   "safedelta-exclude0, chosen on validation"}
+                                   "safedelta-exclude0, chosen on validation", "contrastive (seed-0 points included)"}
     # issue 47: both calibrations by the package's own calibrate, on the task's training rows against the
     # harmful_train prompts only (harmful_val chooses lam), every vector kept; keep is the C_H = I control
     from safetensors import safe_open
@@ -289,6 +289,12 @@ def test_every_stage_and_cell_on_tiny_settings(tmp_path, capsys):
     assert "subspace: " + str(tmp_path / "bed" / "calibration" / "calibrated.safetensors") in \
         (tmp_path / "bed" / "calibrated-restore-rank2.yml").read_text()
     assert "rank: 2" in (tmp_path / "bed" / "contrastive-rank2.yml").read_text()
+    # a longer rank list than the Eq. 4 file holds stops before any model is labelled with a rank it lacks
+    from lssf_testbed.settings import SettingsMismatch
+
+    wider = Testbed(str(tmp_path / "bed"), dataclasses.replace(settings, calibrated_ranks=(2, 4)), log=lambda m: None)
+    with pytest.raises(SettingsMismatch, match="--max-rank 2, below calibrated_ranks 4"):
+        wider.calibration(CELLS["main"], 0, "calibrated", {"aligned": path("main", 0, "aligned")})
     for cell, seed in (("main", 1), ("align-full", 1), ("attack", 0), ("drift-full", 0)):
         record = json.loads((tmp_path / "bed" / "runs" / f"{cell}-seed{seed}.json").read_text())
         assert not SEED0_MODELS & set(record["models"]) and "antidote-update-0.1" in record["models"], (cell, seed)

@@ -120,7 +120,7 @@ def points(s, seed0: bool = False) -> List[Point]:
               "antidote": s.antidote_ratios, "antidote-update": s.antidote_ratios, "safedelta": s.safedelta_budgets,
               "safedelta-exclude0": s.safedelta_exclude0_budgets}
     if seed0:
-        values.update({"contrastive": tuple(s.contrastive_lams) + tuple(s.contrastive_seed0_lams),
+        values.update({"contrastive": tuple(dict.fromkeys(tuple(s.contrastive_lams) + tuple(s.contrastive_seed0_lams))),
                        "contrastive-benign": s.benign_lams, "contrastive-rank": s.contrastive_ranks,
                        "calibrated-restore-rank": s.calibrated_ranks})
     out = []

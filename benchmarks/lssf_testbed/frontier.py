@@ -99,7 +99,8 @@ def budget_table(runs: List[RunArrays], curves: Dict[str, List[str]], singles: S
     """Per method, prompt set and budget (``BUDGETS``): the refusal won back at that
     utility cost (``at_budget``; a single point, one of ``singles``, counts only where
     it lies within the budget), mean over ``runs`` (seeds), with a 95% bootstrap interval (seeds, prompts
-    and task rows resampled, the same draw for every method)."""
+    and task rows resampled, the same draw for every method); ``seeds``: how many of ``runs``
+    have a model of the method (a seed-0 family: one)."""
     rng = np.random.default_rng(seed)
     fulls = [r.full() for r in runs]
     estimate = {(key, cost): _mean([_values(f, r, curves, key, cost, singles) for f, r in zip(fulls, runs)])
@@ -122,7 +123,7 @@ def budget_table(runs: List[RunArrays], curves: Dict[str, List[str]], singles: S
             draws_m = draws_m[~np.isnan(draws_m)]
             low, high = percentile_interval(draws_m, 0.95) if len(draws_m) else (np.nan, np.nan)
             rows.append({"method": method, "prompts": label, "budget": cost, "won_back": value, "low": float(low),
-                         "high": float(high), "seeds": len(runs)})
+                         "high": float(high), "seeds": sum(any(n in r.index for n in curves[method]) for r in runs)})
     return rows
 
 

@@ -366,6 +366,8 @@ class Testbed:
 
         path = self.calibration_path(cell, seed, kind)
         if os.path.exists(path):
+            if kind == "calibrated":
+                self._check_calibrated_rank(path)
             return path
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
@@ -398,6 +400,19 @@ class Testbed:
             json.dump(record, fp, indent=2)
         os.replace(path + ".partial", path)
         return path
+
+    def _check_calibrated_rank(self, path: str) -> None:
+        """SettingsMismatch when the Eq. 4 file ``path`` holds fewer vectors per weight
+        (its ``max_rank``) than the largest of ``Settings.calibrated_ranks``: the merge would
+        cap the rank at what is stored, and the model's name would say more."""
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as handle:
+            stored = int(handle.metadata()["max_rank"])
+        if max(self.s.calibrated_ranks) > stored:
+            raise SettingsMismatch(f"{path}: calibrated with --max-rank {stored}, below calibrated_ranks "
+                                   f"{max(self.s.calibrated_ranks)}; remove it and the calibrated-restore-rank models "
+                                   "built from it, or use a new --out folder")
 
     def peer_baseline(self, cell: Cell, seed: int, curve: str, models: Dict[str, str]) -> None:
         """Write every point of peer curve ``antidote``, ``antidote-update``, ``safedelta`` or
