@@ -25,8 +25,8 @@ from .curves import CALIBRATION_OF, CHOICES, PEERS, candidates, points, repair_n
 from .data import REFUSALS, PromptSets, replay_openings, validation_prose
 from .evaluation import evaluate_model, validation_metrics
 from .report import publish_report, write_report
-from .settings import (CELLS, PRIMARY, Cell, Settings, SettingsMismatch, candidate_name, cell_folder, eval_path, model_path,
-                       settings_digest)
+from .settings import (CELLS, PRIMARY, Cell, Settings, SettingsMismatch, candidate_name, cell_folder, eval_path,
+                       has_seed0_families, model_path, settings_digest)
 from .training import is_done, sample_continuations, store, train
 
 DRIFT_SEED = 100  # training seed of the drift sweep's candidates and of drift seed 0 (seed k: DRIFT_SEED + k)
@@ -87,6 +87,7 @@ class Testbed:
         self.prompts = PromptSets(settings)
         self.notes: List[str] = []
         self.timings: Dict[str, float] = {}
+        self._norms: Dict[str, Dict] = {}  # fine-tune folder -> Antidote's input norms (_antidote_norms)
         os.makedirs(os.path.join(out, "models"), exist_ok=True)
 
     # ---- where things live -------------------------------------------------------
@@ -108,13 +109,8 @@ class Testbed:
         """Every model ``run_cell`` builds and evaluates for ``cell`` and ``seed``, in
         report order: the references, the fine-tune and every repair (``curves.py``)."""
         reference = [cell.reference_model] if cell.reference_model != "unaligned" else []
-        return ["unaligned", "aligned"] + reference + ["finetuned"] + repair_names(self.s, seed0=self.seed0(cell, seed))
-
-    @staticmethod
-    def seed0(cell: Cell, seed: int) -> bool:
-        """Whether ``cell`` and ``seed`` build the seed-0 families (``curves.SEED0_CURVES``):
-        seed 0 of the ``PRIMARY`` cells."""
-        return seed == 0 and cell.name in PRIMARY
+        return ["unaligned", "aligned"] + reference + ["finetuned"] + repair_names(
+            self.s, seed0=has_seed0_families(cell.name, seed))
 
     def unaligned(self, cell: Cell = CELLS["main"]) -> str:
         """``cell``'s unaligned model: SmolLM2-135M-Instruct (or ``Settings.base``) stored
@@ -414,10 +410,24 @@ class Testbed:
                                    f"{max(self.s.calibrated_ranks)}; remove it and the calibrated-restore-rank models "
                                    "built from it, or use a new --out folder")
 
+    def _antidote_norms(self, finetuned: str) -> Dict:
+        """Antidote's input norms (``baselines.antidote.input_norms``) of the fine-tune
+        ``finetuned`` over the ``harmful_train`` prompts with the unaligned model's own
+        compliant answers: one forward pass shared by ``antidote`` and ``antidote-update``
+        (kept for this process, keyed by the fine-tune's folder)."""
+        from baselines.antidote import input_norms
+
+        if finetuned not in self._norms:
+            comply = self._self_answers(self.unaligned(), self.prompts.harmful_train, "unaligned-harmful-train")
+            self._norms[finetuned] = self._timed("merge", lambda: input_norms(
+                finetuned, list(zip(self.prompts.harmful_train, comply)), batch_size=self.s.batch_size, device="cpu"))
+        return self._norms[finetuned]
+
     def peer_baseline(self, cell: Cell, seed: int, curve: str, models: Dict[str, str]) -> None:
         """Write every point of peer curve ``antidote``, ``antidote-update``, ``safedelta`` or
         ``safedelta-exclude0`` (``curves.py``) of
-        ``cell`` and ``seed`` not yet complete, from one pass of its rows (``baselines``),
+        ``cell`` and ``seed`` not yet complete, from one pass of its rows (``baselines``; the two
+        Antidote curves share theirs: ``_antidote_norms``),
         each with its per-weight figures in ``NAME.json`` beside it."""
         from baselines.antidote import antidote_states
         from baselines.safedelta import safedelta_states
@@ -427,12 +437,11 @@ class Testbed:
         if not wanted:
             return
         self.log(f"stage {curve} ({cell.name}, seed {seed}): {', '.join(f'{v:g}' for v in wanted)}")
-        if curve.startswith("antidote"):  # harmful prompts with the unaligned model's own compliant answers
-            comply = self._self_answers(self.unaligned(), self.prompts.harmful_train, "unaligned-harmful-train")
+        if curve.startswith("antidote"):
             update = models["aligned"] if curve == "antidote-update" else None  # prune the update, not the weights
-            built = self._timed("merge", lambda: antidote_states(
-                models["finetuned"], list(zip(self.prompts.harmful_train, comply)), list(wanted),
-                aligned_dir=update, batch_size=self.s.batch_size, device="cpu"))
+            norms = self._antidote_norms(models["finetuned"])
+            built = self._timed("merge", lambda: antidote_states(models["finetuned"], (), list(wanted), aligned_dir=update,
+                                                                 norms=norms))
         else:  # harmful prompts with the aligned model's refusals (the calibrations' anchors)
             with open(self._anchor_file(cell, models["aligned"]), encoding="utf-8") as fp:
                 rows = [json.loads(line) for line in fp]

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from mergekit_lssf.measure import utility_kept, won_back
 
 from .curves import CHOSEN_METHODS, CURVES, RULES, SEED0_CURVES, SINGLES, points
-from .settings import CELLS, PRIMARY, SettingsMismatch, settings_digest
+from .settings import CELLS, SettingsMismatch, has_seed0_families, settings_digest
 from .frontier import BUDGETS, SETS, RunArrays, budget_table, curve_points, spread
 from .verdicts import PROMPT_SETS, Verdicts, paired_contrast, seed_verdicts
 from .verdicts import load as load_verdicts
@@ -81,12 +81,13 @@ def method_models(settings) -> Dict[str, List[str]]:
     ``CURVE (seed-0 points included)`` (so that the every-seed method compares the same
     points at every seed), then each single point (``curves.RULES`` and the points chosen
     on validation)."""
-    every: Dict[str, List[str]] = {}
-    for p in points(settings):
-        every.setdefault(p.curve, []).append(p.name)
-    seed0: Dict[str, List[str]] = {}
-    for p in points(settings, seed0=True):
-        seed0.setdefault(p.curve, []).append(p.name)
+    def by_curve(seed0: bool) -> Dict[str, List[str]]:
+        names: Dict[str, List[str]] = {}
+        for p in points(settings, seed0):
+            names.setdefault(p.curve, []).append(p.name)
+        return names
+
+    every, seed0 = by_curve(False), by_curve(True)
     out = {c: every[c] for c, _ in CURVES if c in every}
     out.update({c: seed0[c] for c, _ in CURVES if c in SEED0_CURVES and c in seed0})
     out.update({f"{c} (seed-0 points included)": seed0[c] for c, _ in CURVES
@@ -216,8 +217,7 @@ def write_report(out: str, settings, runs: List[Dict], notes: List[str], timings
                      f"these are {digests[r['cell']]})" for r in every if r.get("settings_digest") != digests[r["cell"]]]
     fresh = {(r["cell"], r["seed"]) for r in runs}
     for r in every:  # a run kept from before may predate curve points added since (settings.CURVE_POINTS)
-        seed0 = r["seed"] == 0 and r["cell"] in PRIMARY  # the seed-0 families too (curves.SEED0_CURVES)
-        lacking = [p.name for p in points(settings, seed0) if p.name not in r["models"]]
+        lacking = [p.name for p in points(settings, has_seed0_families(r["cell"], r["seed"])) if p.name not in r["models"]]
         if (r["cell"], r["seed"]) not in fresh and lacking:
             notes = notes + [f"runs/{run_file(r['cell'], r['seed'])} has no {', '.join(lacking)} (built before these curve points)"]
     by_cell: Dict[str, List[Dict]] = {}

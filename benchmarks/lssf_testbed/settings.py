@@ -169,6 +169,13 @@ CELLS = {
 # the cells built with every seed of ``Settings.main_seeds`` (the others: seed 0)
 PRIMARY = ("main", "align-full")
 
+
+def has_seed0_families(cell: str, seed: int) -> bool:
+    """Whether cell ``cell`` (its name) at ``seed`` builds issue 47's seed-0 families
+    (``curves.SEED0_CURVES``): seed 0 of the ``PRIMARY`` cells."""
+    return seed == 0 and cell in PRIMARY
+
+
 # the settings one arm alone reads: a cell that does not use the arm does not depend on them
 ARM_SETTINGS = {"full_align": lambda c: c.align == "full", "full_drift": lambda c: c.drift == "full",
                 "compliance_samples": lambda c: c.drift == "compliance", "inverse": lambda c: c.reference == "inverse"}
